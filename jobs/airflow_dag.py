@@ -1,0 +1,42 @@
+"""Airflow DAG running recdistill daily, one task per stage.
+
+Each stage reads what it needs from the run folder in the lake, so the tasks
+can run on different workers. Exit code 4 (transient I/O) is worth a retry;
+3 (invalid input data) and 2 (configuration) fail again until the data or the
+job file is fixed, so alert on them rather than wait for the retries.
+"""
+
+from datetime import datetime, timedelta
+
+from airflow import DAG
+from airflow.operators.bash import BashOperator
+
+RECDISTILL = "/opt/recdistill/recdistill"
+JOB = "/opt/recdistill/jobs/movielens-100k.toml"
+LAKE = "s3://my-bucket/lake"
+COMMON = f"--job {JOB} --lake {LAKE} --run-date {{{{ ds }}}} --log-format json"
+
+
+def stage(name: str) -> BashOperator:
+    return BashOperator(
+        task_id=f"recdistill_{name}",
+        bash_command=f"{RECDISTILL} stage {name} {COMMON}",
+        retries=3,
+        retry_delay=timedelta(minutes=10),
+    )
+
+
+with DAG(
+    dag_id="recdistill_movielens_100k",
+    start_date=datetime(2026, 11, 1),
+    schedule="15 3 * * *",
+    catchup=False,
+    max_active_runs=1,
+    default_args={"owner": "recsys"},
+) as dag:
+    stages = [stage(name) for name in ("features", "baselines", "evaluate", "commit")]
+    for upstream, downstream in zip(stages, stages[1:]):
+        upstream >> downstream
+
+    # The whole job in one task, as an alternative to the chain above:
+    # BashOperator(task_id="recdistill_run", bash_command=f"{RECDISTILL} run {COMMON}")

@@ -1,0 +1,37 @@
+-- split (protocol leave_one_out): per user, events ordered by
+-- (timestamp, item_id); the last one is `test`, the second-to-last `valid`,
+-- the rest `train`. Users with fewer than 3 events are `train` only.
+--
+-- Input:  events, user_map, item_map
+-- Output: user_id, item_id, timestamp, split, user_index, item_index
+--         (schemas/split.json), ordered by user_index, timestamp, item_index
+WITH ranked AS (
+    SELECT
+        e.user_id,
+        e.item_id,
+        e."timestamp",
+        u.user_index,
+        i.item_index,
+        ROW_NUMBER() OVER (
+            PARTITION BY u.user_index
+            ORDER BY e."timestamp" DESC, i.item_index DESC
+        ) AS from_end,
+        COUNT(*) OVER (PARTITION BY u.user_index) AS user_events
+    FROM events e
+    JOIN user_map u ON e.user_id = u.user_id
+    JOIN item_map i ON e.item_id = i.item_id
+)
+SELECT
+    user_id,
+    item_id,
+    "timestamp",
+    CASE
+        WHEN user_events < 3 THEN 'train'
+        WHEN from_end = 1 THEN 'test'
+        WHEN from_end = 2 THEN 'valid'
+        ELSE 'train'
+    END AS split,
+    user_index,
+    item_index
+FROM ranked
+ORDER BY user_index, "timestamp", item_index

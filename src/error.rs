@@ -1,0 +1,160 @@
+//! One error type for the whole job. Each variant says whose fault a failure is,
+//! because that decides the exit code and whether a scheduler should retry.
+
+use std::fmt;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Exit codes, documented in the README.
+pub mod exit_code {
+    /// Everything worked.
+    pub const OK: i32 = 0;
+    /// A bug or an unexpected failure in recdistill itself.
+    pub const INTERNAL: i32 = 1;
+    /// Bad command line, job file or `--set` override: fix the call, then rerun.
+    pub const CONFIG: i32 = 2;
+    /// The input data breaks its contract: do not retry until the data is fixed.
+    pub const DATA: i32 = 3;
+    /// Storage or network trouble that may pass: retry later.
+    pub const TRANSIENT_IO: i32 = 4;
+}
+
+/// The library's error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The user's configuration (command line, job file, SQL files) is wrong.
+    #[error("configuration error: {0}")]
+    Config(String),
+
+    /// The input data breaks its contract.
+    #[error("invalid input data: {location}: {message}")]
+    Data {
+        /// File, table or column the problem is in.
+        location: String,
+        /// What rule was broken, with offending rows where rows are the problem.
+        message: String,
+    },
+
+    /// Storage or network trouble that may pass on retry.
+    #[error("storage I/O failed: {location}: {message}")]
+    Io {
+        /// Object or URL the operation touched.
+        location: String,
+        /// The underlying error, rendered.
+        message: String,
+    },
+
+    /// Something that should not happen: a bug in recdistill.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// A configuration error.
+    pub fn config(message: impl fmt::Display) -> Self {
+        Error::Config(message.to_string())
+    }
+
+    /// A data error located at `location` (file, table or column).
+    pub fn data(location: impl fmt::Display, message: impl fmt::Display) -> Self {
+        Error::Data {
+            location: location.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A transient I/O error at `location`.
+    pub fn io(location: impl fmt::Display, message: impl fmt::Display) -> Self {
+        Error::Io {
+            location: location.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// An internal error.
+    pub fn internal(message: impl fmt::Display) -> Self {
+        Error::Internal(message.to_string())
+    }
+
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => exit_code::CONFIG,
+            Error::Data { .. } => exit_code::DATA,
+            Error::Io { .. } => exit_code::TRANSIENT_IO,
+            Error::Internal(_) => exit_code::INTERNAL,
+        }
+    }
+
+    /// Classifies an object store error at `location`: a missing object or a
+    /// refused credential is not worth retrying, everything else may pass.
+    pub fn from_store(location: impl fmt::Display, err: object_store::Error) -> Self {
+        use object_store::Error as E;
+        match err {
+            E::NotFound { .. } => Error::data(location, format!("not found ({err})")),
+            E::InvalidPath { .. } => Error::config(format!("{location}: {err}")),
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
+                Error::config(format!("{location}: access refused: {err}"))
+            }
+            E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::UnknownConfigurationKey { .. } => Error::config(format!("{location}: {err}")),
+            other => Error::io(location, other),
+        }
+    }
+
+    /// Classifies a DataFusion error raised while running `what`.
+    pub fn from_datafusion(
+        what: impl fmt::Display,
+        err: datafusion::error::DataFusionError,
+    ) -> Self {
+        use datafusion::error::DataFusionError as D;
+        match err {
+            D::External(inner) => {
+                let inner = match inner.downcast::<Error>() {
+                    Ok(ours) => return *ours,
+                    Err(inner) => inner,
+                };
+                let inner = match inner.downcast::<object_store::Error>() {
+                    Ok(store) => return Error::from_store(what, *store),
+                    Err(inner) => inner,
+                };
+                match inner.downcast::<datafusion::error::DataFusionError>() {
+                    Ok(df) => Error::from_datafusion(what, *df),
+                    Err(inner) => Error::internal(format!("{what}: {inner}")),
+                }
+            }
+            D::Context(context, inner) => {
+                Error::from_datafusion(format!("{what}: {context}"), *inner)
+            }
+            D::Diagnostic(_, inner) => Error::from_datafusion(what, *inner),
+            D::Collection(mut errors) if !errors.is_empty() => {
+                Error::from_datafusion(what, errors.swap_remove(0))
+            }
+            D::Shared(inner) => match std::sync::Arc::try_unwrap(inner) {
+                Ok(inner) => Error::from_datafusion(what, inner),
+                Err(shared) => Error::internal(format!("{what}: {shared}")),
+            },
+            D::ObjectStore(inner) => Error::from_store(what, *inner),
+            D::ParquetError(inner) => Error::data(what, format!("unreadable Parquet: {inner}")),
+            D::ArrowError(inner, _) => Error::data(what, inner),
+            D::SQL(inner, _) => Error::config(format!("{what}: SQL syntax: {inner}")),
+            D::Plan(msg) => Error::config(format!("{what}: {msg}")),
+            D::SchemaError(inner, _) => Error::config(format!("{what}: {inner}")),
+            D::NotImplemented(msg) => Error::config(format!("{what}: not supported: {msg}")),
+            D::Configuration(msg) => Error::config(format!("{what}: {msg}")),
+            D::ResourcesExhausted(msg) => Error::config(format!(
+                "{what}: memory limit reached ({msg}); raise input.memory_limit_mb"
+            )),
+            D::IoError(inner) => Error::io(what, inner),
+            other => Error::internal(format!("{what}: {other}")),
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(err: candle_core::Error) -> Self {
+        Error::internal(format!("tensor operation failed: {err}"))
+    }
+}

@@ -1,0 +1,300 @@
+//! The evaluate stage: ranks every test target with every model, writes each
+//! model's recommendation lists as they are produced, and one tidy
+//! evaluation table with a row per (model, metric, k).
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Date32Array, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
+    StringArray, UInt32Array,
+};
+use arrow::compute::take;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use futures::StreamExt;
+
+use crate::commit::RunFolder;
+use crate::dataset::{Dataset, Split};
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::lake::WrittenObject;
+use crate::model::ModelArtifact;
+use crate::score::{MetricSums, Metrics, Ranked, rank_targets};
+
+/// One model's results.
+#[derive(Debug, Clone)]
+pub struct ModelResult {
+    /// The model's card fields used in rows.
+    pub name: String,
+    /// Role (baseline, teacher, ...).
+    pub role: String,
+    /// Variant (fp32 until compression).
+    pub variant: String,
+    /// How it was trained.
+    pub training: String,
+    /// Loss family.
+    pub loss: Option<String>,
+    /// Parameters.
+    pub params: u64,
+    /// Artifact bytes.
+    pub size_bytes: u64,
+    /// Test metrics.
+    pub metrics: Metrics,
+}
+
+/// What the evaluate stage produced.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Per model.
+    pub results: Vec<ModelResult>,
+    /// Files written (recommendations, evaluation).
+    pub written: Vec<WrittenObject>,
+}
+
+/// Schema of `recommendations/<model>.parquet` (schemas/recommendations.json).
+pub fn recommendations_schema(user_id: &DataType, item_id: &DataType) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", user_id.clone(), false),
+        Field::new("rank", DataType::Int32, false),
+        Field::new("item_id", item_id.clone(), false),
+        Field::new("score", DataType::Float32, false),
+        Field::new("model", DataType::Utf8, false),
+    ]))
+}
+
+/// Schema of `evaluation/evaluation.parquet` (schemas/evaluation.json).
+pub fn evaluation_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("run_date", DataType::Date32, false),
+        Field::new("job", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("role", DataType::Utf8, false),
+        Field::new("variant", DataType::Utf8, false),
+        Field::new("training", DataType::Utf8, false),
+        Field::new("loss", DataType::Utf8, true),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("k", DataType::Int32, true),
+        Field::new("value", DataType::Float64, false),
+        Field::new("params", DataType::Int64, false),
+        Field::new("size_bytes", DataType::Int64, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("protocol", DataType::Utf8, false),
+        Field::new("users", DataType::Int64, false),
+    ]))
+}
+
+/// Evaluates every model on the test targets and writes the results.
+pub async fn evaluate_models(
+    job: &Job,
+    run: &RunFolder,
+    run_id: &str,
+    dataset: Arc<Dataset>,
+    models: &[ModelArtifact],
+) -> Result<Evaluation> {
+    let targets = Arc::new(dataset.targets(Split::Test));
+    if targets.is_empty() {
+        return Err(Error::data(
+            "split table",
+            "no user has a test event after an earlier event: nothing to evaluate (too few events per user?)",
+        ));
+    }
+    let mut results = Vec::new();
+    let mut written = Vec::new();
+    for artifact in models {
+        let (metrics, object) = evaluate_one(
+            job,
+            run,
+            Arc::clone(&dataset),
+            Arc::clone(&targets),
+            artifact,
+        )
+        .await?;
+        tracing::info!(
+            model = %artifact.card.name,
+            ndcg_10 = metrics.ndcg_at(10),
+            hr_10 = metrics.hr_at(10),
+            users = metrics.users,
+            "evaluated"
+        );
+        written.push(object);
+        results.push(ModelResult {
+            name: artifact.card.name.clone(),
+            role: artifact.card.role.clone(),
+            variant: "fp32".into(),
+            training: artifact.card.training.clone(),
+            loss: artifact.card.loss.clone(),
+            params: artifact.params,
+            size_bytes: artifact.bytes.len() as u64,
+            metrics,
+        });
+    }
+    let batch = evaluation_rows(job, run, run_id, &results)?;
+    written.push(
+        run.write_batches(
+            "evaluation/evaluation.parquet",
+            evaluation_schema(),
+            vec![batch],
+            vec![],
+        )
+        .await?,
+    );
+    Ok(Evaluation { results, written })
+}
+
+/// Ranks all targets with one model on a blocking thread, streaming its
+/// recommendation batches to the lake as they come.
+async fn evaluate_one(
+    job: &Job,
+    run: &RunFolder,
+    dataset: Arc<Dataset>,
+    targets: Arc<Vec<crate::dataset::Target>>,
+    artifact: &ModelArtifact,
+) -> Result<(Metrics, WrittenObject)> {
+    let scorer = artifact.scorer(dataset.n_items())?;
+    let name = artifact.card.name.clone();
+    let ks = job.spec.evaluation.ks.clone();
+    let batch_users = job.spec.evaluation.batch_users;
+    let list_len = job.spec.evaluation.list_len();
+    let schema = recommendations_schema(dataset.user_ids.data_type(), dataset.item_ids.data_type());
+
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(4);
+    let ranking = {
+        let schema = Arc::clone(&schema);
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || -> Result<Metrics> {
+            let mut sums = MetricSums::new(&ks);
+            let outcome = rank_targets(
+                scorer.as_ref(),
+                &dataset,
+                &targets,
+                batch_users,
+                list_len,
+                |ranked| {
+                    for r in ranked {
+                        sums.add(r.rank);
+                    }
+                    let batch = recommendation_batch(&schema, &dataset, &name, ranked)?;
+                    sender
+                        .blocking_send(Ok(batch))
+                        .map_err(|_| Error::internal("recommendation writer stopped"))
+                },
+            );
+            if let Err(e) = outcome {
+                // Abandon the half-written file; the ranking error is the one to report.
+                let _ = sender.blocking_send(Err(Error::internal("ranking stopped")));
+                return Err(e);
+            }
+            Ok(sums.finish())
+        })
+    };
+    let stream = futures::stream::unfold(receiver, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let written = run
+        .write_parquet(
+            &format!("recommendations/{name}.parquet"),
+            schema,
+            stream.boxed(),
+            vec![],
+        )
+        .await;
+    let metrics = ranking
+        .await
+        .map_err(|e| Error::internal(format!("ranking {name} failed: {e}")))??;
+    Ok((metrics, written?))
+}
+
+/// Long-format rows for a batch of ranked targets.
+fn recommendation_batch(
+    schema: &SchemaRef,
+    dataset: &Dataset,
+    model: &str,
+    ranked: &[Ranked],
+) -> Result<RecordBatch> {
+    let rows: usize = ranked.iter().map(|r| r.top.len()).sum();
+    let mut users = Vec::with_capacity(rows);
+    let mut ranks = Vec::with_capacity(rows);
+    let mut items = Vec::with_capacity(rows);
+    let mut scores = Vec::with_capacity(rows);
+    for r in ranked {
+        for (position, &(item, score)) in r.top.iter().enumerate() {
+            users.push(r.target.user);
+            ranks.push(position as i32 + 1);
+            items.push(item);
+            scores.push(score);
+        }
+    }
+    let user_ids = take(&dataset.user_ids, &UInt32Array::from(users), None)
+        .map_err(|e| Error::internal(e.to_string()))?;
+    let item_ids = take(&dataset.item_ids, &UInt32Array::from(items), None)
+        .map_err(|e| Error::internal(e.to_string()))?;
+    let columns: Vec<ArrayRef> = vec![
+        user_ids,
+        Arc::new(Int32Array::from(ranks)),
+        item_ids,
+        Arc::new(Float32Array::from(scores)),
+        Arc::new(StringArray::from(vec![model; rows])),
+    ];
+    RecordBatch::try_new(Arc::clone(schema), columns).map_err(|e| Error::internal(e.to_string()))
+}
+
+/// The tidy evaluation rows of all models.
+fn evaluation_rows(
+    job: &Job,
+    run: &RunFolder,
+    run_id: &str,
+    results: &[ModelResult],
+) -> Result<RecordBatch> {
+    let days = (run.run_date() - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch"))
+        .num_days() as i32;
+    let protocol = job.spec.split.protocol.as_str();
+    let mut model = Vec::new();
+    let mut role = Vec::new();
+    let mut variant = Vec::new();
+    let mut training = Vec::new();
+    let mut loss: Vec<Option<String>> = Vec::new();
+    let mut metric = Vec::new();
+    let mut k = Vec::new();
+    let mut value = Vec::new();
+    let mut params = Vec::new();
+    let mut size = Vec::new();
+    let mut users = Vec::new();
+    for r in results {
+        let m = &r.metrics;
+        for (name, values) in [("hr", &m.hr), ("ndcg", &m.ndcg), ("mrr", &m.mrr)] {
+            for (i, &cut) in m.ks.iter().enumerate() {
+                model.push(r.name.clone());
+                role.push(r.role.clone());
+                variant.push(r.variant.clone());
+                training.push(r.training.clone());
+                loss.push(r.loss.clone());
+                metric.push(name);
+                k.push(Some(cut as i32));
+                value.push(values[i]);
+                params.push(r.params as i64);
+                size.push(r.size_bytes as i64);
+                users.push(m.users as i64);
+            }
+        }
+    }
+    let rows = model.len();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec![run_id; rows])),
+        Arc::new(Date32Array::from(vec![days; rows])),
+        Arc::new(StringArray::from(vec![job.spec.name.as_str(); rows])),
+        Arc::new(StringArray::from(model)),
+        Arc::new(StringArray::from(role)),
+        Arc::new(StringArray::from(variant)),
+        Arc::new(StringArray::from(training)),
+        Arc::new(StringArray::from(loss)),
+        Arc::new(StringArray::from(metric)),
+        Arc::new(Int32Array::from(k)),
+        Arc::new(Float64Array::from(value)),
+        Arc::new(Int64Array::from(params)),
+        Arc::new(Int64Array::from(size)),
+        Arc::new(StringArray::from(vec![Split::Test.as_str(); rows])),
+        Arc::new(StringArray::from(vec![protocol; rows])),
+        Arc::new(Int64Array::from(users)),
+    ];
+    RecordBatch::try_new(evaluation_schema(), columns).map_err(|e| Error::internal(e.to_string()))
+}

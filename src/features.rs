@@ -1,0 +1,214 @@
+//! The features stage: runs the `sql/` files in order with the job's values as
+//! parameters, writes each table to the run's `features/` folder as it
+//! streams out of DataFusion, and registers the written file under the
+//! table's name for the queries after it.
+
+use std::path::PathBuf;
+
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::scalar::ScalarValue;
+use futures::TryStreamExt;
+
+use crate::commit::RunFolder;
+use crate::engine::plan_sql;
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::lake::WrittenObject;
+
+/// The SQL files built into the binary (the repository's `sql/` folder).
+const EMBEDDED_SQL: &[(&str, &str)] = &[
+    ("events.sql", include_str!("../sql/events.sql")),
+    ("item_map.sql", include_str!("../sql/item_map.sql")),
+    ("user_map.sql", include_str!("../sql/user_map.sql")),
+    (
+        "split_leave_one_out.sql",
+        include_str!("../sql/split_leave_one_out.sql"),
+    ),
+    (
+        "split_temporal.sql",
+        include_str!("../sql/split_temporal.sql"),
+    ),
+    (
+        "item_popularity.sql",
+        include_str!("../sql/item_popularity.sql"),
+    ),
+    ("stats.sql", include_str!("../sql/stats.sql")),
+];
+
+/// The tables the stage writes, in the order they are built. Each is written
+/// to `features/<name>.parquet`.
+pub const FEATURE_TABLES: &[&str] = &["item_map", "user_map", "split", "item_popularity", "stats"];
+
+/// One feature query: the table it makes and its SQL.
+#[derive(Debug, Clone)]
+pub struct FeatureQuery {
+    /// Table name.
+    pub table: String,
+    /// File the SQL came from (for messages).
+    pub file: String,
+    /// The SQL text.
+    pub sql: String,
+}
+
+/// What the features stage produced.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// The Parquet files written, relative to the run folder.
+    pub written: Vec<WrittenObject>,
+}
+
+/// The feature queries of `job`, in order, starting with the `events` view.
+pub fn feature_queries(job: &Job) -> Result<Vec<FeatureQuery>> {
+    let split_file = format!("split_{}.sql", job.spec.split.protocol.as_str());
+    let mut order: Vec<(&str, String)> = vec![("events", "events.sql".into())];
+    for table in FEATURE_TABLES {
+        let file = if *table == "split" {
+            split_file.clone()
+        } else {
+            format!("{table}.sql")
+        };
+        order.push((table, file));
+    }
+    order
+        .into_iter()
+        .map(|(table, file)| {
+            let (file_label, sql) = load_sql(job, &file)?;
+            Ok(FeatureQuery {
+                table: table.to_string(),
+                file: file_label,
+                sql,
+            })
+        })
+        .collect()
+}
+
+fn load_sql(job: &Job, file: &str) -> Result<(String, String)> {
+    let dir = &job.spec.features.sql_dir;
+    if dir.is_empty() {
+        let text = EMBEDDED_SQL
+            .iter()
+            .find(|(name, _)| *name == file)
+            .map(|(_, text)| text.to_string())
+            .ok_or_else(|| Error::internal(format!("no embedded SQL file {file}")))?;
+        return Ok((format!("sql/{file} (built in)"), text));
+    }
+    let base = job.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let path = base.join(dir).join(file);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::config(format!(
+            "cannot read feature SQL {} (features.sql_dir = {dir:?} in {}): {e}",
+            path.display(),
+            job.source
+        ))
+    })?;
+    Ok((path.display().to_string(), text))
+}
+
+/// The job values the SQL files may use, as named parameters.
+pub fn sql_parameters(job: &Job) -> Vec<(String, ScalarValue)> {
+    let spec = &job.spec;
+    vec![
+        (
+            "min_user_events".into(),
+            ScalarValue::Int64(Some(spec.features.min_user_events as i64)),
+        ),
+        (
+            "min_item_events".into(),
+            ScalarValue::Int64(Some(spec.features.min_item_events as i64)),
+        ),
+        (
+            "valid_quantile".into(),
+            ScalarValue::Float64(Some(spec.split.valid_quantile)),
+        ),
+        (
+            "test_quantile".into(),
+            ScalarValue::Float64(Some(spec.split.test_quantile)),
+        ),
+    ]
+}
+
+/// Builds every feature table. `ctx` must have `interactions` (and `items`
+/// if present) registered; on return it also has every feature table.
+pub async fn build_features(job: &Job, run: &RunFolder, ctx: &SessionContext) -> Result<Features> {
+    let queries = feature_queries(job)?;
+    let params = sql_parameters(job);
+    let mut written = Vec::new();
+    for query in &queries {
+        let what = format!("feature SQL {}", query.file);
+        let df = plan_sql(ctx, &query.sql, &params, &what).await?;
+        if query.table == "events" {
+            ctx.register_table("events", df.into_view())
+                .map_err(|e| Error::from_datafusion(&query.file, e))?;
+            continue;
+        }
+        let schema = df.schema().inner().clone();
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(|e| Error::from_datafusion(&what, e))?
+            .map_err(|e| Error::from_datafusion(&what, e));
+        let rel = format!("features/{}.parquet", query.table);
+        let object = run.write_parquet(&rel, schema, stream, vec![]).await?;
+        tracing::info!(table = %query.table, bytes = object.size, "feature table written");
+        register_run_table(ctx, run, &query.table, &rel).await?;
+        written.push(object);
+    }
+    Ok(Features { written })
+}
+
+/// Registers the run's file `rel` as table `name`, replacing any earlier one.
+pub async fn register_run_table(
+    ctx: &SessionContext,
+    run: &RunFolder,
+    name: &str,
+    rel: &str,
+) -> Result<()> {
+    ctx.deregister_table(name)
+        .map_err(|e| Error::from_datafusion(name, e))?;
+    ctx.register_parquet(name, run.url_of(rel), ParquetReadOptions::default())
+        .await
+        .map_err(|e| Error::from_datafusion(format!("registering {name}"), e))
+}
+
+/// Registers the feature tables an earlier `features` stage wrote.
+pub async fn register_features(ctx: &SessionContext, run: &RunFolder) -> Result<()> {
+    for table in FEATURE_TABLES {
+        let rel = format!("features/{table}.parquet");
+        if run.lake().head(&run.rel(&rel)).await?.is_none() {
+            return Err(Error::config(format!(
+                "{} has no features/{table}.parquet; run the features stage first",
+                run.display()
+            )));
+        }
+        register_run_table(ctx, run, table, &rel).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sql_file_is_built_in() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name.ends_with(".sql") {
+                assert!(
+                    EMBEDDED_SQL.iter().any(|(n, _)| *n == name),
+                    "{name} is not in EMBEDDED_SQL"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn protocol_picks_the_split_file() {
+        let job = Job::parse("[split]\nprotocol = \"temporal\"", "t", None, &[]).unwrap();
+        let q = feature_queries(&job).unwrap();
+        let split = q.iter().find(|q| q.table == "split").unwrap();
+        assert!(split.file.contains("split_temporal.sql"));
+        assert_eq!(q[0].table, "events");
+    }
+}

@@ -1,0 +1,397 @@
+//! The `recdistill` command line. It only parses arguments, wires the stages
+//! and maps errors to exit codes (see the README).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use recdistill::error::{Error, Result, exit_code};
+use recdistill::job::{Job, parse_run_date};
+use recdistill::lake::Lake;
+use recdistill::pipeline::{self, RunContext, Stage, StageOutcome};
+use recdistill::query::{self, OutputFormat};
+use recdistill::sample::{self, SampleSpec};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "recdistill",
+    version,
+    about = "Recommendation logs in a data lake → a small, fast recommender, with the evidence of how good it is."
+)]
+struct Cli {
+    /// Log format on stderr: `text` for people, `json` for schedulers.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole job and commit it. Without --job: the bundled sample in ./lake.
+    Run(JobArgs),
+    /// Run one stage (ingest, features, baselines, evaluate, commit) of a run.
+    Stage {
+        /// Stage name.
+        name: String,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Convert a public dataset into lake tables.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
+    },
+    /// Read-only SQL over the lake's tables and the latest committed run.
+    Sql(SqlArgs),
+    /// Write the deterministic synthetic sample (as shipped in data-samples/sample).
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, Args)]
+struct JobArgs {
+    /// Job file (TOML); default: the embedded sample job (jobs/sample.toml).
+    #[arg(long)]
+    job: Option<PathBuf>,
+    /// Lake root URL or path; overrides lake.url.
+    #[arg(long)]
+    lake: Option<String>,
+    /// Run date (YYYY-MM-DD); default: today (UTC).
+    #[arg(long)]
+    run_date: Option<String>,
+    /// Override a job key: --set models.meanpool.epochs=5 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportSource {
+    /// MovieLens as RecBole atomic files (ml-100k.inter, ml-100k.item).
+    Movielens {
+        /// Folder holding the .inter and .item files.
+        #[arg(long)]
+        from: PathBuf,
+        /// Lake root URL or path.
+        #[arg(long)]
+        lake: String,
+        /// Replace existing interactions/ and items/ tables.
+        #[arg(long)]
+        replace: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SqlArgs {
+    /// The query; without it, statements ending in ';' are read from stdin.
+    query: Option<String>,
+    /// Lake root URL or path (default: the job's lake.url).
+    #[arg(long)]
+    lake: Option<String>,
+    /// Job file or job name whose latest committed run to query.
+    #[arg(long)]
+    job: Option<String>,
+    /// Query this run date's run instead of the latest.
+    #[arg(long)]
+    run_date: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+    /// Write the result here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct SampleArgs {
+    /// Lake root (path or URL) to write interactions/ and items/ into.
+    #[arg(long)]
+    out: String,
+    /// Users.
+    #[arg(long, default_value_t = SampleSpec::default().users)]
+    users: usize,
+    /// Items.
+    #[arg(long, default_value_t = SampleSpec::default().items)]
+    items: usize,
+    /// Seed.
+    #[arg(long, default_value_t = SampleSpec::default().seed)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit_code::INTERNAL as u8);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(exit_code = e.exit_code(), "{e}");
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let level = if cli.quiet {
+        "warn"
+    } else {
+        match cli.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    // Our own logs at `level`; the engines' only when asked for.
+    let default = format!("warn,recdistill={level}");
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.log_format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => {
+            recdistill::progress::disable();
+            builder.json().init()
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Stage { name, job } => stage(&name, job).await,
+        Command::Import {
+            source:
+                ImportSource::Movielens {
+                    from,
+                    lake,
+                    replace,
+                },
+        } => {
+            let lake = open_lake(&lake)?;
+            let summary = recdistill::import::import_movielens(&from, &lake, replace).await?;
+            println!(
+                "imported {} interactions and {} items into {} ({} files)",
+                summary.interactions,
+                summary.items,
+                lake.url(),
+                summary.written.len()
+            );
+            Ok(())
+        }
+        Command::Sql(args) => sql(args).await,
+        Command::Sample(args) => {
+            let lake = open_lake(&args.out)?;
+            let spec = SampleSpec {
+                users: args.users,
+                items: args.items,
+                seed: args.seed,
+            };
+            if spec.users == 0 || spec.items < 4 {
+                return Err(Error::config(
+                    "--users must be at least 1 and --items at least 4",
+                ));
+            }
+            let written = sample::write_sample(&lake, &spec).await?;
+            println!(
+                "wrote the sample ({} files) to {}",
+                written.len(),
+                lake.url()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn open_lake(url: &str) -> Result<Lake> {
+    Lake::open(&recdistill::job::LakeSpec {
+        url: url.to_string(),
+        ..Default::default()
+    })
+}
+
+/// Loads the job: the file given, or the embedded sample job.
+fn load_job(args: &JobArgs) -> Result<Job> {
+    let mut overrides = args.overrides.clone();
+    if let Some(lake) = &args.lake {
+        // --lake is a shorthand for --set lake.url=...; quote it as a TOML string.
+        overrides.push(format!("lake.url={}", toml::Value::String(lake.clone())));
+    }
+    match &args.job {
+        Some(path) => Job::load(path, &overrides),
+        None => Job::embedded_sample(&overrides),
+    }
+}
+
+fn run_date(arg: &Option<String>) -> Result<chrono::NaiveDate> {
+    match arg {
+        Some(d) => parse_run_date(d),
+        None => Ok(chrono::Utc::now().date_naive()),
+    }
+}
+
+async fn run(args: JobArgs) -> Result<()> {
+    let job = load_job(&args)?;
+    let date = run_date(&args.run_date)?;
+    if args.job.is_none() {
+        seed_sample_lake(&job).await?;
+    }
+    let rc = RunContext::new(job, date)?;
+    let summary = pipeline::run_all(&rc).await?;
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| Error::io("stdout", e);
+    writeln!(
+        out,
+        "run {} of job {} committed to {}",
+        summary.manifest.run_id, summary.manifest.job, summary.folder
+    )
+    .map_err(io)?;
+    writeln!(
+        out,
+        "{} events from {} files; {} output files",
+        summary.ingested.rows,
+        summary.ingested.files,
+        summary.manifest.outputs.len()
+    )
+    .map_err(io)?;
+    writeln!(
+        out,
+        "{:<24} {:<10} {:>9} {:>9} {:>9} {:>10} {:>12}",
+        "model", "role", "ndcg@10", "hr@10", "mrr@10", "params", "size_bytes"
+    )
+    .map_err(io)?;
+    for r in &summary.evaluation.results {
+        let at = |v: &[f64]| {
+            r.metrics
+                .ks
+                .iter()
+                .position(|&k| k == 10)
+                .map(|i| format!("{:.4}", v[i]))
+                .unwrap_or_else(|| "-".into())
+        };
+        writeln!(
+            out,
+            "{:<24} {:<10} {:>9} {:>9} {:>9} {:>10} {:>12}",
+            r.name,
+            r.role,
+            at(&r.metrics.ndcg),
+            at(&r.metrics.hr),
+            at(&r.metrics.mrr),
+            r.params,
+            r.size_bytes
+        )
+        .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The embedded job runs on a local `lake/` folder; fill it with the bundled
+/// sample the first time.
+async fn seed_sample_lake(job: &Job) -> Result<()> {
+    let lake = Lake::open(&job.spec.lake)?;
+    if lake.list(&job.spec.input.interactions).await?.is_empty() {
+        tracing::info!(lake = %lake.url(), "seeding the lake with the bundled sample");
+        sample::write_sample(&lake, &SampleSpec::default()).await?;
+    }
+    Ok(())
+}
+
+async fn stage(name: &str, args: JobArgs) -> Result<()> {
+    let stage: Stage = name.parse()?;
+    let job = load_job(&args)?;
+    let date = run_date(&args.run_date)?;
+    let mut rc = RunContext::new(job, date)?;
+    match pipeline::run_stage(&mut rc, stage).await? {
+        StageOutcome::Validated(ingested) => println!(
+            "input valid: {} events in {} files; fingerprint {}",
+            ingested.rows, ingested.files, ingested.fingerprint.sha256
+        ),
+        StageOutcome::Wrote(written) => {
+            for object in written {
+                println!("{}\t{} bytes", rc.run.url_of(&object.path), object.size);
+            }
+        }
+        StageOutcome::Committed(manifest) => println!(
+            "run {} committed to {} ({} files)",
+            manifest.run_id,
+            rc.run.display(),
+            manifest.outputs.len()
+        ),
+    }
+    Ok(())
+}
+
+async fn sql(args: SqlArgs) -> Result<()> {
+    // --job may name a job file (its lake and name are used) or just a job name.
+    let (mut spec, job_name) = match &args.job {
+        Some(j) if std::path::Path::new(j).is_file() => {
+            let job = Job::load(std::path::Path::new(j), &[])?;
+            let name = job.spec.name.clone();
+            (job.spec, Some(name))
+        }
+        Some(name) => (recdistill::job::JobSpec::default(), Some(name.clone())),
+        None => (recdistill::job::JobSpec::default(), None),
+    };
+    if let Some(lake) = &args.lake {
+        spec.lake.url = lake.clone();
+    }
+    let run_date = args.run_date.as_deref().map(parse_run_date).transpose()?;
+    let (ctx, catalog) = query::open(&spec, job_name.as_deref(), run_date).await?;
+    match &catalog.run {
+        Some(run) => tracing::info!(run = %run, tables = ?catalog.tables, "querying"),
+        None if !catalog.jobs.is_empty() => tracing::warn!(
+            jobs = ?catalog.jobs,
+            "several jobs in the lake; pass --job NAME to query one's latest run"
+        ),
+        None => {
+            tracing::info!(tables = ?catalog.tables, "no committed run found; querying the input tables")
+        }
+    }
+    match &args.query {
+        Some(sql) => {
+            let batches = query::execute(&ctx, sql).await?;
+            match &args.out {
+                Some(path) => {
+                    let mut file = std::fs::File::create(path).map_err(|e| {
+                        Error::config(format!("cannot create {}: {e}", path.display()))
+                    })?;
+                    query::print(&batches, args.format, &mut file)
+                }
+                None => query::print(
+                    &batches,
+                    args.format,
+                    &mut std::io::BufWriter::new(std::io::stdout()),
+                ),
+            }
+        }
+        None => query::interactive(&ctx, args.format).await,
+    }
+}

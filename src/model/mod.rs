@@ -1,0 +1,238 @@
+//! Models: how each one scores, and the safetensors artifact every trained
+//! model is saved as (its card — name, kind, role, config — in the metadata).
+
+pub mod meanpool;
+pub mod popularity;
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Metadata key holding the model card.
+pub const CARD_KEY: &str = "recdistill.model";
+
+/// Scores every item for a batch of users, each given by their history
+/// (time-ordered item indices).
+pub trait Scorer: Send + Sync {
+    /// Items scored (the catalogue size).
+    fn n_items(&self) -> usize;
+
+    /// Writes `histories.len() × n_items` scores, row-major, into `out`.
+    fn score(&self, histories: &[&[u32]], out: &mut Vec<f32>) -> Result<()>;
+}
+
+/// What a model is and how it was made: stored in its artifact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// Model name (e.g. `popularity`), also its recommendations file name.
+    pub name: String,
+    /// Architecture: `popularity` or `meanpool`.
+    pub kind: String,
+    /// `baseline`, `teacher`, `assistant` or `student`.
+    pub role: String,
+    /// `supervised`, `scratch`, `kd-teacher` or `kd-assistant`.
+    pub training: String,
+    /// Loss family, `None` for models not trained by a loss.
+    pub loss: Option<String>,
+    /// Catalogue size it was trained for.
+    pub n_items: usize,
+    /// Architecture settings (JSON object, kind-specific).
+    pub config: serde_json::Value,
+}
+
+/// A trained model as stored: its card and its safetensors bytes.
+#[derive(Debug, Clone)]
+pub struct ModelArtifact {
+    /// The card.
+    pub card: ModelCard,
+    /// The safetensors file.
+    pub bytes: Bytes,
+    /// Parameters (elements of all tensors).
+    pub params: u64,
+}
+
+impl ModelArtifact {
+    /// Serializes named f32 tensors (shape, values) with the card in the metadata.
+    pub fn from_f32(
+        card: ModelCard,
+        tensors: Vec<(&str, Vec<usize>, &[f32])>,
+    ) -> Result<ModelArtifact> {
+        let mut buffers = Vec::with_capacity(tensors.len());
+        let mut params = 0u64;
+        for (name, shape, data) in &tensors {
+            let elements: usize = shape.iter().product();
+            if elements != data.len() {
+                return Err(Error::internal(format!(
+                    "tensor {name}: shape {shape:?} does not hold {} values",
+                    data.len()
+                )));
+            }
+            params += elements as u64;
+            buffers.push((name.to_string(), shape.clone(), f32_le_bytes(data)));
+        }
+        let mut views = Vec::with_capacity(buffers.len());
+        for (name, shape, data) in &buffers {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .map_err(|e| Error::internal(format!("tensor {name}: {e}")))?;
+            views.push((name.clone(), view));
+        }
+        let card_json = serde_json::to_string(&card).map_err(|e| Error::internal(e.to_string()))?;
+        let metadata = HashMap::from([(CARD_KEY.to_string(), card_json)]);
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| Error::internal(format!("serializing {}: {e}", card.name)))?;
+        Ok(ModelArtifact {
+            card,
+            bytes: Bytes::from(bytes),
+            params,
+        })
+    }
+
+    /// Parses and checks an artifact read from `location`. Refuses (exit 3)
+    /// anything malformed: bad header, missing card, wrong dtypes.
+    pub fn parse(location: &str, bytes: Bytes) -> Result<ModelArtifact> {
+        let bad = |msg: String| Error::data(location, format!("not a valid model artifact: {msg}"));
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let card_json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(CARD_KEY))
+            .ok_or_else(|| bad(format!("no {CARD_KEY} entry in the safetensors metadata")))?;
+        let card: ModelCard =
+            serde_json::from_str(card_json).map_err(|e| bad(format!("bad model card: {e}")))?;
+        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut params = 0u64;
+        for (name, view) in tensors.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!(
+                    "tensor {name} is {:?}, expected F32",
+                    view.dtype()
+                )));
+            }
+            params += view.shape().iter().product::<usize>() as u64;
+        }
+        Ok(ModelArtifact {
+            card,
+            bytes,
+            params,
+        })
+    }
+
+    /// The f32 values of tensor `name`, checked against `shape`.
+    pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let location = format!("model {}", self.card.name);
+        let tensors =
+            SafeTensors::deserialize(&self.bytes).map_err(|e| Error::data(&location, e))?;
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| Error::data(&location, format!("missing tensor {name}")))?;
+        if view.shape() != shape || view.dtype() != safetensors::Dtype::F32 {
+            return Err(Error::data(
+                &location,
+                format!(
+                    "tensor {name} is {:?} {:?}, expected F32 {shape:?} for this model's config",
+                    view.dtype(),
+                    view.shape()
+                ),
+            ));
+        }
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// Builds the model's scorer, checking it was trained for `n_items` items.
+    pub fn scorer(&self, n_items: usize) -> Result<Box<dyn Scorer>> {
+        if self.card.n_items != n_items {
+            return Err(Error::data(
+                format!("model {}", self.card.name),
+                format!(
+                    "trained for {} items, but this run's item_map has {n_items}; retrain it",
+                    self.card.n_items
+                ),
+            ));
+        }
+        match self.card.kind.as_str() {
+            popularity::KIND => Ok(Box::new(popularity::Popularity::from_artifact(self)?)),
+            meanpool::KIND => Ok(Box::new(meanpool::MeanPool::from_artifact(self)?)),
+            other => Err(Error::data(
+                format!("model {}", self.card.name),
+                format!("unknown model kind {other:?}"),
+            )),
+        }
+    }
+}
+
+/// Little-endian bytes of f32 values (safetensors' layout).
+fn f32_le_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card() -> ModelCard {
+        ModelCard {
+            name: "p".into(),
+            kind: popularity::KIND.into(),
+            role: "baseline".into(),
+            training: "supervised".into(),
+            loss: None,
+            n_items: 3,
+            config: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn artifact_round_trip() {
+        let a =
+            ModelArtifact::from_f32(card(), vec![("scores", vec![3], &[1.0, 2.5, -1.0])]).unwrap();
+        let b = ModelArtifact::parse("mem", a.bytes.clone()).unwrap();
+        assert_eq!(b.card, card());
+        assert_eq!(b.params, 3);
+        assert_eq!(b.tensor_f32("scores", &[3]).unwrap(), vec![1.0, 2.5, -1.0]);
+        assert!(b.tensor_f32("scores", &[4]).is_err());
+        assert!(b.scorer(4).is_err());
+    }
+
+    #[test]
+    fn malformed_artifacts_are_refused_not_panics() {
+        let good = ModelArtifact::from_f32(card(), vec![("scores", vec![3], &[1.0, 2.0, 3.0])])
+            .unwrap()
+            .bytes;
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![1, 2, 3],
+            u64::MAX.to_le_bytes().to_vec(),
+            good[..good.len() - 1].to_vec(),
+        ];
+        let mut huge_header = good.to_vec();
+        huge_header[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        cases.push(huge_header);
+        for case in cases {
+            let err = ModelArtifact::parse("bad.safetensors", Bytes::from(case)).unwrap_err();
+            assert_eq!(err.exit_code(), 3, "{err}");
+        }
+        let no_card = safetensors::serialize(
+            vec![(
+                "x",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![1],
+                    &[0, 0, 0, 0],
+                )
+                .unwrap(),
+            )],
+            None,
+        )
+        .unwrap();
+        assert!(ModelArtifact::parse("x", Bytes::from(no_card)).is_err());
+    }
+}

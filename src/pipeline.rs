@@ -1,0 +1,296 @@
+//! Wires the stages together. `run` executes all of them in one process,
+//! handing each stage's output to the next; `stage NAME` executes one, reading
+//! what it needs from the run folder, so a scheduler can run them as separate
+//! tasks (even on different machines). Both commit the same way.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::NaiveDate;
+use datafusion::prelude::SessionContext;
+
+use crate::baselines::{self, Baselines};
+use crate::commit::{self, Manifest, RunFolder, StageRecord};
+use crate::dataset::{self, Dataset};
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::evaluate::{self, Evaluation};
+use crate::features;
+use crate::ingest::{self, Ingested};
+use crate::job::Job;
+use crate::lake::{Lake, WrittenObject};
+
+/// The stages, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Validate the input; writes nothing.
+    Ingest,
+    /// Feature SQL → `features/`.
+    Features,
+    /// Baseline models → `models/`, `training/`.
+    Baselines,
+    /// Every model → `recommendations/`, `evaluation/`.
+    Evaluate,
+    /// `_SUCCESS`.
+    Commit,
+}
+
+impl Stage {
+    /// All stages, in order.
+    pub const ALL: [Stage; 5] = [
+        Stage::Ingest,
+        Stage::Features,
+        Stage::Baselines,
+        Stage::Evaluate,
+        Stage::Commit,
+    ];
+
+    /// Stages whose records the commit collects.
+    pub const RECORDED: [Stage; 3] = [Stage::Features, Stage::Baselines, Stage::Evaluate];
+
+    /// Stage name on the command line and in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Ingest => "ingest",
+            Stage::Features => "features",
+            Stage::Baselines => "baselines",
+            Stage::Evaluate => "evaluate",
+            Stage::Commit => "commit",
+        }
+    }
+}
+
+impl FromStr for Stage {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Stage> {
+        Stage::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+                Error::config(format!(
+                    "unknown stage {s:?}; stages are {}",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+/// Everything a stage may need.
+pub struct RunContext {
+    /// The job.
+    pub job: Job,
+    /// The run's folder.
+    pub run: RunFolder,
+    /// This process's run id.
+    pub run_id: String,
+    /// DataFusion session with the lake registered.
+    pub ctx: SessionContext,
+}
+
+impl RunContext {
+    /// Opens the lake and sets up DataFusion for `job` on `run_date`.
+    pub fn new(job: Job, run_date: NaiveDate) -> Result<RunContext> {
+        let lake = Lake::open(&job.spec.lake)?;
+        let ctx = engine::session(&job.spec.input)?;
+        lake.register(&ctx);
+        let run = RunFolder::new(lake, &job.spec.lake.output_prefix, &job.spec.name, run_date);
+        Ok(RunContext {
+            job,
+            run,
+            run_id: commit::new_run_id(),
+            ctx,
+        })
+    }
+
+    fn lake(&self) -> &Lake {
+        self.run.lake()
+    }
+
+    async fn record(
+        &self,
+        stage: Stage,
+        started: Instant,
+        started_at: String,
+        outputs: Vec<WrittenObject>,
+        input: Option<&Ingested>,
+    ) -> Result<()> {
+        let record = StageRecord {
+            stage: stage.name().into(),
+            run_id: self.run_id.clone(),
+            config_hash: self.job.config_hash(),
+            started_at,
+            seconds: started.elapsed().as_secs_f64(),
+            outputs,
+            input_fingerprint: input.map(|i| i.fingerprint.clone()),
+        };
+        commit::record_stage(&self.run, &record).await
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The outcome of a whole run.
+#[derive(Debug)]
+pub struct RunSummary {
+    /// What was read.
+    pub ingested: Ingested,
+    /// The models' results.
+    pub evaluation: Evaluation,
+    /// The committed manifest.
+    pub manifest: Manifest,
+    /// URL of the run folder.
+    pub folder: String,
+}
+
+/// Runs every stage and commits.
+pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
+    let started = Instant::now();
+    let started_at = now();
+    let ingested = ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?;
+    tracing::info!(
+        files = ingested.files,
+        rows = ingested.rows,
+        "input validated"
+    );
+    // Only now, with the input known to be good, does the run touch its folder.
+    commit::uncommit(&rc.run).await?;
+
+    let features = features::build_features(&rc.job, &rc.run, &rc.ctx).await?;
+    rc.record(
+        Stage::Features,
+        started,
+        started_at,
+        features.written,
+        Some(&ingested),
+    )
+    .await?;
+
+    let dataset = Arc::new(dataset::load_dataset(&rc.ctx).await?);
+    log_dataset(&dataset);
+
+    let (started, started_at) = (Instant::now(), now());
+    let Baselines { models, written } =
+        baselines::train_baselines(&rc.job, &rc.run, Arc::clone(&dataset)).await?;
+    rc.record(Stage::Baselines, started, started_at, written, None)
+        .await?;
+
+    let (started, started_at) = (Instant::now(), now());
+    let evaluation =
+        evaluate::evaluate_models(&rc.job, &rc.run, &rc.run_id, dataset, &models).await?;
+    rc.record(
+        Stage::Evaluate,
+        started,
+        started_at,
+        evaluation.written.clone(),
+        None,
+    )
+    .await?;
+
+    let manifest = commit_run(rc).await?;
+    Ok(RunSummary {
+        ingested,
+        evaluation,
+        manifest,
+        folder: rc.run.display(),
+    })
+}
+
+fn log_dataset(dataset: &Dataset) {
+    tracing::info!(
+        users = dataset.n_users(),
+        items = dataset.n_items(),
+        events = dataset.items.len(),
+        "training set built"
+    );
+}
+
+async fn commit_run(rc: &RunContext) -> Result<Manifest> {
+    let stages: Vec<&str> = Stage::RECORDED.iter().map(|s| s.name()).collect();
+    let manifest = commit::commit(&rc.run, &rc.job, &rc.run_id, &stages).await?;
+    tracing::info!(folder = %rc.run.display(), files = manifest.outputs.len(), "run committed");
+    Ok(manifest)
+}
+
+/// What running one stage did, for the command line.
+#[derive(Debug)]
+pub enum StageOutcome {
+    /// Ingest: the input is valid.
+    Validated(Ingested),
+    /// A stage wrote these files.
+    Wrote(Vec<WrittenObject>),
+    /// The run was committed.
+    Committed(Manifest),
+}
+
+/// Runs one stage, reading its inputs from the run folder.
+pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome> {
+    let started = Instant::now();
+    let started_at = now();
+    if stage == Stage::Ingest {
+        return Ok(StageOutcome::Validated(
+            ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?,
+        ));
+    }
+    if stage == Stage::Commit {
+        return Ok(StageOutcome::Committed(commit_run(rc).await?));
+    }
+    if stage == Stage::Features {
+        let ingested = ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?;
+        commit::uncommit(&rc.run).await?;
+        let features = features::build_features(&rc.job, &rc.run, &rc.ctx).await?;
+        rc.record(
+            stage,
+            started,
+            started_at,
+            features.written.clone(),
+            Some(&ingested),
+        )
+        .await?;
+        return Ok(StageOutcome::Wrote(features.written));
+    }
+
+    // Later stages continue the run the features stage started.
+    let features = commit::read_stage(&rc.run, Stage::Features.name())
+        .await?
+        .ok_or_else(|| {
+            Error::config(format!(
+                "{} has no features stage yet: run `recdistill stage features` first",
+                rc.run.display()
+            ))
+        })?;
+    rc.run_id = features.run_id;
+    commit::uncommit(&rc.run).await?;
+    features::register_features(&rc.ctx, &rc.run).await?;
+    let dataset = Arc::new(dataset::load_dataset(&rc.ctx).await?);
+    log_dataset(&dataset);
+    let written = match stage {
+        Stage::Baselines => {
+            baselines::train_baselines(&rc.job, &rc.run, dataset)
+                .await?
+                .written
+        }
+        Stage::Evaluate => {
+            let trained = commit::read_stage(&rc.run, Stage::Baselines.name())
+                .await?
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "{} has no trained models yet: run `recdistill stage baselines` first",
+                        rc.run.display()
+                    ))
+                })?;
+            let models = baselines::load_models(&rc.run, &trained.outputs).await?;
+            evaluate::evaluate_models(&rc.job, &rc.run, &rc.run_id, dataset, &models)
+                .await?
+                .written
+        }
+        Stage::Ingest | Stage::Features | Stage::Commit => unreachable!("handled above"),
+    };
+    rc.record(stage, started, started_at, written.clone(), None)
+        .await?;
+    Ok(StageOutcome::Wrote(written))
+}

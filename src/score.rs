@@ -1,0 +1,318 @@
+//! Full ranking, shared by evaluation, early stopping and recommendation
+//! lists: every item is ranked, the items a user interacted with before the
+//! target are excluded, and ties in score go to the lower item index, so a
+//! recommendation list *is* the top of the ranking.
+
+use std::cmp::Ordering;
+
+use crate::dataset::{Dataset, Target};
+use crate::error::{Error, Result};
+use crate::model::Scorer;
+
+/// A target's outcome: its rank and the top of the list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    /// The target, as given.
+    pub target: Target,
+    /// 1-based rank of the target item; `None` when it was excluded
+    /// (the user had interacted with it before).
+    pub rank: Option<usize>,
+    /// The top `list_len` items and their scores, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// NaN ranks last, like minus infinity.
+fn key(score: f32) -> f32 {
+    if score.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        score
+    }
+}
+
+/// Does item `a` (score `sa`) rank above item `b` (score `sb`)?
+#[inline]
+fn better(sa: f32, a: u32, sb: f32, b: u32) -> bool {
+    match sa.partial_cmp(&sb) {
+        Some(Ordering::Greater) => true,
+        Some(Ordering::Less) => false,
+        _ => a < b,
+    }
+}
+
+/// Reusable scratch space for ranking one user at a time.
+#[derive(Debug, Default)]
+pub struct Ranker {
+    excluded: Vec<bool>,
+}
+
+impl Ranker {
+    /// Ranks one user's `scores` (one per item): the target's rank and the top
+    /// `list_len` items, `history` excluded.
+    pub fn rank(
+        &mut self,
+        scores: &[f32],
+        history: &[u32],
+        target: u32,
+        list_len: usize,
+    ) -> (Option<usize>, Vec<(u32, f32)>) {
+        let n = scores.len();
+        if self.excluded.len() != n {
+            self.excluded = vec![false; n];
+        }
+        for &i in history {
+            if let Some(slot) = self.excluded.get_mut(i as usize) {
+                *slot = true;
+            }
+        }
+
+        let rank = if self.excluded.get(target as usize).copied().unwrap_or(true) {
+            None
+        } else {
+            let st = key(scores[target as usize]);
+            let mut above = 0usize;
+            for (j, &s) in scores.iter().enumerate() {
+                if !self.excluded[j] && j as u32 != target && better(key(s), j as u32, st, target) {
+                    above += 1;
+                }
+            }
+            Some(above + 1)
+        };
+
+        let top = top_k(scores, &self.excluded, list_len);
+
+        for &i in history {
+            if let Some(slot) = self.excluded.get_mut(i as usize) {
+                *slot = false;
+            }
+        }
+        (rank, top)
+    }
+}
+
+/// The best `k` not-excluded items, best first.
+fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    // Keep the k best seen so far, sorted best first; most items fail the
+    // comparison with the current k-th and cost one compare.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (j, &s) in scores.iter().enumerate() {
+        if excluded[j] {
+            continue;
+        }
+        let (j, s) = (j as u32, key(s));
+        if best.len() == k {
+            let (wj, ws) = best[k - 1];
+            if !better(s, j, ws, wj) {
+                continue;
+            }
+            best.pop();
+        }
+        let at = best.partition_point(|&(bj, bs)| better(bs, bj, s, j));
+        best.insert(at, (j, s));
+    }
+    best
+}
+
+/// Ranks every target with `scorer`, `batch` users at a time, handing each
+/// batch's results to `sink` in target order.
+pub fn rank_targets(
+    scorer: &dyn Scorer,
+    dataset: &Dataset,
+    targets: &[Target],
+    batch: usize,
+    list_len: usize,
+    mut sink: impl FnMut(&[Ranked]) -> Result<()>,
+) -> Result<()> {
+    let n = scorer.n_items();
+    if n != dataset.n_items() {
+        return Err(Error::internal(format!(
+            "scorer has {n} items, dataset {}",
+            dataset.n_items()
+        )));
+    }
+    let mut scores = Vec::new();
+    let mut ranker = Ranker::default();
+    let mut ranked = Vec::with_capacity(batch);
+    for chunk in targets.chunks(batch.max(1)) {
+        let histories: Vec<&[u32]> = chunk.iter().map(|t| dataset.history(t)).collect();
+        scorer.score(&histories, &mut scores)?;
+        if scores.len() != chunk.len() * n {
+            return Err(Error::internal(format!(
+                "scorer returned {} scores for {} users × {n} items",
+                scores.len(),
+                chunk.len()
+            )));
+        }
+        ranked.clear();
+        for (row, target) in chunk.iter().enumerate() {
+            let (rank, top) = ranker.rank(
+                &scores[row * n..(row + 1) * n],
+                histories[row],
+                target.item,
+                list_len,
+            );
+            ranked.push(Ranked {
+                target: *target,
+                rank,
+                top,
+            });
+        }
+        sink(&ranked)?;
+    }
+    Ok(())
+}
+
+/// Mean HR, NDCG and MRR at each cut-off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    /// Cut-offs.
+    pub ks: Vec<u32>,
+    /// Mean hit rate at each cut-off.
+    pub hr: Vec<f64>,
+    /// Mean NDCG at each cut-off.
+    pub ndcg: Vec<f64>,
+    /// Mean reciprocal rank at each cut-off.
+    pub mrr: Vec<f64>,
+    /// Targets averaged over.
+    pub users: usize,
+}
+
+/// Accumulates metrics over ranked targets.
+#[derive(Debug, Clone)]
+pub struct MetricSums {
+    ks: Vec<u32>,
+    hr: Vec<f64>,
+    ndcg: Vec<f64>,
+    mrr: Vec<f64>,
+    users: usize,
+}
+
+impl MetricSums {
+    /// Empty sums for cut-offs `ks`.
+    pub fn new(ks: &[u32]) -> MetricSums {
+        MetricSums {
+            ks: ks.to_vec(),
+            hr: vec![0.0; ks.len()],
+            ndcg: vec![0.0; ks.len()],
+            mrr: vec![0.0; ks.len()],
+            users: 0,
+        }
+    }
+
+    /// Adds one target's rank.
+    pub fn add(&mut self, rank: Option<usize>) {
+        self.users += 1;
+        let Some(rank) = rank else { return };
+        for (i, &k) in self.ks.iter().enumerate() {
+            if rank <= k as usize {
+                self.hr[i] += 1.0;
+                self.ndcg[i] += 1.0 / ((rank + 1) as f64).log2();
+                self.mrr[i] += 1.0 / rank as f64;
+            }
+        }
+    }
+
+    /// The means.
+    pub fn finish(&self) -> Metrics {
+        let n = self.users.max(1) as f64;
+        Metrics {
+            ks: self.ks.clone(),
+            hr: self.hr.iter().map(|v| v / n).collect(),
+            ndcg: self.ndcg.iter().map(|v| v / n).collect(),
+            mrr: self.mrr.iter().map(|v| v / n).collect(),
+            users: self.users,
+        }
+    }
+}
+
+impl Metrics {
+    /// NDCG at cut-off `k`, if computed.
+    pub fn ndcg_at(&self, k: u32) -> Option<f64> {
+        self.ks.iter().position(|&x| x == k).map(|i| self.ndcg[i])
+    }
+
+    /// HR at cut-off `k`, if computed.
+    pub fn hr_at(&self, k: u32) -> Option<f64> {
+        self.ks.iter().position(|&x| x == k).map(|i| self.hr[i])
+    }
+}
+
+/// Metrics of `scorer` on `targets`.
+pub fn evaluate(
+    scorer: &dyn Scorer,
+    dataset: &Dataset,
+    targets: &[Target],
+    ks: &[u32],
+    batch: usize,
+) -> Result<Metrics> {
+    let mut sums = MetricSums::new(ks);
+    rank_targets(scorer, dataset, targets, batch, 0, |ranked| {
+        for r in ranked {
+            sums.add(r.rank);
+        }
+        Ok(())
+    })?;
+    Ok(sums.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_excludes_history_and_breaks_ties_by_index() {
+        let mut r = Ranker::default();
+        //            item: 0    1    2    3    4    5
+        let scores = [0.5, 0.9, 0.5, 0.7, 0.9, f32::NAN];
+        // Item 1 is history: excluded. Order: 4 (0.9), 3 (0.7), 0 (0.5), 2 (0.5, tie → after 0), 5 (NaN).
+        let (rank, top) = r.rank(&scores, &[1], 2, 3);
+        assert_eq!(rank, Some(4));
+        assert_eq!(top, vec![(4, 0.9), (3, 0.7), (0, 0.5)]);
+        let (rank, _) = r.rank(&scores, &[1], 0, 3);
+        assert_eq!(rank, Some(3));
+        let (rank, top) = r.rank(&scores, &[], 4, 2);
+        assert_eq!(
+            rank,
+            Some(2),
+            "tie at 0.9 with item 1 goes to the lower index"
+        );
+        assert_eq!(top, vec![(1, 0.9), (4, 0.9)]);
+        // A target the user had before is excluded: a miss.
+        let (rank, _) = r.rank(&scores, &[3, 1], 3, 3);
+        assert_eq!(rank, None);
+        let (rank, top) = r.rank(&scores, &[], 5, 10);
+        assert_eq!(rank, Some(6));
+        assert_eq!(top.len(), 6);
+    }
+
+    #[test]
+    fn metrics_match_hand_computed_values() {
+        let mut m = MetricSums::new(&[1, 3, 10]);
+        m.add(Some(1)); // hr 1,1,1  ndcg 1,1,1  mrr 1,1,1
+        m.add(Some(3)); // hr 0,1,1  ndcg 0,0.5,0.5  mrr 0,1/3,1/3
+        m.add(Some(11)); // nothing
+        m.add(None); // nothing
+        let r = m.finish();
+        assert_eq!(r.users, 4);
+        assert_eq!(r.hr, vec![0.25, 0.5, 0.5]);
+        assert!((r.ndcg[0] - 0.25).abs() < 1e-12);
+        assert!((r.ndcg[1] - 1.5 / 4.0).abs() < 1e-12);
+        assert!((r.mrr[1] - (1.0 + 1.0 / 3.0) / 4.0).abs() < 1e-12);
+        assert_eq!(r.ndcg_at(3), Some(r.ndcg[1]));
+    }
+
+    #[test]
+    fn top_k_equals_a_full_sort() {
+        let scores: Vec<f32> = (0..200).map(|i| ((i * 37) % 23) as f32).collect();
+        let excluded: Vec<bool> = (0..200).map(|i| i % 7 == 0).collect();
+        let mut full: Vec<(u32, f32)> = (0..200u32)
+            .filter(|&i| !excluded[i as usize])
+            .map(|i| (i, scores[i as usize]))
+            .collect();
+        full.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        assert_eq!(top_k(&scores, &excluded, 15), full[..15].to_vec());
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the built `recdistill` binary against small lakes in
+//! temporary folders. One test binary, a module per area.
+
+mod bad_input;
+mod common;
+mod import;
+mod interop;
+mod pipeline;
+mod sql;

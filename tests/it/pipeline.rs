@@ -1,0 +1,261 @@
+//! The whole job end to end on the bundled sample: outputs, manifest,
+//! determinism, stage-by-stage runs, the embedded default.
+
+use sha2::{Digest, Sha256};
+
+use crate::common::*;
+
+#[test]
+fn run_writes_every_output_and_a_manifest_that_lists_them() {
+    let lake = TestLake::with_sample();
+    let stdout = ok(&mut lake.run_job("jobs/sample.toml", &[]));
+    assert!(stdout.contains("committed"), "{stdout}");
+    let run = lake.run_folder("sample");
+    for f in [
+        "features/split.parquet",
+        "features/item_map.parquet",
+        "features/user_map.parquet",
+        "features/item_popularity.parquet",
+        "features/stats.parquet",
+        "models/popularity/model.safetensors",
+        "models/meanpool/model.safetensors",
+        "training/meanpool.parquet",
+        "recommendations/popularity.parquet",
+        "recommendations/meanpool.parquet",
+        "evaluation/evaluation.parquet",
+        "_SUCCESS",
+    ] {
+        assert!(
+            run.join(f).is_file(),
+            "missing {f}; have {:?}",
+            files_under(&run)
+        );
+    }
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("_SUCCESS")).unwrap()).unwrap();
+    assert_eq!(manifest["job"], "sample");
+    assert_eq!(manifest["run_date"], RUN_DATE);
+    assert_eq!(manifest["seed"], 42);
+    assert_eq!(manifest["config_hash"].as_str().unwrap().len(), 64);
+    assert!(manifest["run_id"].as_str().unwrap().len() > 8);
+    assert_eq!(manifest["tool"]["name"], "recdistill");
+    assert_eq!(
+        manifest["tool"]["cargo_lock_sha256"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+    let inputs = manifest["input_fingerprint"]["files"].as_array().unwrap();
+    assert!(inputs.len() > 10, "one file per day plus items");
+    assert!(inputs.iter().all(|f| f["size"].as_u64().unwrap() > 0));
+    let stages: Vec<&str> = manifest["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["features", "baselines", "evaluate"]);
+
+    // Every listed file exists with the listed size and checksum, and every
+    // data file of the run is listed.
+    let outputs = manifest["outputs"].as_array().unwrap();
+    for o in outputs {
+        let bytes = std::fs::read(run.join(o["path"].as_str().unwrap())).unwrap();
+        assert_eq!(bytes.len() as u64, o["size"].as_u64().unwrap(), "{o}");
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            o["sha256"].as_str().unwrap(),
+            "{o}"
+        );
+    }
+    let listed: Vec<&str> = outputs
+        .iter()
+        .map(|o| o["path"].as_str().unwrap())
+        .collect();
+    for f in files_under(&run) {
+        if f != "_SUCCESS" && !f.starts_with("_stages/") {
+            assert!(listed.contains(&f.as_str()), "{f} not in the manifest");
+        }
+    }
+
+    // The learned model beats popularity on the sample (it has sequential structure).
+    let rows = evaluation_values(&run);
+    assert_eq!(rows.len(), 2 * 3 * 3, "2 models × 3 metrics × 3 cut-offs");
+    let (learned, popular) = (
+        metric(&rows, "meanpool", "ndcg", 10),
+        metric(&rows, "popularity", "ndcg", 10),
+    );
+    assert!(
+        learned > popular * 1.5,
+        "meanpool {learned} vs popularity {popular}"
+    );
+}
+
+#[test]
+fn rerun_gives_identical_recommendations_and_values() {
+    let lake = TestLake::with_sample();
+    ok(&mut lake.run_job("jobs/sample.toml", &[]));
+    let run = lake.run_folder("sample");
+    let first_recs = std::fs::read(run.join("recommendations/meanpool.parquet")).unwrap();
+    let first_split = std::fs::read(run.join("features/split.parquet")).unwrap();
+    let first_values = evaluation_values(&run);
+    let first_manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("_SUCCESS")).unwrap()).unwrap();
+
+    ok(&mut lake.run_job("jobs/sample.toml", &[]));
+    assert_eq!(
+        first_recs,
+        std::fs::read(run.join("recommendations/meanpool.parquet")).unwrap()
+    );
+    assert_eq!(
+        first_split,
+        std::fs::read(run.join("features/split.parquet")).unwrap()
+    );
+    assert_eq!(first_values, evaluation_values(&run));
+    let second: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("_SUCCESS")).unwrap()).unwrap();
+    assert_ne!(
+        first_manifest["run_id"], second["run_id"],
+        "each run has its own id"
+    );
+    assert_eq!(
+        first_manifest["input_fingerprint"],
+        second["input_fingerprint"]
+    );
+
+    // A different seed trains a different model.
+    ok(&mut lake.run_job("jobs/sample.toml", &["--set", "seed=7"]));
+    assert_ne!(
+        first_recs,
+        std::fs::read(run.join("recommendations/meanpool.parquet")).unwrap()
+    );
+}
+
+#[test]
+fn stages_one_at_a_time_equal_a_whole_run() {
+    let whole = TestLake::with_sample();
+    ok(&mut whole.run_job("jobs/sample.toml", &[]));
+
+    let staged = TestLake::with_sample();
+    let stage = |name: &str| {
+        let mut cmd = recdistill();
+        cmd.args(["stage", name, "--job"])
+            .arg(repo().join("jobs/sample.toml"))
+            .arg("--lake")
+            .arg(staged.path())
+            .args(["--run-date", RUN_DATE]);
+        cmd
+    };
+    // Later stages refuse to run before the ones they read from.
+    let err = fails(&mut stage("evaluate"), 2);
+    assert!(err.contains("features"), "{err}");
+    let out = ok(&mut stage("ingest"));
+    assert!(out.contains("input valid"), "{out}");
+    assert!(
+        !staged.run_folder("sample").exists(),
+        "ingest writes nothing"
+    );
+    for name in ["features", "baselines", "evaluate"] {
+        ok(&mut stage(name));
+        assert!(!staged.run_folder("sample").join("_SUCCESS").exists());
+    }
+    ok(&mut stage("commit"));
+    let (a, b) = (whole.run_folder("sample"), staged.run_folder("sample"));
+    assert!(b.join("_SUCCESS").is_file());
+    for f in [
+        "recommendations/meanpool.parquet",
+        "recommendations/popularity.parquet",
+        "features/split.parquet",
+    ] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(evaluation_values(&a), evaluation_values(&b));
+
+    // A stage run with another config cannot be committed with this one.
+    ok(stage("baselines").args(["--set", "models.meanpool.epochs=1"]));
+    let err = fails(&mut stage("commit"), 2);
+    assert!(err.contains("different job config"), "{err}");
+}
+
+#[test]
+fn the_default_run_seeds_a_local_lake_with_the_shipped_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(recdistill()
+        .current_dir(dir.path())
+        .args(["run", "--run-date", RUN_DATE]));
+    assert!(stdout.contains("meanpool"), "{stdout}");
+    let lake = dir.path().join("lake");
+    assert!(
+        lake.join("recdistill/sample")
+            .join(format!("run_date={RUN_DATE}/_SUCCESS"))
+            .is_file()
+    );
+
+    // What it seeded is what data-samples/sample ships, file for file and row for row.
+    let shipped = repo().join("data-samples/sample");
+    let shipped_files = files_under(&shipped);
+    let seeded: Vec<String> = files_under(&lake)
+        .into_iter()
+        .filter(|f| !f.starts_with("recdistill"))
+        .collect();
+    assert_eq!(shipped_files, seeded);
+    for f in &shipped_files {
+        assert_eq!(
+            read_parquet(&shipped.join(f)),
+            read_parquet(&lake.join(f)),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn temporal_protocol_runs_and_splits_by_time() {
+    let lake = TestLake::with_sample();
+    ok(&mut lake.run_job(
+        "jobs/sample.toml",
+        &[
+            "--set",
+            "split.protocol=temporal",
+            "--set",
+            "models.meanpool.epochs=2",
+        ],
+    ));
+    let split = read_all(&lake.run_folder("sample").join("features/split.parquet"));
+    use arrow::array::AsArray;
+    let s = arrow::compute::cast(split.column(3), &arrow::datatypes::DataType::Utf8).unwrap();
+    let ts = split
+        .column(2)
+        .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    let (mut last_train, mut first_test) = (i64::MIN, i64::MAX);
+    let mut counts = [0usize; 3];
+    for r in 0..split.num_rows() {
+        match s.as_string::<i32>().value(r) {
+            "train" => {
+                last_train = last_train.max(ts.value(r));
+                counts[0] += 1;
+            }
+            "valid" => counts[1] += 1,
+            "test" => {
+                first_test = first_test.min(ts.value(r));
+                counts[2] += 1;
+            }
+            other => panic!("split {other}"),
+        }
+    }
+    assert!(last_train < first_test, "train before test");
+    let n = split.num_rows() as f64;
+    assert!(
+        (counts[2] as f64 / n - 0.1).abs() < 0.02,
+        "about 10% test: {counts:?}"
+    );
+    assert!(
+        (counts[1] as f64 / n - 0.1).abs() < 0.02,
+        "about 10% valid: {counts:?}"
+    );
+}
