@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
 use datafusion::sql::sqlparser::ast::Statement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -85,6 +86,47 @@ pub fn read_only_options() -> datafusion::execution::context::SQLOptions {
         .with_allow_statements(false)
 }
 
+/// Named SQL parameters (`$name`) and their values.
+pub type SqlParams = Vec<(String, ScalarValue)>;
+
+/// Plans `sql` with those of `params` it mentions (`$name`) bound.
+pub async fn plan_sql(
+    ctx: &SessionContext,
+    sql: &str,
+    params: &[(String, ScalarValue)],
+    what: &str,
+) -> Result<datafusion::dataframe::DataFrame> {
+    let df = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| Error::from_datafusion(what, e))?;
+    let used: SqlParams = params
+        .iter()
+        .filter(|(name, _)| sql.contains(&format!("${name}")))
+        .cloned()
+        .collect();
+    if used.is_empty() {
+        Ok(df)
+    } else {
+        df.with_param_values(used)
+            .map_err(|e| Error::from_datafusion(what, e))
+    }
+}
+
+/// Runs `sql` (see [`plan_sql`]) and collects the result.
+pub async fn collect_sql(
+    ctx: &SessionContext,
+    sql: &str,
+    params: &[(String, ScalarValue)],
+    what: &str,
+) -> Result<Vec<arrow::array::RecordBatch>> {
+    plan_sql(ctx, sql, params, what)
+        .await?
+        .collect()
+        .await
+        .map_err(|e| Error::from_datafusion(what, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,42 +157,4 @@ mod tests {
             assert_eq!(err.exit_code(), 2, "{bad}");
         }
     }
-}
-
-/// Plans `sql` with those of `params` it mentions (`$name`) bound.
-pub async fn plan_sql(
-    ctx: &SessionContext,
-    sql: &str,
-    params: &[(String, datafusion::scalar::ScalarValue)],
-    what: &str,
-) -> Result<datafusion::dataframe::DataFrame> {
-    let df = ctx
-        .sql(sql)
-        .await
-        .map_err(|e| Error::from_datafusion(what, e))?;
-    let used: Vec<(String, datafusion::scalar::ScalarValue)> = params
-        .iter()
-        .filter(|(name, _)| sql.contains(&format!("${name}")))
-        .cloned()
-        .collect();
-    if used.is_empty() {
-        Ok(df)
-    } else {
-        df.with_param_values(used)
-            .map_err(|e| Error::from_datafusion(what, e))
-    }
-}
-
-/// Runs `sql` (see [`plan_sql`]) and collects the result.
-pub async fn collect_sql(
-    ctx: &SessionContext,
-    sql: &str,
-    params: &[(String, datafusion::scalar::ScalarValue)],
-    what: &str,
-) -> Result<Vec<arrow::array::RecordBatch>> {
-    plan_sql(ctx, sql, params, what)
-        .await?
-        .collect()
-        .await
-        .map_err(|e| Error::from_datafusion(what, e))
 }

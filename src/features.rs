@@ -10,7 +10,7 @@ use datafusion::scalar::ScalarValue;
 use futures::TryStreamExt;
 
 use crate::commit::RunFolder;
-use crate::engine::plan_sql;
+use crate::engine::{SqlParams, plan_sql};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::lake::WrittenObject;
@@ -105,7 +105,7 @@ fn load_sql(job: &Job, file: &str) -> Result<(String, String)> {
 }
 
 /// The job values the SQL files may use, as named parameters.
-pub fn sql_parameters(job: &Job) -> Vec<(String, ScalarValue)> {
+pub fn sql_parameters(job: &Job) -> SqlParams {
     let spec = &job.spec;
     vec![
         (

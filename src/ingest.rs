@@ -18,7 +18,7 @@ use datafusion::scalar::ScalarValue;
 use object_store::ObjectMeta;
 
 use crate::commit::{Fingerprint, InputFile};
-use crate::engine::collect_sql;
+use crate::engine::{SqlParams, collect_sql};
 use crate::error::{Error, Result};
 use crate::job::{Job, parse_instant_micros};
 use crate::lake::Lake;
@@ -312,7 +312,7 @@ struct RowRule {
 }
 
 /// The job's row rules for `interactions`.
-fn row_rules(job: &Job, table: &InputTable) -> Result<(Vec<RowRule>, Vec<(String, ScalarValue)>)> {
+fn row_rules(job: &Job, table: &InputTable) -> Result<(Vec<RowRule>, SqlParams)> {
     let unit = match table
         .schema
         .field_with_name("timestamp")

@@ -523,7 +523,8 @@ impl JobSpec {
                         .into(),
                 ));
             }
-            if !(m.lr > 0.0 && m.lr.is_finite()) || !(m.weight_decay >= 0.0) {
+            let valid = m.lr.is_finite() && m.lr > 0.0 && m.weight_decay >= 0.0;
+            if !valid {
                 return Err(at(
                     "models.meanpool: lr must be > 0 and weight_decay ≥ 0".into()
                 ));

@@ -224,7 +224,7 @@ pub enum StageOutcome {
     /// A stage wrote these files.
     Wrote(Vec<WrittenObject>),
     /// The run was committed.
-    Committed(Manifest),
+    Committed(Box<Manifest>),
 }
 
 /// Runs one stage, reading its inputs from the run folder.
@@ -237,7 +237,7 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
         ));
     }
     if stage == Stage::Commit {
-        return Ok(StageOutcome::Committed(commit_run(rc).await?));
+        return Ok(StageOutcome::Committed(Box::new(commit_run(rc).await?)));
     }
     if stage == Stage::Features {
         let ingested = ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?;

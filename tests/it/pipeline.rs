@@ -259,3 +259,45 @@ fn temporal_protocol_runs_and_splits_by_time() {
         "about 10% valid: {counts:?}"
     );
 }
+
+#[test]
+fn string_ids_keep_their_type_from_input_to_recommendations() {
+    use arrow::array::{ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
+    use std::sync::Arc;
+    let lake = TestLake::new();
+    let (mut users, mut items, mut times) = (Vec::new(), Vec::new(), Vec::new());
+    for u in 0..30 {
+        for k in 0..8 {
+            users.push(format!("user-{u:02}"));
+            items.push(format!("item-{}", (u + k) % 11));
+            times.push(1_735_689_600_000_000i64 + (u * 100 + k) * 1_000_000);
+        }
+    }
+    let b = batch(vec![
+        ("user_id", Arc::new(StringArray::from(users)) as ArrayRef),
+        ("item_id", Arc::new(StringArray::from(items))),
+        ("timestamp", Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC"))),
+    ]);
+    write_parquet(&lake.path().join("interactions/dt=2025-01-01/part-00000.parquet"), &b);
+    ok(&mut lake.run_job("jobs/sample.toml", &["--set", "models.meanpool.epochs=2"]));
+    let run = lake.run_folder("sample");
+
+    let item_map = read_all(&run.join("features/item_map.parquet"));
+    let ids = arrow::compute::cast(item_map.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+    let ids: Vec<&str> = ids.as_string::<i32>().iter().map(|v| v.unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "indices follow the ids' order");
+    assert_eq!(ids.len(), 11);
+
+    let recs = read_all(&run.join("recommendations/meanpool.parquet"));
+    // 11 items, 7 of them in each user's history: 4 left to rank.
+    assert_eq!(recs.num_rows(), 30 * 4);
+    let user = arrow::compute::cast(recs.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+    let item = arrow::compute::cast(recs.column(2), &arrow::datatypes::DataType::Utf8).unwrap();
+    assert!(user.as_string::<i32>().iter().all(|v| v.unwrap().starts_with("user-")));
+    assert!(item.as_string::<i32>().iter().all(|v| v.unwrap().starts_with("item-")));
+    let contract = recdistill::schema::contract("recommendations").unwrap();
+    let utf8 = arrow::datatypes::DataType::Utf8;
+    assert!(contract.output_mismatches(&recs.schema(), &utf8, &utf8).is_empty());
+}
