@@ -281,6 +281,17 @@ pub async fn record_stage(run: &RunFolder, record: &StageRecord) -> Result<()> {
     Ok(())
 }
 
+/// Deletes the records of `stages`: their outputs no longer follow from the
+/// stage that just ran, so the run cannot be committed until they run again.
+pub async fn forget_stages(run: &RunFolder, stages: &[&str]) -> Result<()> {
+    for stage in stages {
+        run.lake
+            .delete(&run.rel(&format!("{STAGES}/{stage}.json")))
+            .await?;
+    }
+    Ok(())
+}
+
 /// Reads a stage's record, `None` when the stage has not run.
 pub async fn read_stage(run: &RunFolder, stage: &str) -> Result<Option<StageRecord>> {
     let rel = run.rel(&format!("{STAGES}/{stage}.json"));
@@ -297,12 +308,15 @@ pub async fn read_stage(run: &RunFolder, stage: &str) -> Result<Option<StageReco
 }
 
 /// Commits the run: checks that every stage in `stages` ran with this job's
-/// config, removes objects none of them wrote, and writes `_SUCCESS` last.
+/// config as part of the same run, removes objects none of them wrote, and
+/// writes `_SUCCESS` last.
 pub async fn commit(run: &RunFolder, job: &Job, run_id: &str, stages: &[&str]) -> Result<Manifest> {
     let config_hash = job.config_hash();
     let mut outputs: BTreeMap<String, WrittenObject> = BTreeMap::new();
     let mut timings = Vec::new();
     let mut fingerprint = None;
+    // Missing stages first: they are what the user has to run next.
+    let mut records = Vec::with_capacity(stages.len());
     for stage in stages {
         let record = read_stage(run, stage).await?.ok_or_else(|| {
             Error::config(format!(
@@ -310,6 +324,17 @@ pub async fn commit(run: &RunFolder, job: &Job, run_id: &str, stages: &[&str]) -
                 run.display()
             ))
         })?;
+        records.push(record);
+    }
+    for record in records {
+        let stage = record.stage.clone();
+        if record.run_id != run_id {
+            return Err(Error::config(format!(
+                "cannot commit {}: stage {stage} belongs to run {}, not {run_id}; rerun it",
+                run.display(),
+                record.run_id
+            )));
+        }
         if record.config_hash != config_hash {
             return Err(Error::config(format!(
                 "cannot commit {}: stage {stage} ran with a different job config (hash {}, now {}); rerun it",

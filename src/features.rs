@@ -203,6 +203,158 @@ mod tests {
         }
     }
 
+    /// Runs the feature SQL of `job_toml` over `rows` (user, item, seconds)
+    /// in a memory lake and returns the split table as
+    /// (user_id, item_id, split, user_index, item_index) rows in table order.
+    async fn split_of<T: Into<ScalarValue> + Clone>(
+        job_toml: &str,
+        rows: &[(T, T, i64)],
+    ) -> Vec<(String, String, String, u32, u32)> {
+        use arrow::array::{ArrayRef, AsArray, RecordBatch, TimestampSecondArray};
+        use arrow::datatypes::{DataType, Field, Schema, TimeUnit, UInt32Type};
+        use datafusion::datasource::MemTable;
+        use std::sync::Arc;
+
+        let users = ScalarValue::iter_to_array(rows.iter().map(|r| r.0.clone().into())).unwrap();
+        let items = ScalarValue::iter_to_array(rows.iter().map(|r| r.1.clone().into())).unwrap();
+        let times: ArrayRef = Arc::new(TimestampSecondArray::from(
+            rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        ));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user_id", users.data_type().clone(), false),
+            Field::new("item_id", items.data_type().clone(), false),
+            Field::new(
+                "timestamp",
+                DataType::Timestamp(TimeUnit::Second, None),
+                false,
+            ),
+        ]));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![users, items, times]).unwrap();
+        let job = Job::parse(job_toml, "t", None, &[]).unwrap();
+        let lake = crate::lake::Lake::open(&crate::job::LakeSpec {
+            url: format!("memory://features-{}", rand::random::<u32>()),
+            ..Default::default()
+        })
+        .unwrap();
+        let ctx = SessionContext::new();
+        lake.register(&ctx);
+        ctx.register_table(
+            "interactions",
+            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
+        let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+        let run = RunFolder::new(lake, "out", "t", date);
+        let built = build_features(&job, &run, &ctx).await.unwrap();
+        assert_eq!(built.written.len(), FEATURE_TABLES.len());
+        let batches = ctx
+            .sql("SELECT CAST(user_id AS VARCHAR), CAST(item_id AS VARCHAR), split, user_index, item_index FROM split")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for b in &batches {
+            let text = |i: usize| arrow::compute::cast(b.column(i), &DataType::Utf8).unwrap();
+            let (u, it, sp) = (text(0), text(1), text(2));
+            for r in 0..b.num_rows() {
+                out.push((
+                    u.as_string::<i32>().value(r).to_string(),
+                    it.as_string::<i32>().value(r).to_string(),
+                    sp.as_string::<i32>().value(r).to_string(),
+                    b.column(3).as_primitive::<UInt32Type>().value(r),
+                    b.column(4).as_primitive::<UInt32Type>().value(r),
+                ));
+            }
+        }
+        out
+    }
+
+    fn row(u: &str, i: &str, s: &str, ui: u32, ii: u32) -> (String, String, String, u32, u32) {
+        (u.into(), i.into(), s.into(), ui, ii)
+    }
+
+    #[tokio::test]
+    async fn leave_one_out_breaks_timestamp_ties_by_item_id() {
+        // User 7: two pairs of events in the same second, given out of order.
+        // User 3: only two events, so train only.
+        let rows = [
+            (7i64, 9i64, 200),
+            (7, 5, 100),
+            (7, 1, 200),
+            (7, 3, 100),
+            (3, 5, 50),
+            (3, 9, 40),
+        ];
+        let split = split_of("", &rows).await;
+        assert_eq!(
+            split,
+            vec![
+                // user_map: 3 → 0, 7 → 1; item_map: 1 → 0, 3 → 1, 5 → 2, 9 → 3.
+                row("3", "9", "train", 0, 3),
+                row("3", "5", "train", 0, 2),
+                row("7", "3", "train", 1, 1),
+                row("7", "5", "train", 1, 2),
+                row("7", "1", "valid", 1, 0),
+                row("7", "9", "test", 1, 3),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn string_ids_are_indexed_in_id_order() {
+        let rows = [
+            ("bob", "zeta", 1),
+            ("bob", "alpha", 2),
+            ("bob", "mid", 3),
+            ("al", "mid", 5),
+        ];
+        let split = split_of("", &rows).await;
+        assert_eq!(
+            split,
+            vec![
+                row("al", "mid", "train", 0, 1),
+                row("bob", "zeta", "train", 1, 2),
+                row("bob", "alpha", "valid", 1, 0),
+                row("bob", "mid", "test", 1, 1),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn min_event_filters_drop_rare_items_then_users() {
+        // Item 4 occurs once and goes; user 2 is then left with one event and goes.
+        let rows = [
+            (1i64, 1i64, 1),
+            (1, 2, 2),
+            (1, 1, 3),
+            (2, 4, 1),
+            (2, 2, 2),
+            (3, 1, 1),
+            (3, 2, 2),
+        ];
+        let split = split_of(
+            "[features]\nmin_item_events = 2\nmin_user_events = 2\n",
+            &rows,
+        )
+        .await;
+        let users: Vec<&str> = split.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(users, ["1", "1", "1", "3", "3"]);
+        assert!(split.iter().all(|r| r.1 != "4"));
+    }
+
+    #[tokio::test]
+    async fn temporal_split_cuts_at_quantiles() {
+        // Ten events at t = 1..10: 80 % → valid from t = 9, 90 % → test from t = 10.
+        let rows: Vec<(i64, i64, i64)> = (1..=10).map(|t| (t % 2, t, t)).collect();
+        let split = split_of("[split]\nprotocol = \"temporal\"\n", &rows).await;
+        let by_item = |item: &str| split.iter().find(|r| r.1 == item).unwrap().2.clone();
+        assert_eq!(by_item("8"), "train");
+        assert_eq!(by_item("9"), "valid");
+        assert_eq!(by_item("10"), "test");
+    }
+
     #[test]
     fn protocol_picks_the_split_file() {
         let job = Job::parse("[split]\nprotocol = \"temporal\"", "t", None, &[]).unwrap();

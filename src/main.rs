@@ -133,6 +133,7 @@ struct SampleArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    let json_logs = matches!(cli.log_format, LogFormat::Json);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -150,8 +151,12 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(exit_code = e.exit_code(), "{e}");
-            eprintln!("error: {e}");
+            // One report: a JSON line for schedulers, or plain text for people.
+            if json_logs {
+                tracing::error!(exit_code = e.exit_code(), "{e}");
+            } else {
+                eprintln!("error: {e}");
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }

@@ -227,7 +227,8 @@ pub enum StageOutcome {
     Committed(Box<Manifest>),
 }
 
-/// Runs one stage, reading its inputs from the run folder.
+/// Runs one stage, reading its inputs from the run folder. Running a stage
+/// forgets the stages after it: they must run again before a commit.
 pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome> {
     let started = Instant::now();
     let started_at = now();
@@ -236,12 +237,16 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
             ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?,
         ));
     }
-    if stage == Stage::Commit {
-        return Ok(StageOutcome::Committed(Box::new(commit_run(rc).await?)));
-    }
+    let later: Vec<&str> = Stage::RECORDED
+        .iter()
+        .skip_while(|s| **s != stage)
+        .skip(1)
+        .map(|s| s.name())
+        .collect();
     if stage == Stage::Features {
         let ingested = ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?;
         commit::uncommit(&rc.run).await?;
+        commit::forget_stages(&rc.run, &later).await?;
         let features = features::build_features(&rc.job, &rc.run, &rc.ctx).await?;
         rc.record(
             stage,
@@ -264,7 +269,11 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
             ))
         })?;
     rc.run_id = features.run_id;
+    if stage == Stage::Commit {
+        return Ok(StageOutcome::Committed(Box::new(commit_run(rc).await?)));
+    }
     commit::uncommit(&rc.run).await?;
+    commit::forget_stages(&rc.run, &later).await?;
     features::register_features(&rc.ctx, &rc.run).await?;
     let dataset = Arc::new(dataset::load_dataset(&rc.ctx).await?);
     log_dataset(&dataset);

@@ -180,7 +180,18 @@ fn stages_one_at_a_time_equal_a_whole_run() {
     // A stage run with another config cannot be committed with this one.
     ok(stage("baselines").args(["--set", "models.meanpool.epochs=1"]));
     let err = fails(&mut stage("commit"), 2);
+    assert!(
+        err.contains("stage evaluate has not run"),
+        "rerunning baselines forgets evaluate: {err}"
+    );
+    ok(stage("evaluate").args(["--set", "models.meanpool.epochs=1"]));
+    let err = fails(&mut stage("commit"), 2);
     assert!(err.contains("different job config"), "{err}");
+
+    // Rerunning features forgets every later stage.
+    ok(&mut stage("features"));
+    let err = fails(&mut stage("commit"), 2);
+    assert!(err.contains("stage baselines has not run"), "{err}");
 }
 
 #[test]
@@ -276,9 +287,17 @@ fn string_ids_keep_their_type_from_input_to_recommendations() {
     let b = batch(vec![
         ("user_id", Arc::new(StringArray::from(users)) as ArrayRef),
         ("item_id", Arc::new(StringArray::from(items))),
-        ("timestamp", Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC"))),
+        (
+            "timestamp",
+            Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC")),
+        ),
     ]);
-    write_parquet(&lake.path().join("interactions/dt=2025-01-01/part-00000.parquet"), &b);
+    write_parquet(
+        &lake
+            .path()
+            .join("interactions/dt=2025-01-01/part-00000.parquet"),
+        &b,
+    );
     ok(&mut lake.run_job("jobs/sample.toml", &["--set", "models.meanpool.epochs=2"]));
     let run = lake.run_folder("sample");
 
@@ -295,9 +314,21 @@ fn string_ids_keep_their_type_from_input_to_recommendations() {
     assert_eq!(recs.num_rows(), 30 * 4);
     let user = arrow::compute::cast(recs.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
     let item = arrow::compute::cast(recs.column(2), &arrow::datatypes::DataType::Utf8).unwrap();
-    assert!(user.as_string::<i32>().iter().all(|v| v.unwrap().starts_with("user-")));
-    assert!(item.as_string::<i32>().iter().all(|v| v.unwrap().starts_with("item-")));
+    assert!(
+        user.as_string::<i32>()
+            .iter()
+            .all(|v| v.unwrap().starts_with("user-"))
+    );
+    assert!(
+        item.as_string::<i32>()
+            .iter()
+            .all(|v| v.unwrap().starts_with("item-"))
+    );
     let contract = recdistill::schema::contract("recommendations").unwrap();
     let utf8 = arrow::datatypes::DataType::Utf8;
-    assert!(contract.output_mismatches(&recs.schema(), &utf8, &utf8).is_empty());
+    assert!(
+        contract
+            .output_mismatches(&recs.schema(), &utf8, &utf8)
+            .is_empty()
+    );
 }
