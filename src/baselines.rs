@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, Int32Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use sha2::{Digest, Sha256};
 
 use crate::commit::RunFolder;
 use crate::dataset::Dataset;
@@ -13,8 +12,9 @@ use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::lake::WrittenObject;
 use crate::model::ModelArtifact;
-use crate::model::meanpool::{EpochLog, MeanPool};
+use crate::model::meanpool::MeanPool;
 use crate::model::popularity::Popularity;
+use crate::train::{training_batch, training_schema};
 
 /// Trained baselines and the files written for them.
 #[derive(Debug, Clone)]
@@ -28,18 +28,6 @@ pub struct Baselines {
 /// Where a model's artifact lives in the run folder.
 pub fn model_path(name: &str) -> String {
     format!("models/{name}/model.safetensors")
-}
-
-/// Schema of `training/<model>.parquet`.
-pub fn training_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("model", DataType::Utf8, false),
-        Field::new("epoch", DataType::Int32, false),
-        Field::new("seconds", DataType::Float64, false),
-        Field::new("loss", DataType::Float64, false),
-        Field::new("valid_ndcg_10", DataType::Float64, false),
-        Field::new("valid_hr_10", DataType::Float64, false),
-    ]))
 }
 
 /// Trains the enabled baselines and writes their artifacts.
@@ -85,34 +73,44 @@ pub async fn train_baselines(
     Ok(Baselines { models, written })
 }
 
-fn training_batch(model: &str, log: &[EpochLog]) -> Result<RecordBatch> {
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(vec![model; log.len()])),
-        Arc::new(Int32Array::from_iter_values(
-            log.iter().map(|e| e.epoch as i32),
-        )),
-        Arc::new(Float64Array::from_iter_values(
-            log.iter().map(|e| e.seconds),
-        )),
-        Arc::new(Float64Array::from_iter_values(log.iter().map(|e| e.loss))),
-        Arc::new(Float64Array::from_iter_values(
-            log.iter().map(|e| e.valid_ndcg_10),
-        )),
-        Arc::new(Float64Array::from_iter_values(
-            log.iter().map(|e| e.valid_hr_10),
-        )),
-    ];
-    RecordBatch::try_new(training_schema(), columns).map_err(|e| Error::internal(e.to_string()))
-}
-
-/// Reads back the artifacts an earlier baselines stage wrote.
+/// Reads back the model artifacts a training stage wrote (`written`, from its
+/// stage record). Refuses (exit 3) a file whose size or checksum is not what
+/// the stage recorded, or that holds another model than its folder names.
 pub async fn load_models(run: &RunFolder, written: &[WrittenObject]) -> Result<Vec<ModelArtifact>> {
     let mut models = Vec::new();
     for object in written {
-        if object.path.starts_with("models/") && object.path.ends_with("/model.safetensors") {
-            let bytes = run.get(&object.path).await?;
-            models.push(ModelArtifact::parse(&run.url_of(&object.path), bytes)?);
+        let Some(name) = object
+            .path
+            .strip_prefix("models/")
+            .and_then(|p| p.strip_suffix("/model.safetensors"))
+        else {
+            continue;
+        };
+        let url = run.url_of(&object.path);
+        let bytes = run.get(&object.path).await?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if bytes.len() as u64 != object.size || sha256 != object.sha256 {
+            return Err(Error::data(
+                &url,
+                format!(
+                    "the file has {} bytes and sha256 {sha256}, but its stage wrote {} bytes with sha256 {}: it was changed or damaged; rerun the stage that trains {name}",
+                    bytes.len(),
+                    object.size,
+                    object.sha256
+                ),
+            ));
         }
+        let artifact = ModelArtifact::parse(&url, bytes)?;
+        if artifact.card.name != name {
+            return Err(Error::data(
+                &url,
+                format!(
+                    "the file holds model {:?}, not {name:?}",
+                    artifact.card.name
+                ),
+            ));
+        }
+        models.push(artifact);
     }
     Ok(models)
 }

@@ -217,6 +217,127 @@ pub async fn load_dataset(ctx: &SessionContext) -> Result<Dataset> {
     })
 }
 
+/// Item content vectors by item index, from the `item_content` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemContent {
+    /// Width of every vector.
+    pub dim: usize,
+    /// `n_items × dim`, row-major; items without a row are zero.
+    pub values: Vec<f32>,
+    /// Items of the catalogue that have a vector.
+    pub covered: usize,
+}
+
+/// Widest content vector accepted.
+const MAX_CONTENT_DIM: usize = 65_536;
+
+/// Reads the `item_content` table registered in `ctx` (named `location` in
+/// messages) into vectors by `item_map` index. Every vector must have the
+/// same length, no nulls, finite values, one row per item; ids that are not
+/// in the catalogue are ignored.
+pub async fn load_item_content(
+    ctx: &SessionContext,
+    n_items: usize,
+    location: &str,
+) -> Result<ItemContent> {
+    use arrow::datatypes::{Field, Float32Type};
+    let what = format!("reading item content {location}");
+    let df = plan_sql(
+        ctx,
+        "SELECT m.item_index, c.item_id, c.embedding \
+         FROM item_content c JOIN item_map m ON c.item_id = m.item_id",
+        &[],
+        &what,
+    )
+    .await?;
+    let mut stream = df
+        .execute_stream()
+        .await
+        .map_err(|e| Error::from_datafusion(&what, e))?;
+    let list_type = DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true)));
+    let mut dim: Option<usize> = None;
+    let mut values: Vec<f32> = Vec::new();
+    let mut seen = vec![false; n_items];
+    let mut covered = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| Error::from_datafusion(&what, e))?;
+        let indices = u32_column(&batch, 0, "item_map.item_index")?;
+        let ids =
+            cast(batch.column(1), &DataType::Utf8).map_err(|e| Error::internal(e.to_string()))?;
+        let ids = ids.as_string::<i32>();
+        let vectors = cast(batch.column(2), &list_type).map_err(|e| {
+            Error::data(
+                location,
+                format!("column `embedding` must be a list of float32: {e}"),
+            )
+        })?;
+        let vectors = vectors.as_list::<i32>();
+        for row in 0..batch.num_rows() {
+            let id = ids.value(row);
+            if vectors.is_null(row) {
+                return Err(Error::data(
+                    location,
+                    format!("column `embedding` is null for item_id {id}"),
+                ));
+            }
+            let vector = vectors.value(row);
+            let vector = vector.as_primitive::<Float32Type>();
+            let width = *dim.get_or_insert(vector.len());
+            if width == 0 || width > MAX_CONTENT_DIM {
+                return Err(Error::data(
+                    location,
+                    format!(
+                        "column `embedding` has length {width} for item_id {id}; it must be 1 to {MAX_CONTENT_DIM}"
+                    ),
+                ));
+            }
+            if vector.len() != width {
+                return Err(Error::data(
+                    location,
+                    format!(
+                        "column `embedding` has length {} for item_id {id} but {width} for an earlier item; every vector must have the same length",
+                        vector.len()
+                    ),
+                ));
+            }
+            if vector.null_count() > 0 || vector.values().iter().any(|v| !v.is_finite()) {
+                return Err(Error::data(
+                    location,
+                    format!("column `embedding` of item_id {id} has a null, NaN or infinite value"),
+                ));
+            }
+            if values.is_empty() {
+                values = vec![0.0; n_items * width];
+            }
+            let index = indices.value(row) as usize;
+            if index >= n_items {
+                return Err(Error::internal(format!(
+                    "item_map index {index} outside {n_items} items"
+                )));
+            }
+            if std::mem::replace(&mut seen[index], true) {
+                return Err(Error::data(
+                    location,
+                    format!("item_id {id} has more than one row"),
+                ));
+            }
+            covered += 1;
+            values[index * width..(index + 1) * width].copy_from_slice(vector.values());
+        }
+    }
+    let dim = dim.ok_or_else(|| {
+        Error::data(
+            location,
+            "no row matches an item of the catalogue (item_map)",
+        )
+    })?;
+    Ok(ItemContent {
+        dim,
+        values,
+        covered,
+    })
+}
+
 /// The original ids of a dense map table, by index; checks the index is 0..n.
 async fn dense_ids(ctx: &SessionContext, table: &str, id: &str, index: &str) -> Result<ArrayRef> {
     let what = format!("reading {table}");

@@ -33,7 +33,13 @@ const EMBEDDED_SQL: &[(&str, &str)] = &[
         include_str!("../sql/item_popularity.sql"),
     ),
     ("stats.sql", include_str!("../sql/stats.sql")),
+    ("item_content.sql", include_str!("../sql/item_content.sql")),
 ];
+
+/// The optional content table, written as `features/item_content.parquet`
+/// when the job names one (`input.item_content` or
+/// `features.item_content_sql`).
+pub const ITEM_CONTENT_TABLE: &str = "item_content";
 
 /// The tables the stage writes, in the order they are built. Each is written
 /// to `features/<name>.parquet`.
@@ -69,7 +75,7 @@ pub fn feature_queries(job: &Job) -> Result<Vec<FeatureQuery>> {
         };
         order.push((table, file));
     }
-    order
+    let mut queries = order
         .into_iter()
         .map(|(table, file)| {
             let (file_label, sql) = load_sql(job, &file)?;
@@ -79,7 +85,30 @@ pub fn feature_queries(job: &Job) -> Result<Vec<FeatureQuery>> {
                 sql,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let content_sql = &job.spec.features.item_content_sql;
+    if !content_sql.is_empty() {
+        let (file, sql) = load_sql(job, content_sql)?;
+        queries.push(FeatureQuery {
+            table: ITEM_CONTENT_TABLE.into(),
+            file,
+            sql,
+        });
+    } else if !job.spec.input.item_content.is_empty() {
+        // The input table, copied into the run so later stages and other
+        // machines read the exact vectors this run used.
+        queries.push(FeatureQuery {
+            table: ITEM_CONTENT_TABLE.into(),
+            file: format!("input.item_content = {:?}", job.spec.input.item_content),
+            sql: "SELECT item_id, embedding FROM item_content".into(),
+        });
+    }
+    Ok(queries)
+}
+
+/// Whether the job builds `features/item_content.parquet`.
+pub fn has_item_content(job: &Job) -> bool {
+    !job.spec.features.item_content_sql.is_empty() || !job.spec.input.item_content.is_empty()
 }
 
 fn load_sql(job: &Job, file: &str) -> Result<(String, String)> {
@@ -135,6 +164,18 @@ pub async fn build_features(job: &Job, run: &RunFolder, ctx: &SessionContext) ->
     let mut written = Vec::new();
     for query in &queries {
         let what = format!("feature SQL {}", query.file);
+        let needs_items =
+            query.table == ITEM_CONTENT_TABLE && !job.spec.features.item_content_sql.is_empty();
+        if needs_items
+            && !ctx
+                .table_exist("items")
+                .map_err(|e| Error::from_datafusion(&what, e))?
+        {
+            return Err(Error::config(format!(
+                "features.item_content_sql = {:?} builds item content from the items table, but input.items ({:?}) has no files",
+                job.spec.features.item_content_sql, job.spec.input.items
+            )));
+        }
         let df = plan_sql(ctx, &query.sql, &params, &what).await?;
         if query.table == "events" {
             ctx.register_table("events", df.into_view())
@@ -171,8 +212,9 @@ pub async fn register_run_table(
 }
 
 /// Registers the feature tables an earlier `features` stage wrote.
-pub async fn register_features(ctx: &SessionContext, run: &RunFolder) -> Result<()> {
-    for table in FEATURE_TABLES {
+pub async fn register_features(ctx: &SessionContext, run: &RunFolder, job: &Job) -> Result<()> {
+    let content = has_item_content(job).then_some(ITEM_CONTENT_TABLE);
+    for table in FEATURE_TABLES.iter().copied().chain(content) {
         let rel = format!("features/{table}.parquet");
         if run.lake().head(&run.rel(&rel)).await?.is_none() {
             return Err(Error::config(format!(
@@ -246,7 +288,10 @@ mod tests {
         let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
         let run = RunFolder::new(lake, "out", "t", date);
         let built = build_features(&job, &run, &ctx).await.unwrap();
-        assert_eq!(built.written.len(), FEATURE_TABLES.len());
+        assert_eq!(
+            built.written.len(),
+            FEATURE_TABLES.len() + usize::from(has_item_content(&job))
+        );
         let batches = ctx
             .sql("SELECT CAST(user_id AS VARCHAR), CAST(item_id AS VARCHAR), split, user_index, item_index FROM split")
             .await

@@ -106,23 +106,26 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
         scan_table(lake, &folder, &contract("items")?, false).await?
     };
     if let Some(items) = &items {
-        let their = items
-            .schema
-            .field_with_name("item_id")
-            .map(|f| f.data_type().clone())
-            .ok();
-        if their.as_ref().map(type_name) != Some(type_name(&item_id_type)) {
-            return Err(Error::data(
-                lake.url_of(&format!("{}/", items.folder)),
-                format!(
-                    "column `item_id` has type {}, but interactions.item_id is {}; they must match",
-                    their.as_ref().map(type_name).unwrap_or_default(),
-                    type_name(&item_id_type)
-                ),
-            ));
-        }
+        check_id_type(lake, items, &item_id_type)?;
         register(lake, ctx, "items", items)?;
         inputs.push(items);
+    }
+
+    let content = if job.spec.input.item_content.is_empty() {
+        None
+    } else {
+        let folder = job
+            .spec
+            .input
+            .item_content
+            .trim_end_matches('/')
+            .to_string();
+        scan_table(lake, &folder, &contract("item_content")?, true).await?
+    };
+    if let Some(content) = &content {
+        check_id_type(lake, content, &item_id_type)?;
+        register(lake, ctx, "item_content", content)?;
+        inputs.push(content);
     }
 
     let root = lake.path("");
@@ -144,6 +147,26 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
         item_id_type,
         has_items: items.is_some(),
     })
+}
+
+/// Checks that `table`'s `item_id` has the type of `interactions.item_id`.
+fn check_id_type(lake: &Lake, table: &InputTable, item_id_type: &DataType) -> Result<()> {
+    let their = table
+        .schema
+        .field_with_name("item_id")
+        .map(|f| f.data_type().clone())
+        .ok();
+    if their.as_ref().map(type_name) != Some(type_name(item_id_type)) {
+        return Err(Error::data(
+            lake.url_of(&format!("{}/", table.folder)),
+            format!(
+                "column `item_id` has type {}, but interactions.item_id is {}; they must match",
+                their.as_ref().map(type_name).unwrap_or_default(),
+                type_name(item_id_type)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Lists and checks one table's files. Returns `None` for a missing optional table.

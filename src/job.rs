@@ -20,6 +20,12 @@ pub struct JobSpec {
     pub name: String,
     /// Seed for every random choice (initialization, shuffling, sampling).
     pub seed: u64,
+    /// Where models train: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+    pub device: String,
+    /// Threads the teacher trains with; 0 means one per core. Stages run
+    /// one after another, so each gets them all (DataFusion's share is
+    /// `input.target_partitions`).
+    pub threads: usize,
     /// Where the lake is and how to reach it.
     pub lake: LakeSpec,
     /// Input tables and how they are read and checked.
@@ -39,6 +45,8 @@ impl Default for JobSpec {
         JobSpec {
             name: "sample".into(),
             seed: 42,
+            device: "cpu".into(),
+            threads: 0,
             lake: LakeSpec::default(),
             input: InputSpec::default(),
             features: FeatureSpec::default(),
@@ -91,6 +99,9 @@ pub struct InputSpec {
     pub interactions: String,
     /// Items table folder, relative to the lake root; empty when there is none.
     pub items: String,
+    /// Item content table folder (item_id, embedding), relative to the lake
+    /// root; empty when there is none.
+    pub item_content: String,
     /// Memory DataFusion may use for queries, in MiB.
     pub memory_limit_mb: usize,
     /// DataFusion partitions (parallel streams); 0 means one per core.
@@ -108,6 +119,7 @@ impl Default for InputSpec {
         InputSpec {
             interactions: "interactions".into(),
             items: "items".into(),
+            item_content: String::new(),
             memory_limit_mb: 2048,
             target_partitions: 0,
             batch_size: 8192,
@@ -128,6 +140,9 @@ pub struct FeatureSpec {
     pub min_user_events: u32,
     /// Items with fewer events are dropped before splitting.
     pub min_item_events: u32,
+    /// A feature SQL file (in `sql_dir`, or built in) that builds the item
+    /// content table from `items`; empty for none.
+    pub item_content_sql: String,
 }
 
 impl Default for FeatureSpec {
@@ -136,6 +151,7 @@ impl Default for FeatureSpec {
             sql_dir: String::new(),
             min_user_events: 1,
             min_item_events: 1,
+            item_content_sql: String::new(),
         }
     }
 }
@@ -217,14 +233,82 @@ impl EvaluationSpec {
 }
 
 /// `[models]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-#[derive(Default)]
 pub struct ModelsSpec {
     /// `[models.popularity]`
     pub popularity: PopularitySpec,
     /// `[models.meanpool]`
     pub meanpool: MeanPoolSpec,
+    /// `[models.teacher]`
+    pub teacher: TeacherSpec,
+}
+
+/// `[models.teacher]`: the SASRec transformer whose knowledge is distilled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherSpec {
+    /// Train and evaluate it.
+    pub enabled: bool,
+    /// Width of every hidden state.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention heads (must divide d_model).
+    pub heads: usize,
+    /// Width of the feed-forward layer.
+    pub ffn: usize,
+    /// Most recent items the model sees.
+    pub max_len: usize,
+    /// Dropout probability.
+    pub dropout: f32,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Decoupled weight decay (AdamW); 0 is Adam.
+    pub weight_decay: f64,
+    /// Most epochs.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
+    /// `full` softmax over the catalogue, or `sampled` with log-Q correction.
+    pub softmax: crate::train::Softmax,
+    /// Negatives per step with sampled softmax.
+    pub negatives: usize,
+    /// How negatives are drawn: `popularity` or `uniform`.
+    pub sampling: crate::train::Sampling,
+    /// Also train `teacher-content`, fed the item content table.
+    pub content: bool,
+}
+
+impl Default for TeacherSpec {
+    fn default() -> Self {
+        TeacherSpec {
+            enabled: true,
+            d_model: 64,
+            layers: 2,
+            heads: 2,
+            ffn: 64,
+            max_len: 50,
+            dropout: 0.2,
+            batch_size: 128,
+            lr: 0.001,
+            beta1: 0.9,
+            beta2: 0.98,
+            weight_decay: 0.0,
+            epochs: 200,
+            patience: 20,
+            softmax: crate::train::Softmax::Full,
+            negatives: 1024,
+            sampling: crate::train::Sampling::Popularity,
+            content: false,
+        }
+    }
 }
 
 /// `[models.popularity]`: items ranked by their train-split event counts.
@@ -484,6 +568,19 @@ impl JobSpec {
         }
         check_relative_path("input.interactions", &self.input.interactions)
             .map_err(|e| at(e.to_string()))?;
+        if !self.input.item_content.is_empty() {
+            check_relative_path("input.item_content", &self.input.item_content)
+                .map_err(|e| at(e.to_string()))?;
+            if !self.features.item_content_sql.is_empty() {
+                return Err(at(
+                    "set input.item_content or features.item_content_sql, not both: the run has one item content table".into(),
+                ));
+            }
+        }
+        if !self.features.item_content_sql.is_empty() {
+            check_relative_path("features.item_content_sql", &self.features.item_content_sql)
+                .map_err(|e| at(e.to_string()))?;
+        }
         if !self.input.items.is_empty() {
             check_relative_path("input.items", &self.input.items).map_err(|e| at(e.to_string()))?;
         }
@@ -530,8 +627,71 @@ impl JobSpec {
                 ));
             }
         }
-        if !self.models.popularity.enabled && !m.enabled {
+        let t = &self.models.teacher;
+        if t.enabled {
+            if t.d_model == 0
+                || t.layers == 0
+                || t.heads == 0
+                || t.ffn == 0
+                || t.max_len == 0
+                || t.batch_size == 0
+                || t.epochs == 0
+            {
+                return Err(at(
+                    "models.teacher: d_model, layers, heads, ffn, max_len, batch_size and epochs must be at least 1".into(),
+                ));
+            }
+            if !t.d_model.is_multiple_of(t.heads) {
+                return Err(at(format!(
+                    "models.teacher: d_model {} must be a multiple of heads {}",
+                    t.d_model, t.heads
+                )));
+            }
+            let valid = t.lr.is_finite()
+                && t.lr > 0.0
+                && (0.0..1.0).contains(&t.beta1)
+                && (0.0..1.0).contains(&t.beta2)
+                && t.weight_decay >= 0.0
+                && (0.0..1.0).contains(&t.dropout);
+            if !valid {
+                return Err(at(
+                    "models.teacher: lr must be > 0, beta1 and beta2 and dropout in [0, 1), weight_decay ≥ 0".into(),
+                ));
+            }
+            if t.softmax == crate::train::Softmax::Sampled && t.negatives == 0 {
+                return Err(at(
+                    "models.teacher: sampled softmax needs negatives ≥ 1".into()
+                ));
+            }
+            if t.content
+                && self.input.item_content.is_empty()
+                && self.features.item_content_sql.is_empty()
+            {
+                return Err(at(
+                    "models.teacher.content = true needs an item content table: set input.item_content or features.item_content_sql".into(),
+                ));
+            }
+        }
+        if !self.models.popularity.enabled && !m.enabled && !t.enabled {
             return Err(at("no model is enabled under [models]".into()));
+        }
+        if self.device != "cpu" {
+            let ordinal = self
+                .device
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>());
+            if self.device != "cuda" && !matches!(ordinal, Some(Ok(_))) {
+                return Err(at(format!(
+                    "device {:?} is not cpu, cuda or cuda:N",
+                    self.device
+                )));
+            }
+            if !candle_core::utils::cuda_is_available() {
+                return Err(at(format!(
+                    "device {:?} needs a recdistill built with `cargo build --release --features cuda`; this one is CPU-only",
+                    self.device
+                )));
+            }
         }
         Ok(())
     }

@@ -4,14 +4,15 @@
 //! Data flows one way through the stages, each a module with one entry point:
 //!
 //! ```text
-//! ingest ─► features ─► dataset ─► baselines ─► evaluate ─► commit
-//! (check)   (sql/ → features/)     (models/)    (recommendations/, evaluation/)  (_SUCCESS)
+//! ingest ─► features ─► dataset ─► baselines ─► teacher ─► evaluate ─► commit
+//! (check)   (sql/ → features/)     (models/)    (models/)   (recommendations/, evaluation/)  (_SUCCESS)
 //! ```
 //!
 //! [`pipeline`] wires them for `recdistill run` and `recdistill stage`;
 //! [`lake`] and [`commit`] are the only code that writes to the lake.
 
 pub mod baselines;
+pub mod bench;
 pub mod commit;
 pub mod dataset;
 pub mod engine;
@@ -29,5 +30,7 @@ pub mod query;
 pub mod sample;
 pub mod schema;
 pub mod score;
+pub mod teacher;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -43,7 +43,7 @@ enum LogFormat {
 enum Command {
     /// Run the whole job and commit it. Without --job: the bundled sample in ./lake.
     Run(JobArgs),
-    /// Run one stage (ingest, features, baselines, evaluate, commit) of a run.
+    /// Run one stage (ingest, features, baselines, teacher, evaluate, commit) of a run.
     Stage {
         /// Stage name.
         name: String,
@@ -59,6 +59,46 @@ enum Command {
     Sql(SqlArgs),
     /// Write the deterministic synthetic sample (as shipped in data-samples/sample).
     Sample(SampleArgs),
+    /// Benchmarks for docs/benchmarks.md (they print numbers; they never fail on them).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// Median teacher epoch time on the job's data, next to the PyTorch peer's.
+    Teacher {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Epochs to time.
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        /// Python with torch, to run the peer with the same config.
+        #[arg(long, requires_all = ["peer_script", "peer_inter"])]
+        peer_python: Option<PathBuf>,
+        /// The peer's script (sasrec_torch.py).
+        #[arg(long)]
+        peer_script: Option<PathBuf>,
+        /// The same data as a RecBole .inter file, for the peer.
+        #[arg(long)]
+        peer_inter: Option<PathBuf>,
+    },
+    /// Training step time at several catalogue sizes, same batch.
+    Softmax {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Catalogue sizes.
+        #[arg(long, value_delimiter = ',', default_value = "2000,200000")]
+        items: Vec<usize>,
+        /// `sampled` or `full`.
+        #[arg(long, default_value = "sampled")]
+        softmax: String,
+        /// Steps timed per size.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +115,9 @@ struct JobArgs {
     /// Override a job key: --set models.meanpool.epochs=5 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Where models train: cpu, cuda or cuda:N; overrides `device`.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +256,7 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Sql(args) => sql(args).await,
+        Command::Bench { what } => bench(what).await,
         Command::Sample(args) => {
             let lake = open_lake(&args.out)?;
             let spec = SampleSpec {
@@ -250,6 +294,9 @@ fn load_job(args: &JobArgs) -> Result<Job> {
         // --lake is a shorthand for --set lake.url=...; quote it as a TOML string.
         overrides.push(format!("lake.url={}", toml::Value::String(lake.clone())));
     }
+    if let Some(device) = &args.device {
+        overrides.push(format!("device={}", toml::Value::String(device.clone())));
+    }
     match &args.job {
         Some(path) => Job::load(path, &overrides),
         None => Job::embedded_sample(&overrides),
@@ -261,6 +308,55 @@ fn run_date(arg: &Option<String>) -> Result<chrono::NaiveDate> {
         Some(d) => parse_run_date(d),
         None => Ok(chrono::Utc::now().date_naive()),
     }
+}
+
+async fn bench(what: BenchWhat) -> Result<()> {
+    let report = match what {
+        BenchWhat::Teacher {
+            job,
+            epochs,
+            peer_python,
+            peer_script,
+            peer_inter,
+        } => {
+            let peer = match (peer_python, peer_script, peer_inter) {
+                (Some(python), Some(script), Some(inter)) => Some(recdistill::bench::Peer {
+                    python,
+                    script,
+                    inter,
+                }),
+                _ => None,
+            };
+            recdistill::bench::teacher(&load_job(&job)?, epochs.max(1), peer).await?
+        }
+        BenchWhat::Softmax {
+            job,
+            items,
+            softmax,
+            steps,
+        } => {
+            let softmax = match softmax.as_str() {
+                "sampled" => recdistill::train::Softmax::Sampled,
+                "full" => recdistill::train::Softmax::Full,
+                other => {
+                    return Err(Error::config(format!(
+                        "--softmax {other:?}: use sampled or full"
+                    )));
+                }
+            };
+            if items.iter().any(|&n| n < 2) {
+                return Err(Error::config("--items: every size must be at least 2"));
+            }
+            let job = load_job(&job)?;
+            tokio::task::spawn_blocking(move || {
+                recdistill::bench::softmax_steps(&job, &items, softmax, steps.max(1))
+            })
+            .await
+            .map_err(|e| Error::internal(format!("bench failed: {e}")))??
+        }
+    };
+    print!("{report}");
+    Ok(())
 }
 
 async fn run(args: JobArgs) -> Result<()> {

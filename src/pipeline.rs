@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::baselines::{self, Baselines};
 use crate::commit::{self, Manifest, RunFolder, StageRecord};
-use crate::dataset::{self, Dataset};
+use crate::dataset::{self, Dataset, ItemContent};
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::evaluate::{self, Evaluation};
@@ -20,6 +20,7 @@ use crate::features;
 use crate::ingest::{self, Ingested};
 use crate::job::Job;
 use crate::lake::{Lake, WrittenObject};
+use crate::teacher;
 
 /// The stages, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub enum Stage {
     Features,
     /// Baseline models → `models/`, `training/`.
     Baselines,
+    /// The transformer teacher(s) → `models/`, `training/`.
+    Teacher,
     /// Every model → `recommendations/`, `evaluation/`.
     Evaluate,
     /// `_SUCCESS`.
@@ -38,16 +41,25 @@ pub enum Stage {
 
 impl Stage {
     /// All stages, in order.
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
         Stage::Ingest,
         Stage::Features,
         Stage::Baselines,
+        Stage::Teacher,
         Stage::Evaluate,
         Stage::Commit,
     ];
 
     /// Stages whose records the commit collects.
-    pub const RECORDED: [Stage; 3] = [Stage::Features, Stage::Baselines, Stage::Evaluate];
+    pub const RECORDED: [Stage; 4] = [
+        Stage::Features,
+        Stage::Baselines,
+        Stage::Teacher,
+        Stage::Evaluate,
+    ];
+
+    /// Stages whose models the evaluate stage evaluates.
+    pub const TRAINING: [Stage; 2] = [Stage::Baselines, Stage::Teacher];
 
     /// Stage name on the command line and in records.
     pub fn name(self) -> &'static str {
@@ -55,6 +67,7 @@ impl Stage {
             Stage::Ingest => "ingest",
             Stage::Features => "features",
             Stage::Baselines => "baselines",
+            Stage::Teacher => "teacher",
             Stage::Evaluate => "evaluate",
             Stage::Commit => "commit",
         }
@@ -174,9 +187,18 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     log_dataset(&dataset);
 
     let (started, started_at) = (Instant::now(), now());
-    let Baselines { models, written } =
-        baselines::train_baselines(&rc.job, &rc.run, Arc::clone(&dataset)).await?;
+    let Baselines {
+        mut models,
+        written,
+    } = baselines::train_baselines(&rc.job, &rc.run, Arc::clone(&dataset)).await?;
     rc.record(Stage::Baselines, started, started_at, written, None)
+        .await?;
+
+    let (started, started_at) = (Instant::now(), now());
+    let content = load_content(rc, &dataset).await?;
+    let teachers = teacher::train_teachers(&rc.job, &rc.run, Arc::clone(&dataset), content).await?;
+    models.extend(teachers.models);
+    rc.record(Stage::Teacher, started, started_at, teachers.written, None)
         .await?;
 
     let (started, started_at) = (Instant::now(), now());
@@ -198,6 +220,25 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
         manifest,
         folder: rc.run.display(),
     })
+}
+
+/// The item content vectors, when the job has an item content table.
+async fn load_content(rc: &RunContext, dataset: &Dataset) -> Result<Option<Arc<ItemContent>>> {
+    if !features::has_item_content(&rc.job) {
+        return Ok(None);
+    }
+    let location = rc.run.url_of(&format!(
+        "features/{}.parquet",
+        features::ITEM_CONTENT_TABLE
+    ));
+    let content = dataset::load_item_content(&rc.ctx, dataset.n_items(), &location).await?;
+    tracing::info!(
+        dim = content.dim,
+        covered = content.covered,
+        items = dataset.n_items(),
+        "item content loaded"
+    );
+    Ok(Some(Arc::new(content)))
 }
 
 fn log_dataset(dataset: &Dataset) {
@@ -274,7 +315,7 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
     }
     commit::uncommit(&rc.run).await?;
     commit::forget_stages(&rc.run, &later).await?;
-    features::register_features(&rc.ctx, &rc.run).await?;
+    features::register_features(&rc.ctx, &rc.run, &rc.job).await?;
     let dataset = Arc::new(dataset::load_dataset(&rc.ctx).await?);
     log_dataset(&dataset);
     let written = match stage {
@@ -283,16 +324,27 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
                 .await?
                 .written
         }
-        Stage::Evaluate => {
-            let trained = commit::read_stage(&rc.run, Stage::Baselines.name())
+        Stage::Teacher => {
+            let content = load_content(rc, &dataset).await?;
+            teacher::train_teachers(&rc.job, &rc.run, dataset, content)
                 .await?
-                .ok_or_else(|| {
-                    Error::config(format!(
-                        "{} has no trained models yet: run `recdistill stage baselines` first",
-                        rc.run.display()
-                    ))
-                })?;
-            let models = baselines::load_models(&rc.run, &trained.outputs).await?;
+                .written
+        }
+        Stage::Evaluate => {
+            let mut models = Vec::new();
+            for training in Stage::TRAINING {
+                let trained = commit::read_stage(&rc.run, training.name())
+                    .await?
+                    .ok_or_else(|| {
+                        Error::config(format!(
+                            "{} has no {} stage yet: run `recdistill stage {}` first",
+                            rc.run.display(),
+                            training.name(),
+                            training.name()
+                        ))
+                    })?;
+                models.extend(baselines::load_models(&rc.run, &trained.outputs).await?);
+            }
             evaluate::evaluate_models(&rc.job, &rc.run, &rc.run_id, dataset, &models)
                 .await?
                 .written

@@ -46,6 +46,7 @@ pub struct Contract {
 pub const CONTRACT_FILES: &[(&str, &str)] = &[
     ("interactions", include_str!("../schemas/interactions.json")),
     ("items", include_str!("../schemas/items.json")),
+    ("item_content", include_str!("../schemas/item_content.json")),
     ("split", include_str!("../schemas/split.json")),
     ("item_map", include_str!("../schemas/item_map.json")),
     ("user_map", include_str!("../schemas/user_map.json")),

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::job::MeanPoolSpec;
 use crate::model::{ModelArtifact, ModelCard, Scorer};
 use crate::score;
+use crate::train::EpochLog;
 
 /// Model kind in the card.
 pub const KIND: &str = "meanpool";
@@ -47,21 +48,6 @@ pub struct MeanPool {
     item_out: Tensor,
     /// `n_items` output biases.
     bias: Tensor,
-}
-
-/// One epoch of training, for the training history.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EpochLog {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Wall time of the epoch (training and validation).
-    pub seconds: f64,
-    /// Mean training loss.
-    pub loss: f64,
-    /// Validation NDCG@10.
-    pub valid_ndcg_10: f64,
-    /// Validation HR@10.
-    pub valid_hr_10: f64,
 }
 
 /// The trainable parameters.
@@ -217,13 +203,13 @@ impl MeanPool {
         let config: MeanPoolConfig =
             serde_json::from_value(artifact.card.config.clone()).map_err(|e| {
                 Error::data(
-                    format!("model {}", artifact.card.name),
+                    artifact.location.clone(),
                     format!("bad meanpool config: {e}"),
                 )
             })?;
         if config.d_model == 0 || config.window == 0 {
             return Err(Error::data(
-                format!("model {}", artifact.card.name),
+                artifact.location.clone(),
                 "meanpool config needs d_model and window of at least 1",
             ));
         }

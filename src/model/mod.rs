@@ -3,6 +3,7 @@
 
 pub mod meanpool;
 pub mod popularity;
+pub mod sasrec;
 
 use std::collections::HashMap;
 
@@ -53,6 +54,8 @@ pub struct ModelArtifact {
     pub bytes: Bytes,
     /// Parameters (elements of all tensors).
     pub params: u64,
+    /// Where it was read from (or `model <name>` when built in memory), for messages.
+    pub location: String,
 }
 
 impl ModelArtifact {
@@ -86,6 +89,7 @@ impl ModelArtifact {
         let bytes = safetensors::serialize(views, Some(metadata))
             .map_err(|e| Error::internal(format!("serializing {}: {e}", card.name)))?;
         Ok(ModelArtifact {
+            location: format!("model {}", card.name),
             card,
             bytes: Bytes::from(bytes),
             params,
@@ -119,12 +123,13 @@ impl ModelArtifact {
             card,
             bytes,
             params,
+            location: location.to_string(),
         })
     }
 
     /// The f32 values of tensor `name`, checked against `shape`.
     pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let location = format!("model {}", self.card.name);
+        let location = self.location.clone();
         let tensors =
             SafeTensors::deserialize(&self.bytes).map_err(|e| Error::data(&location, e))?;
         let view = tensors
@@ -147,11 +152,19 @@ impl ModelArtifact {
             .collect())
     }
 
+    /// Number of tensors in the file.
+    pub fn tensor_count(&self) -> Result<usize> {
+        let location = self.location.clone();
+        Ok(SafeTensors::deserialize(&self.bytes)
+            .map_err(|e| Error::data(&location, e))?
+            .len())
+    }
+
     /// Builds the model's scorer, checking it was trained for `n_items` items.
     pub fn scorer(&self, n_items: usize) -> Result<Box<dyn Scorer>> {
         if self.card.n_items != n_items {
             return Err(Error::data(
-                format!("model {}", self.card.name),
+                self.location.clone(),
                 format!(
                     "trained for {} items, but this run's item_map has {n_items}; retrain it",
                     self.card.n_items
@@ -161,8 +174,9 @@ impl ModelArtifact {
         match self.card.kind.as_str() {
             popularity::KIND => Ok(Box::new(popularity::Popularity::from_artifact(self)?)),
             meanpool::KIND => Ok(Box::new(meanpool::MeanPool::from_artifact(self)?)),
+            sasrec::KIND => Ok(Box::new(sasrec::SasRec::from_artifact(self)?)),
             other => Err(Error::data(
-                format!("model {}", self.card.name),
+                self.location.clone(),
                 format!("unknown model kind {other:?}"),
             )),
         }

@@ -208,7 +208,7 @@ fn broken_files() {
     let lake = lake_with("interactions/_SUCCESS", None, Some(b"not data"));
     ok(&mut lake.run_job(
         "jobs/sample.toml",
-        &["--set", "models.meanpool.enabled=false"],
+        &[&["--set", "models.meanpool.enabled=false"][..], &NO_CONTENT].concat(),
     ));
 }
 

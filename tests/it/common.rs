@@ -11,6 +11,15 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 pub const RUN_DATE: &str = "2026-11-27";
 
+/// `--set`s that turn off the item content table and `teacher-content`,
+/// for lakes without an `items` table.
+pub const NO_CONTENT: [&str; 4] = [
+    "--set",
+    "features.item_content_sql=\"\"",
+    "--set",
+    "models.teacher.content=false",
+];
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -7,3 +7,4 @@ mod import;
 mod interop;
 mod pipeline;
 mod sql;
+mod teacher;

@@ -20,6 +20,13 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
         "models/popularity/model.safetensors",
         "models/meanpool/model.safetensors",
         "training/meanpool.parquet",
+        "models/teacher/model.safetensors",
+        "training/teacher.parquet",
+        "models/teacher-content/model.safetensors",
+        "training/teacher-content.parquet",
+        "features/item_content.parquet",
+        "recommendations/teacher.parquet",
+        "recommendations/teacher-content.parquet",
         "recommendations/popularity.parquet",
         "recommendations/meanpool.parquet",
         "evaluation/evaluation.parquet",
@@ -56,7 +63,7 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["features", "baselines", "evaluate"]);
+    assert_eq!(stages, ["features", "baselines", "teacher", "evaluate"]);
 
     // Every listed file exists with the listed size and checksum, and every
     // data file of the run is listed.
@@ -82,7 +89,7 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
 
     // The learned model beats popularity on the sample (it has sequential structure).
     let rows = evaluation_values(&run);
-    assert_eq!(rows.len(), 2 * 3 * 3, "2 models × 3 metrics × 3 cut-offs");
+    assert_eq!(rows.len(), 4 * 3 * 3, "4 models × 3 metrics × 3 cut-offs");
     let (learned, popular) = (
         metric(&rows, "meanpool", "ndcg", 10),
         metric(&rows, "popularity", "ndcg", 10),
@@ -157,7 +164,7 @@ fn stages_one_at_a_time_equal_a_whole_run() {
         !staged.run_folder("sample").exists(),
         "ingest writes nothing"
     );
-    for name in ["features", "baselines", "evaluate"] {
+    for name in ["features", "baselines", "teacher", "evaluate"] {
         ok(&mut stage(name));
         assert!(!staged.run_folder("sample").join("_SUCCESS").exists());
     }
@@ -167,6 +174,8 @@ fn stages_one_at_a_time_equal_a_whole_run() {
     for f in [
         "recommendations/meanpool.parquet",
         "recommendations/popularity.parquet",
+        "recommendations/teacher.parquet",
+        "recommendations/teacher-content.parquet",
         "features/split.parquet",
     ] {
         assert_eq!(
@@ -181,9 +190,15 @@ fn stages_one_at_a_time_equal_a_whole_run() {
     ok(stage("baselines").args(["--set", "models.meanpool.epochs=1"]));
     let err = fails(&mut stage("commit"), 2);
     assert!(
-        err.contains("stage evaluate has not run"),
-        "rerunning baselines forgets evaluate: {err}"
+        err.contains("stage teacher has not run"),
+        "rerunning baselines forgets teacher and evaluate: {err}"
     );
+    let err = fails(
+        stage("evaluate").args(["--set", "models.meanpool.epochs=1"]),
+        2,
+    );
+    assert!(err.contains("stage teacher"), "{err}");
+    ok(stage("teacher").args(["--set", "models.meanpool.epochs=1"]));
     ok(stage("evaluate").args(["--set", "models.meanpool.epochs=1"]));
     let err = fails(&mut stage("commit"), 2);
     assert!(err.contains("different job config"), "{err}");
@@ -298,7 +313,10 @@ fn string_ids_keep_their_type_from_input_to_recommendations() {
             .join("interactions/dt=2025-01-01/part-00000.parquet"),
         &b,
     );
-    ok(&mut lake.run_job("jobs/sample.toml", &["--set", "models.meanpool.epochs=2"]));
+    ok(&mut lake.run_job(
+        "jobs/sample.toml",
+        &[&["--set", "models.meanpool.epochs=2"][..], &NO_CONTENT].concat(),
+    ));
     let run = lake.run_folder("sample");
 
     let item_map = read_all(&run.join("features/item_map.parquet"));

@@ -42,8 +42,9 @@ fn queries_inputs_features_and_results_and_refuses_writes() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 4);
     assert_eq!(rows[0]["model"], "meanpool");
+    assert_eq!(rows[3]["model"], "teacher-content");
 
     let out = ok(&mut sql(
         &lake,

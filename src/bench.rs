@@ -1,0 +1,226 @@
+//! Benchmarks behind `recdistill bench`: numbers for `docs/benchmarks.md`,
+//! never pass/fail tests.
+//!
+//! - `teacher`: median epoch time of the teacher on a job's data, next to
+//!   the PyTorch peer (`sasrec_torch.py`) with the same config, same machine,
+//!   same sitting.
+//! - `softmax`: time of one training step at two catalogue sizes with the
+//!   same batch, showing that with sampled softmax the catalogue size does
+//!   not slow a step (embedding gradients and Adam touch only the batch's rows).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use chrono::NaiveDate;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::commit::RunFolder;
+use crate::dataset::{self, Dataset, Split};
+use crate::error::{Error, Result};
+use crate::job::{Job, LakeSpec};
+use crate::lake::Lake;
+use crate::model::sasrec::{PAD, SasRec};
+use crate::teacher::{fit_model, teacher_config, thread_pool, train_settings};
+use crate::train::{Softmax, Trainer, fill_window, train_sequences};
+use crate::{engine, features, ingest};
+
+/// Where to find the PyTorch peer.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Python interpreter with torch installed.
+    pub python: PathBuf,
+    /// `sasrec_torch.py`.
+    pub script: PathBuf,
+    /// The RecBole `.inter` file of the same data.
+    pub inter: PathBuf,
+}
+
+/// Median of `values` (0 for none).
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Builds `job`'s dataset from its lake, writing the feature tables to a
+/// throwaway in-memory lake (the job's lake is only read).
+pub async fn load_job_dataset(job: &Job) -> Result<Dataset> {
+    let lake = Lake::open(&job.spec.lake)?;
+    let ctx = engine::session(&job.spec.input)?;
+    lake.register(&ctx);
+    ingest::ingest(job, &lake, &ctx).await?;
+    let scratch = Lake::open(&LakeSpec {
+        url: format!("memory://bench-{}", std::process::id()),
+        ..Default::default()
+    })?;
+    scratch.register(&ctx);
+    let date = NaiveDate::from_ymd_opt(2000, 1, 1).ok_or_else(|| Error::internal("date"))?;
+    let run = RunFolder::new(scratch, "bench", &job.spec.name, date);
+    features::build_features(job, &run, &ctx).await?;
+    dataset::load_dataset(&ctx).await
+}
+
+/// Trains the job's teacher for `epochs` epochs and, with a peer, runs it
+/// with the same config; prints both median epoch times and their ratio.
+pub async fn teacher(job: &Job, epochs: usize, peer: Option<Peer>) -> Result<String> {
+    let spec = job.spec.models.teacher.clone();
+    let data = load_job_dataset(job).await?;
+    let config = teacher_config(&spec, data.n_items(), 0);
+    let mut settings = train_settings(&spec, job.spec.seed, "bench teacher");
+    settings.epochs = epochs;
+    settings.patience = epochs;
+    let (device, threads) = (job.spec.device.clone(), job.spec.threads);
+    let log = tokio::task::spawn_blocking(move || {
+        fit_model(config, Vec::new(), &data, &settings, &device, threads).map(|(_, log)| log)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("bench failed: {e}")))??;
+    let mut seconds: Vec<f64> = log.iter().map(|e| e.seconds).collect();
+    let ours = median(&mut seconds);
+    let threads = if job.spec.threads == 0 {
+        rayon::current_num_threads()
+    } else {
+        job.spec.threads
+    };
+    let mut report = format!(
+        "teacher d_model={} layers={} heads={} ffn={} max_len={} batch={} on {} ({threads} threads)\n\
+         recdistill: median epoch {ours:.3} s over {epochs} epochs; valid NDCG@10 after the last {:.4}\n",
+        spec.d_model,
+        spec.layers,
+        spec.heads,
+        spec.ffn,
+        spec.max_len,
+        spec.batch_size,
+        job.spec.device,
+        log.last().map_or(0.0, |e| e.valid_ndcg_10),
+    );
+    if let Some(peer) = peer {
+        let output = Command::new(&peer.python)
+            .arg(&peer.script)
+            .arg(&peer.inter)
+            .args(["--d", &spec.d_model.to_string()])
+            .args(["--layers", &spec.layers.to_string()])
+            .args(["--heads", &spec.heads.to_string()])
+            .args(["--maxlen", &spec.max_len.to_string()])
+            .args(["--batch", &spec.batch_size.to_string()])
+            .args(["--lr", &spec.lr.to_string()])
+            .args(["--dropout", &spec.dropout.to_string()])
+            .args(["--epochs", &epochs.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--seed", &job.spec.seed.to_string()])
+            .output()
+            .map_err(|e| Error::config(format!("cannot run {}: {e}", peer.python.display())))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'));
+        let parsed: Option<serde_json::Value> = line.and_then(|l| serde_json::from_str(l).ok());
+        let theirs = parsed
+            .as_ref()
+            .and_then(|v| v["median_epoch_s"].as_f64())
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "the peer printed no JSON line with median_epoch_s (exit {:?}):\n{}\n{}",
+                    output.status.code(),
+                    stdout,
+                    String::from_utf8_lossy(&output.stderr)
+                ))
+            })?;
+        report.push_str(&format!(
+            "pytorch peer: median epoch {theirs:.3} s over {epochs} epochs\nratio recdistill / pytorch: {:.2}\n",
+            ours / theirs
+        ));
+    }
+    Ok(report)
+}
+
+/// A synthetic training set: `users` sequences of `len` + 1 items drawn
+/// from a Zipf-like popularity over `n_items`.
+fn synthetic(n_items: usize, users: usize, len: usize, seed: u64) -> Dataset {
+    use arrow::array::Int64Array;
+    use std::sync::Arc;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut items = Vec::with_capacity(users * (len + 1));
+    let mut offsets = vec![0];
+    for _ in 0..users {
+        for _ in 0..=len {
+            let u: f64 = rng.random();
+            items.push(((n_items as f64).powf(u) - 1.0) as u32 % n_items as u32);
+        }
+        offsets.push(items.len());
+    }
+    let mut train_counts = vec![0u64; n_items];
+    for &i in &items {
+        train_counts[i as usize] += 1;
+    }
+    Dataset {
+        user_ids: Arc::new(Int64Array::from_iter_values(0..users as i64)),
+        item_ids: Arc::new(Int64Array::from_iter_values(0..n_items as i64)),
+        splits: vec![Split::Train; items.len()],
+        offsets,
+        items,
+        train_counts,
+    }
+}
+
+/// Median milliseconds of one training step at each catalogue size, same
+/// batch and model, with `job`'s teacher settings and `softmax`.
+pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize) -> Result<String> {
+    let spec = &job.spec.models.teacher;
+    let mut report = format!(
+        "one training step, batch {} × max_len {}, d_model {}, {} layers, softmax {:?}{}\n{:>12} {:>14} {:>14}\n",
+        spec.batch_size,
+        spec.max_len,
+        spec.d_model,
+        spec.layers,
+        softmax,
+        if softmax == Softmax::Sampled {
+            format!(" with {} negatives", spec.negatives)
+        } else {
+            String::new()
+        },
+        "items",
+        "median ms",
+        "item params"
+    );
+    let pool = thread_pool(job.spec.threads)?;
+    for &n_items in sizes {
+        let data = synthetic(n_items, spec.batch_size, spec.max_len, job.spec.seed);
+        let config = teacher_config(spec, n_items, 0);
+        let mut settings = train_settings(spec, job.spec.seed, "bench");
+        settings.softmax = softmax;
+        let mut model = SasRec::new(config, Vec::new(), job.spec.seed)?;
+        let sequences = train_sequences(&data)?;
+        let b = sequences.len().min(spec.batch_size);
+        let mut inputs = vec![PAD; b * spec.max_len];
+        let mut targets = vec![PAD; b * spec.max_len];
+        for (slot, seq) in sequences.iter().take(b).enumerate() {
+            let span = slot * spec.max_len..(slot + 1) * spec.max_len;
+            fill_window(seq, &mut inputs[span.clone()], &mut targets[span]);
+        }
+        let mut times = pool.install(|| -> Result<Vec<f64>> {
+            let mut trainer = Trainer::new(&model, &data, &settings)?;
+            let mut times = Vec::new();
+            for s in 0..steps + 1 {
+                let started = Instant::now();
+                trainer.step(&mut model, &inputs, &targets, b, s as u64)?;
+                // The first step pays for page faults of fresh buffers.
+                if s > 0 {
+                    times.push(started.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok(times)
+        })?;
+        report.push_str(&format!(
+            "{n_items:>12} {:>14.1} {:>14}\n",
+            median(&mut times),
+            n_items * spec.d_model
+        ));
+    }
+    Ok(report)
+}

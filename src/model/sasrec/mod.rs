@@ -1,0 +1,522 @@
+//! SASRec: a decoder-only transformer over a user's item sequence — item
+//! embedding (tied with the output layer, optionally plus a learned
+//! projection of item content vectors), learned positions, pre-LN causal
+//! self-attention blocks, a final layer norm; an item's score is the last
+//! position's hidden state · the item's vector. The same code builds the
+//! teacher, the assistant and the student at different sizes.
+//!
+//! Training and scoring on the CPU run hand-written forward and backward
+//! passes over preallocated buffers ([`cpu`]); [`reference`] is the same
+//! model in candle's autograd, used on GPUs and as the oracle the CPU
+//! gradients are tested against.
+
+pub mod cpu;
+pub mod kernels;
+pub mod reference;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{ModelArtifact, ModelCard, Scorer};
+
+/// Model kind in the card.
+pub const KIND: &str = "sasrec";
+
+/// Marks an empty slot in an input or target sequence.
+pub const PAD: u32 = u32::MAX;
+
+/// Architecture, stored in the artifact's card.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SasRecConfig {
+    /// Items (rows of the item table).
+    pub n_items: usize,
+    /// Width of every hidden state.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention heads (divides `d_model`).
+    pub heads: usize,
+    /// Width of the feed-forward inner layer.
+    pub ffn: usize,
+    /// Positions (the most recent items seen).
+    pub max_len: usize,
+    /// Dropout probability during training.
+    pub dropout: f32,
+    /// Width of item content vectors; 0 for id embeddings only.
+    pub content_dim: usize,
+}
+
+impl SasRecConfig {
+    /// Checks the sizes (a file's card is checked the same way).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.n_items == 0
+            || self.d_model == 0
+            || self.layers == 0
+            || self.heads == 0
+            || self.ffn == 0
+            || self.max_len == 0
+        {
+            return Err(
+                "n_items, d_model, layers, heads, ffn and max_len must be at least 1".into(),
+            );
+        }
+        if !self.d_model.is_multiple_of(self.heads) {
+            return Err(format!(
+                "d_model {} is not a multiple of heads {}",
+                self.d_model, self.heads
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout {} must be in [0, 1)", self.dropout));
+        }
+        let big = 1 << 24;
+        if self.d_model > 8192
+            || self.ffn > 65536
+            || self.max_len > 4096
+            || self.layers > 64
+            || self.n_items > big
+        {
+            return Err("sizes beyond what this job supports (d_model ≤ 8192, ffn ≤ 65536, max_len ≤ 4096, layers ≤ 64)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Weights of one transformer block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerWeights {
+    /// Pre-attention layer norm scale and shift.
+    pub ln1_g: Vec<f32>,
+    /// See `ln1_g`.
+    pub ln1_b: Vec<f32>,
+    /// Query, key and value projections side by side (`d × 3d`).
+    pub wqkv: Vec<f32>,
+    /// Their biases (`3d`).
+    pub bqkv: Vec<f32>,
+    /// Attention output projection (`d × d`).
+    pub wo: Vec<f32>,
+    /// Its bias.
+    pub bo: Vec<f32>,
+    /// Pre-feed-forward layer norm scale and shift.
+    pub ln2_g: Vec<f32>,
+    /// See `ln2_g`.
+    pub ln2_b: Vec<f32>,
+    /// Feed-forward in (`d × ffn`).
+    pub w1: Vec<f32>,
+    /// Its bias.
+    pub b1: Vec<f32>,
+    /// Feed-forward out (`ffn × d`).
+    pub w2: Vec<f32>,
+    /// Its bias.
+    pub b2: Vec<f32>,
+}
+
+/// All weights (and, with the same shapes, gradients and optimizer moments).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    /// Item id embeddings (`n_items × d`), tied with the output layer.
+    pub item: Vec<f32>,
+    /// Position embeddings (`max_len × d`).
+    pub pos: Vec<f32>,
+    /// Blocks.
+    pub layers: Vec<LayerWeights>,
+    /// Final layer norm.
+    pub lnf_g: Vec<f32>,
+    /// See `lnf_g`.
+    pub lnf_b: Vec<f32>,
+    /// Content projection (`content_dim × d`), empty without content.
+    pub content_w: Vec<f32>,
+    /// Content projection bias (`d`), empty without content.
+    pub content_b: Vec<f32>,
+}
+
+/// A named tensor of [`Weights`]: name, shape, values.
+pub type Named<'a> = (String, Vec<usize>, &'a [f32]);
+
+impl Weights {
+    /// Zero-filled weights of `config`'s shapes.
+    pub fn zeros(config: &SasRecConfig) -> Weights {
+        let (d, f) = (config.d_model, config.ffn);
+        let layer = LayerWeights {
+            ln1_g: vec![0.0; d],
+            ln1_b: vec![0.0; d],
+            wqkv: vec![0.0; d * 3 * d],
+            bqkv: vec![0.0; 3 * d],
+            wo: vec![0.0; d * d],
+            bo: vec![0.0; d],
+            ln2_g: vec![0.0; d],
+            ln2_b: vec![0.0; d],
+            w1: vec![0.0; d * f],
+            b1: vec![0.0; f],
+            w2: vec![0.0; f * d],
+            b2: vec![0.0; d],
+        };
+        Weights {
+            item: vec![0.0; config.n_items * d],
+            pos: vec![0.0; config.max_len * d],
+            layers: vec![layer; config.layers],
+            lnf_g: vec![0.0; d],
+            lnf_b: vec![0.0; d],
+            content_w: vec![0.0; config.content_dim * d],
+            content_b: if config.content_dim > 0 {
+                vec![0.0; d]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Initial weights: embeddings and projections N(0, 0.02), layer norms
+    /// scale 1 shift 0, biases 0 (initialization matters: see the README).
+    pub fn init(config: &SasRecConfig, seed: u64) -> Weights {
+        let mut w = Weights::zeros(config);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).expect("valid normal");
+        let mut fill = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = normal.sample(&mut rng));
+        fill(&mut w.item);
+        fill(&mut w.pos);
+        for l in &mut w.layers {
+            fill(&mut l.wqkv);
+            fill(&mut l.wo);
+            fill(&mut l.w1);
+            fill(&mut l.w2);
+            l.ln1_g.fill(1.0);
+            l.ln2_g.fill(1.0);
+        }
+        fill(&mut w.content_w);
+        w.lnf_g.fill(1.0);
+        w
+    }
+
+    /// Every tensor with its name and shape, in a fixed order.
+    pub fn named(&self, config: &SasRecConfig) -> Vec<Named<'_>> {
+        let (d, f, v, l, c) = (
+            config.d_model,
+            config.ffn,
+            config.n_items,
+            config.max_len,
+            config.content_dim,
+        );
+        let mut out: Vec<Named<'_>> = vec![
+            ("item".into(), vec![v, d], &self.item),
+            ("pos".into(), vec![l, d], &self.pos),
+        ];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = |n: &str| format!("layers.{i}.{n}");
+            out.push((p("ln1_g"), vec![d], &layer.ln1_g));
+            out.push((p("ln1_b"), vec![d], &layer.ln1_b));
+            out.push((p("wqkv"), vec![d, 3 * d], &layer.wqkv));
+            out.push((p("bqkv"), vec![3 * d], &layer.bqkv));
+            out.push((p("wo"), vec![d, d], &layer.wo));
+            out.push((p("bo"), vec![d], &layer.bo));
+            out.push((p("ln2_g"), vec![d], &layer.ln2_g));
+            out.push((p("ln2_b"), vec![d], &layer.ln2_b));
+            out.push((p("w1"), vec![d, f], &layer.w1));
+            out.push((p("b1"), vec![f], &layer.b1));
+            out.push((p("w2"), vec![f, d], &layer.w2));
+            out.push((p("b2"), vec![d], &layer.b2));
+        }
+        out.push(("lnf_g".into(), vec![d], &self.lnf_g));
+        out.push(("lnf_b".into(), vec![d], &self.lnf_b));
+        if c > 0 {
+            out.push(("content_w".into(), vec![c, d], &self.content_w));
+            out.push(("content_b".into(), vec![d], &self.content_b));
+        }
+        out
+    }
+
+    /// Every tensor, mutable, in the order of [`Weights::named`].
+    pub fn tensors_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        let mut out: Vec<&mut Vec<f32>> = vec![&mut self.item, &mut self.pos];
+        for layer in &mut self.layers {
+            out.extend([
+                &mut layer.ln1_g,
+                &mut layer.ln1_b,
+                &mut layer.wqkv,
+                &mut layer.bqkv,
+                &mut layer.wo,
+                &mut layer.bo,
+                &mut layer.ln2_g,
+                &mut layer.ln2_b,
+                &mut layer.w1,
+                &mut layer.b1,
+                &mut layer.w2,
+                &mut layer.b2,
+            ]);
+        }
+        out.push(&mut self.lnf_g);
+        out.push(&mut self.lnf_b);
+        if !self.content_b.is_empty() {
+            out.push(&mut self.content_w);
+            out.push(&mut self.content_b);
+        }
+        out
+    }
+
+    /// Sets every value to zero.
+    pub fn zero(&mut self) {
+        for t in self.tensors_mut() {
+            t.fill(0.0);
+        }
+    }
+
+    /// Number of parameters.
+    pub fn count(&self, config: &SasRecConfig) -> u64 {
+        self.named(config)
+            .iter()
+            .map(|(_, _, v)| v.len() as u64)
+            .sum()
+    }
+}
+
+/// A SASRec model: config, weights and (with content) the items' content
+/// vectors it was trained with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SasRec {
+    /// Sizes.
+    pub config: SasRecConfig,
+    /// Weights.
+    pub weights: Weights,
+    /// `n_items × content_dim` content vectors (empty without content).
+    pub content: Vec<f32>,
+}
+
+impl SasRec {
+    /// A freshly initialized model.
+    pub fn new(config: SasRecConfig, content: Vec<f32>, seed: u64) -> Result<SasRec> {
+        config.validate().map_err(Error::config)?;
+        if content.len() != config.n_items * config.content_dim {
+            return Err(Error::internal(format!(
+                "content has {} values for {} items × {}",
+                content.len(),
+                config.n_items,
+                config.content_dim
+            )));
+        }
+        Ok(SasRec {
+            config,
+            weights: Weights::init(&config, seed),
+            content,
+        })
+    }
+
+    /// The item vectors used for input and output: id embedding, plus the
+    /// projected content vector when there is one (`n_items × d`).
+    pub fn item_table(&self) -> Vec<f32> {
+        let mut table = self.weights.item.clone();
+        cpu::add_content(&self.config, &self.weights, &self.content, &mut table);
+        table
+    }
+
+    /// Saves it as an artifact named `name` with the given card fields.
+    pub fn to_artifact(
+        &self,
+        name: &str,
+        role: &str,
+        training: &str,
+        loss: &str,
+    ) -> Result<ModelArtifact> {
+        let card = ModelCard {
+            name: name.to_string(),
+            kind: KIND.into(),
+            role: role.into(),
+            training: training.into(),
+            loss: Some(loss.into()),
+            n_items: self.config.n_items,
+            config: serde_json::to_value(self.config)
+                .map_err(|e| Error::internal(e.to_string()))?,
+        };
+        let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = Vec::new();
+        let named = self.weights.named(&self.config);
+        for (n, shape, data) in &named {
+            tensors.push((n.as_str(), shape.clone(), data));
+        }
+        if self.config.content_dim > 0 {
+            tensors.push((
+                "content",
+                vec![self.config.n_items, self.config.content_dim],
+                &self.content,
+            ));
+        }
+        ModelArtifact::from_f32(card, tensors)
+    }
+
+    /// Loads it from an artifact, checking every tensor against the card.
+    pub fn from_artifact(artifact: &ModelArtifact) -> Result<SasRec> {
+        let location = artifact.location.clone();
+        let config: SasRecConfig = serde_json::from_value(artifact.card.config.clone())
+            .map_err(|e| Error::data(&location, format!("bad sasrec config: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| Error::data(&location, format!("bad sasrec config: {e}")))?;
+        if config.n_items != artifact.card.n_items {
+            return Err(Error::data(
+                &location,
+                "card and config disagree on n_items",
+            ));
+        }
+        let mut weights = Weights::zeros(&config);
+        let shapes: Vec<(String, Vec<usize>)> = weights
+            .named(&config)
+            .into_iter()
+            .map(|(n, s, _)| (n, s))
+            .collect();
+        for ((name, shape), slot) in shapes.iter().zip(weights.tensors_mut()) {
+            *slot = artifact.tensor_f32(name, shape)?;
+        }
+        let content = if config.content_dim > 0 {
+            artifact.tensor_f32("content", &[config.n_items, config.content_dim])?
+        } else {
+            Vec::new()
+        };
+        let expected = shapes.len() + usize::from(config.content_dim > 0);
+        if artifact.tensor_count()? != expected {
+            return Err(Error::data(
+                &location,
+                format!(
+                    "expected {expected} tensors, found {}",
+                    artifact.tensor_count()?
+                ),
+            ));
+        }
+        Ok(SasRec {
+            config,
+            weights,
+            content,
+        })
+    }
+}
+
+impl Scorer for SasRec {
+    fn n_items(&self) -> usize {
+        self.config.n_items
+    }
+
+    fn score(&self, histories: &[&[u32]], out: &mut Vec<f32>) -> Result<()> {
+        let table = self.item_table();
+        cpu::score(self, &table, histories, out);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(content_dim: usize) -> SasRec {
+        let config = SasRecConfig {
+            n_items: 13,
+            d_model: 8,
+            layers: 2,
+            heads: 2,
+            ffn: 16,
+            max_len: 5,
+            dropout: 0.1,
+            content_dim,
+        };
+        let content = (0..13 * content_dim).map(|i| (i % 3) as f32).collect();
+        let mut m = SasRec::new(config, content, 11).unwrap();
+        // Away from the initialization, so every tensor matters.
+        let mut rng = StdRng::seed_from_u64(2);
+        let normal = Normal::new(0.0f32, 0.3).unwrap();
+        for t in m.weights.tensors_mut() {
+            t.iter_mut().for_each(|v| *v += normal.sample(&mut rng));
+        }
+        m
+    }
+
+    fn scores(m: &dyn Scorer, histories: &[&[u32]]) -> Vec<f32> {
+        let mut out = Vec::new();
+        m.score(histories, &mut out).unwrap();
+        out
+    }
+
+    const HISTORIES: [&[u32]; 3] = [&[3], &[1, 2, 3, 4, 5, 6, 7, 8], &[12, 0]];
+
+    #[test]
+    fn saved_and_loaded_models_score_identically() {
+        for content_dim in [0, 4] {
+            let m = model(content_dim);
+            let artifact = m
+                .to_artifact("teacher", "teacher", "supervised", "ce")
+                .unwrap();
+            let parsed = ModelArtifact::parse("test", artifact.bytes.clone()).unwrap();
+            assert_eq!(
+                parsed.params,
+                m.weights.count(&m.config) + (13 * content_dim) as u64
+            );
+            let loaded = SasRec::from_artifact(&parsed).unwrap();
+            assert_eq!(loaded, m);
+            let scorer = parsed.scorer(13).unwrap();
+            assert_eq!(scores(scorer.as_ref(), &HISTORIES), scores(&m, &HISTORIES));
+        }
+    }
+
+    #[test]
+    fn cpu_scores_match_the_candle_model() {
+        use candle_core::Device;
+        for content_dim in [0, 4] {
+            let m = model(content_dim);
+            let got = scores(&m, &HISTORIES);
+            let candle = reference::CandleSasRec::from_model(&m, &Device::Cpu).unwrap();
+            let mut inputs = vec![PAD; HISTORIES.len() * 5];
+            for (slot, h) in inputs.chunks_mut(5).zip(HISTORIES) {
+                cpu::window_into(h, slot);
+            }
+            let want = candle
+                .score_last(&inputs, HISTORIES.len())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_that_does_not_match_its_config_is_refused() {
+        let m = model(0);
+        let artifact = m
+            .to_artifact("teacher", "teacher", "supervised", "ce")
+            .unwrap();
+        // The card claims a wider model than the tensors hold.
+        let mut card = artifact.card.clone();
+        card.config["d_model"] = serde_json::json!(16);
+        let named = m.weights.named(&m.config);
+        let tensors = named
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.clone(), *v))
+            .collect();
+        let forged = ModelArtifact::from_f32(card, tensors).unwrap();
+        let forged =
+            ModelArtifact::parse("models/teacher/model.safetensors", forged.bytes).unwrap();
+        let err = SasRec::from_artifact(&forged).unwrap_err();
+        assert_eq!(err.exit_code(), crate::error::exit_code::DATA);
+        assert!(
+            err.to_string().contains("models/teacher/model.safetensors"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("item"), "{err}");
+
+        // An impossible config (heads do not divide d_model).
+        let mut card = artifact.card.clone();
+        card.config["heads"] = serde_json::json!(3);
+        let tensors = named
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.clone(), *v))
+            .collect();
+        let forged = ModelArtifact::from_f32(card, tensors).unwrap();
+        let err = SasRec::from_artifact(&forged).unwrap_err();
+        assert_eq!(err.exit_code(), crate::error::exit_code::DATA);
+
+        // A model trained for another catalogue.
+        assert!(artifact.scorer(14).is_err());
+    }
+}
