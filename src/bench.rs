@@ -139,9 +139,10 @@ pub async fn teacher(job: &Job, epochs: usize, peer: Option<Peer>) -> Result<Str
     Ok(report)
 }
 
-/// A synthetic training set: `users` sequences of `len` + 1 items drawn
-/// from a Zipf-like popularity over `n_items`.
-fn synthetic(n_items: usize, users: usize, len: usize, seed: u64) -> Dataset {
+/// A synthetic training set over a catalogue of `n_items`: `users`
+/// sequences of `len` + 1 items drawn from a Zipf-like popularity over the
+/// first `draw_from` items (the same sequences whatever `n_items`).
+fn synthetic(n_items: usize, draw_from: usize, users: usize, len: usize, seed: u64) -> Dataset {
     use arrow::array::Int64Array;
     use std::sync::Arc;
     let mut rng = StdRng::seed_from_u64(seed);
@@ -150,7 +151,7 @@ fn synthetic(n_items: usize, users: usize, len: usize, seed: u64) -> Dataset {
     for _ in 0..users {
         for _ in 0..=len {
             let u: f64 = rng.random();
-            items.push(((n_items as f64).powf(u) - 1.0) as u32 % n_items as u32);
+            items.push(((draw_from as f64).powf(u) - 1.0) as u32 % draw_from as u32);
         }
         offsets.push(items.len());
     }
@@ -168,12 +169,13 @@ fn synthetic(n_items: usize, users: usize, len: usize, seed: u64) -> Dataset {
     }
 }
 
-/// Median milliseconds of one training step at each catalogue size, same
-/// batch and model, with `job`'s teacher settings and `softmax`.
+/// Median milliseconds of one training step at each catalogue size, with
+/// `job`'s teacher settings and `softmax`; the batch is the same at every
+/// size (items of the smallest catalogue).
 pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize) -> Result<String> {
     let spec = &job.spec.models.teacher;
     let mut report = format!(
-        "one training step, batch {} × max_len {}, d_model {}, {} layers, softmax {:?}{}\n{:>12} {:>14} {:>14}\n",
+        "one training step, batch {} × max_len {}, d_model {}, {} layers, softmax {:?}{}\n{:>12} {:>14} {:>16} {:>14}\n",
         spec.batch_size,
         spec.max_len,
         spec.d_model,
@@ -186,11 +188,19 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
         },
         "items",
         "median ms",
+        "softmax classes",
         "item params"
     );
     let pool = thread_pool(job.spec.threads)?;
     for &n_items in sizes {
-        let data = synthetic(n_items, spec.batch_size, spec.max_len, job.spec.seed);
+        let smallest = sizes.iter().copied().min().unwrap_or(n_items);
+        let data = synthetic(
+            n_items,
+            smallest,
+            spec.batch_size,
+            spec.max_len,
+            job.spec.seed,
+        );
         let config = teacher_config(spec, n_items, 0);
         let mut settings = train_settings(spec, job.spec.seed, "bench");
         settings.softmax = softmax;
@@ -203,7 +213,7 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
             let span = slot * spec.max_len..(slot + 1) * spec.max_len;
             fill_window(seq, &mut inputs[span.clone()], &mut targets[span]);
         }
-        let mut times = pool.install(|| -> Result<Vec<f64>> {
+        let (mut times, classes) = pool.install(|| -> Result<(Vec<f64>, usize)> {
             let mut trainer = Trainer::new(&model, &data, &settings)?;
             let mut times = Vec::new();
             for s in 0..steps + 1 {
@@ -214,10 +224,10 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
                     times.push(started.elapsed().as_secs_f64() * 1e3);
                 }
             }
-            Ok(times)
+            Ok((times, trainer.classes()))
         })?;
         report.push_str(&format!(
-            "{n_items:>12} {:>14.1} {:>14}\n",
+            "{n_items:>12} {:>14.1} {classes:>16} {:>14}\n",
             median(&mut times),
             n_items * spec.d_model
         ));

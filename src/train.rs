@@ -17,8 +17,9 @@ use rand_distr::weighted::WeightedAliasIndex;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Dataset, Split};
+use crate::dataset::{Dataset, Split, Target};
 use crate::error::{Error, Result};
+use crate::model::Scorer;
 use crate::model::sasrec::cpu::{self, Workspace};
 use crate::model::sasrec::kernels::softmax_cross_entropy;
 use crate::model::sasrec::{PAD, SasRec, Weights};
@@ -70,6 +71,100 @@ pub fn training_batch(model: &str, log: &[EpochLog]) -> Result<RecordBatch> {
         )),
     ];
     RecordBatch::try_new(training_schema(), columns).map_err(|e| Error::internal(e.to_string()))
+}
+
+/// The end of every epoch: validation NDCG@10/HR@10, the log line and
+/// history row, and early stopping that keeps the best epoch's state.
+pub struct EarlyStopping<T> {
+    label: String,
+    patience: usize,
+    valid: Vec<Target>,
+    best: Option<(f64, T)>,
+    since_best: usize,
+    log: Vec<EpochLog>,
+}
+
+impl<T> EarlyStopping<T> {
+    /// Validates on `dataset`'s valid split; stops after `patience` epochs
+    /// without a better NDCG@10.
+    pub fn new(label: &str, patience: usize, dataset: &Dataset) -> EarlyStopping<T> {
+        EarlyStopping {
+            label: label.to_string(),
+            patience,
+            valid: dataset.targets(Split::Valid),
+            best: None,
+            since_best: 0,
+            log: Vec::new(),
+        }
+    }
+
+    /// The last epoch's loss and validation NDCG@10, for progress bars.
+    pub fn last_summary(&self) -> String {
+        self.log
+            .last()
+            .map(|e| {
+                format!(
+                    " (loss {:.3}, valid ndcg@10 {:.4})",
+                    e.loss, e.valid_ndcg_10
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    /// Records epoch `epoch` (its training `seconds` and mean `loss`) with
+    /// `scorer`'s validation metrics; keeps `snapshot()` if it is the best so
+    /// far (always, without valid targets). Returns whether to stop.
+    pub fn end_epoch(
+        &mut self,
+        epoch: usize,
+        seconds: f64,
+        loss: f64,
+        scorer: &dyn Scorer,
+        dataset: &Dataset,
+        snapshot: impl FnOnce() -> T,
+    ) -> Result<bool> {
+        if !loss.is_finite() {
+            return Err(Error::internal(format!(
+                "{}: training diverged (loss {loss}) at epoch {epoch}; lower the learning rate",
+                self.label
+            )));
+        }
+        let metrics = if self.valid.is_empty() {
+            None
+        } else {
+            Some(score::evaluate(scorer, dataset, &self.valid, &[10], 512)?)
+        };
+        let valid_ndcg = metrics.as_ref().and_then(|m| m.ndcg_at(10)).unwrap_or(0.0);
+        let entry = EpochLog {
+            epoch,
+            seconds,
+            loss,
+            valid_ndcg_10: valid_ndcg,
+            valid_hr_10: metrics.as_ref().and_then(|m| m.hr_at(10)).unwrap_or(0.0),
+        };
+        tracing::info!(
+            model = %self.label,
+            epoch,
+            loss = entry.loss,
+            valid_ndcg_10 = entry.valid_ndcg_10,
+            seconds = entry.seconds,
+            "epoch done"
+        );
+        self.log.push(entry);
+        if metrics.is_none() || self.best.as_ref().is_none_or(|(v, _)| valid_ndcg > *v) {
+            self.best = Some((valid_ndcg, snapshot()));
+            self.since_best = 0;
+            Ok(false)
+        } else {
+            self.since_best += 1;
+            Ok(self.since_best >= self.patience)
+        }
+    }
+
+    /// The best epoch's state (`None` if no epoch ended) and the history.
+    pub fn finish(self) -> (Option<T>, Vec<EpochLog>) {
+        (self.best.map(|(_, state)| state), self.log)
+    }
 }
 
 /// Which softmax the loss uses.
@@ -285,6 +380,7 @@ pub struct Trainer {
     dhv: Vec<f32>,
     touched: Vec<u32>,
     touched_flag: Vec<bool>,
+    classes: usize,
 }
 
 /// Rows of the output softmax computed at once.
@@ -315,6 +411,7 @@ impl Trainer {
             dhv: Vec::new(),
             touched: Vec::new(),
             touched_flag: vec![false; c.n_items],
+            classes: 0,
         })
     }
 
@@ -338,6 +435,12 @@ impl Trainer {
             self.adam.update(&mut model.weights, &mut self.grads, None);
         }
         Ok(loss)
+    }
+
+    /// Classes the last step's softmax ran over: the catalogue, or the
+    /// batch's distinct targets plus the sampled negatives.
+    pub fn classes(&self) -> usize {
+        self.classes
     }
 
     /// The gradients the last [`Trainer::backprop`] accumulated.
@@ -386,6 +489,7 @@ impl Trainer {
         self.touched.clear();
         let loss = match &self.sampler {
             None => {
+                self.classes = c.n_items;
                 let loss = softmax_cross_entropy(
                     &self.hv,
                     d,
@@ -404,6 +508,7 @@ impl Trainer {
                 let mut rng = StdRng::seed_from_u64(step_seed ^ 0x5eed);
                 let (items, column, offsets) = sampler.candidates(&row_targets, &mut rng);
                 let k = items.len();
+                self.classes = k;
                 let mut cand = vec![0.0f32; k * d];
                 for (j, &i) in items.iter().enumerate() {
                     cand[j * d..(j + 1) * d]
@@ -550,31 +655,23 @@ pub fn fit_with(
 ) -> Result<(SasRec, Vec<EpochLog>)> {
     let c = model.config;
     let sequences = train_sequences(dataset)?;
-    let valid = dataset.targets(Split::Valid);
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     let b = settings.batch_size;
     let mut inputs = vec![PAD; b * c.max_len];
     let mut targets = vec![PAD; b * c.max_len];
-    let mut best: Option<(f64, Weights)> = None;
-    let mut since_best = 0;
-    let mut log: Vec<EpochLog> = Vec::new();
+    let mut stopping = EarlyStopping::new(&settings.label, settings.patience, dataset);
     let steps = sequences.len().div_ceil(b);
     let mut step_count = 0u64;
     for epoch in 1..=settings.epochs {
         order.shuffle(&mut rng);
-        let last = log
-            .last()
-            .map(|e| {
-                format!(
-                    " (loss {:.3}, valid ndcg@10 {:.4})",
-                    e.loss, e.valid_ndcg_10
-                )
-            })
-            .unwrap_or_default();
         let progress = crate::progress::bar(
             steps as u64,
-            &format!("{} epoch {epoch}{last}", settings.label),
+            &format!(
+                "{} epoch {epoch}{}",
+                settings.label,
+                stopping.last_summary()
+            ),
         );
         let started = Instant::now();
         let mut loss_sum = 0.0;
@@ -598,45 +695,15 @@ pub fn fit_with(
         let seconds = started.elapsed().as_secs_f64();
         progress.finish_and_clear();
         steps_by.sync(&mut model)?;
-        let metrics = if valid.is_empty() {
-            None
-        } else {
-            Some(score::evaluate(&model, dataset, &valid, &[10], 512)?)
-        };
-        let valid_ndcg = metrics.as_ref().and_then(|m| m.ndcg_at(10)).unwrap_or(0.0);
-        let entry = EpochLog {
-            epoch,
-            seconds,
-            loss: loss_sum / steps as f64,
-            valid_ndcg_10: valid_ndcg,
-            valid_hr_10: metrics.as_ref().and_then(|m| m.hr_at(10)).unwrap_or(0.0),
-        };
-        tracing::info!(
-            model = %settings.label,
-            epoch,
-            loss = entry.loss,
-            valid_ndcg_10 = entry.valid_ndcg_10,
-            seconds = entry.seconds,
-            "epoch done"
-        );
-        if !entry.loss.is_finite() {
-            return Err(Error::internal(format!(
-                "{}: training diverged (loss {}) at epoch {epoch}; lower the learning rate",
-                settings.label, entry.loss
-            )));
-        }
-        log.push(entry);
-        if best.as_ref().is_none_or(|(v, _)| valid_ndcg > *v) || metrics.is_none() {
-            best = Some((valid_ndcg, model.weights.clone()));
-            since_best = 0;
-        } else {
-            since_best += 1;
-            if since_best >= settings.patience {
-                break;
-            }
+        let loss = loss_sum / steps as f64;
+        if stopping.end_epoch(epoch, seconds, loss, &model, dataset, || {
+            model.weights.clone()
+        })? {
+            break;
         }
     }
-    if let Some((_, weights)) = best {
+    let (best, log) = stopping.finish();
+    if let Some(weights) = best {
         model.weights = weights;
     }
     Ok((model, log))
@@ -831,6 +898,56 @@ mod tests {
                 "item {i} of the batch was not updated"
             );
         }
+    }
+
+    /// Users walking the catalogue in order: item t is followed by t + 1.
+    fn walks(n_items: usize, users: usize) -> Dataset {
+        let mut items = Vec::new();
+        let mut offsets = vec![0];
+        for u in 0..users {
+            items.extend((0..8).map(|t| ((u + t) % n_items) as u32));
+            offsets.push(items.len());
+        }
+        let mut train_counts = vec![0u64; n_items];
+        for &i in &items {
+            train_counts[i as usize] += 1;
+        }
+        Dataset {
+            user_ids: Arc::new(Int64Array::from_iter_values(0..users as i64)),
+            item_ids: Arc::new(Int64Array::from_iter_values(0..n_items as i64)),
+            splits: vec![Split::Train; items.len()],
+            offsets,
+            items,
+            train_counts,
+        }
+    }
+
+    #[test]
+    fn cpu_and_candle_trainers_both_learn_the_walks() {
+        let c = config(0);
+        let data = walks(c.n_items, 24);
+        let mut s = settings(Softmax::Full, 0, Sampling::Uniform);
+        s.epochs = 30;
+        s.patience = 30;
+        s.batch_size = 8;
+        // The CPU trainer, and candle's autograd + AdamW (the GPU path) on the CPU device.
+        let model = SasRec::new(c, Vec::new(), 1).unwrap();
+        let (_, cpu_log) = fit(model.clone(), &data, &s).unwrap();
+        let mut candle =
+            reference::CandleSteps::new(&model, &s, &candle_core::Device::Cpu).unwrap();
+        let (trained, candle_log) = fit_with(model, &data, &s, &mut candle).unwrap();
+        for log in [&cpu_log, &candle_log] {
+            assert_eq!(log.len(), 30);
+            let (first, last) = (log[0].loss, log[log.len() - 1].loss);
+            assert!(last < 0.5 * first, "loss {first} → {last}");
+        }
+        // The trained model predicts the walk: after item 4 comes item 5.
+        let mut scores = Vec::new();
+        trained.score(&[&[2, 3, 4]], &mut scores).unwrap();
+        let best = (0..c.n_items)
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap();
+        assert_eq!(best, 5, "{scores:?}");
     }
 
     #[test]

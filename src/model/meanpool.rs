@@ -15,12 +15,11 @@ use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Dataset, Split};
+use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::job::MeanPoolSpec;
 use crate::model::{ModelArtifact, ModelCard, Scorer};
-use crate::score;
-use crate::train::EpochLog;
+use crate::train::{EarlyStopping, EpochLog};
 
 /// Model kind in the card.
 pub const KIND: &str = "meanpool";
@@ -101,16 +100,15 @@ impl MeanPool {
                 "no user has two train events: nothing to learn a next item from",
             ));
         }
-        let valid = dataset.targets(Split::Valid);
-
-        let mut best: Option<(f64, MeanPool)> = None;
-        let mut since_best = 0;
-        let mut log = Vec::new();
+        let mut stopping = EarlyStopping::new("meanpool", spec.patience, dataset);
         let steps = examples.len().div_ceil(spec.batch_size);
         for epoch in 1..=spec.epochs {
             let started = Instant::now();
             examples.shuffle(&mut rng);
-            let progress = crate::progress::bar(steps as u64, &format!("meanpool epoch {epoch}"));
+            let progress = crate::progress::bar(
+                steps as u64,
+                &format!("meanpool epoch {epoch}{}", stopping.last_summary()),
+            );
             let mut loss_sum = 0.0;
             for batch in examples.chunks(spec.batch_size) {
                 let loss = train_step(&params, &sequences, batch, config, n, &device)?;
@@ -119,41 +117,15 @@ impl MeanPool {
                 progress.inc(1);
             }
             progress.finish_and_clear();
+            let seconds = started.elapsed().as_secs_f64();
             let model = MeanPool::from_params(&params, config, n)?;
-            let metrics = if valid.is_empty() {
-                None
-            } else {
-                Some(score::evaluate(&model, dataset, &valid, &[10], 512)?)
-            };
-            let valid_ndcg = metrics.as_ref().and_then(|m| m.ndcg_at(10)).unwrap_or(0.0);
-            let entry = EpochLog {
-                epoch,
-                seconds: started.elapsed().as_secs_f64(),
-                loss: loss_sum / examples.len() as f64,
-                valid_ndcg_10: valid_ndcg,
-                valid_hr_10: metrics.as_ref().and_then(|m| m.hr_at(10)).unwrap_or(0.0),
-            };
-            tracing::info!(
-                model = "meanpool",
-                epoch,
-                loss = entry.loss,
-                valid_ndcg_10 = entry.valid_ndcg_10,
-                seconds = entry.seconds,
-                "epoch done"
-            );
-            log.push(entry);
-            let improved = best.as_ref().is_none_or(|(b, _)| valid_ndcg > *b) || metrics.is_none();
-            if improved {
-                best = Some((valid_ndcg, model));
-                since_best = 0;
-            } else {
-                since_best += 1;
-                if since_best >= spec.patience {
-                    break;
-                }
+            let loss = loss_sum / examples.len() as f64;
+            if stopping.end_epoch(epoch, seconds, loss, &model, dataset, || model.clone())? {
+                break;
             }
         }
-        let (_, model) = best.ok_or_else(|| Error::internal("no epoch ran"))?;
+        let (best, log) = stopping.finish();
+        let model = best.ok_or_else(|| Error::internal("no epoch ran"))?;
         Ok((model, log))
     }
 
@@ -322,6 +294,7 @@ impl Scorer for MeanPool {
 mod tests {
     use super::*;
     use crate::dataset::Split::*;
+    use crate::score;
     use arrow::array::Int64Array;
     use std::sync::Arc;
 
