@@ -60,6 +60,7 @@ pub const CONTRACT_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/recommendations.json"),
     ),
     ("evaluation", include_str!("../schemas/evaluation.json")),
+    ("training", include_str!("../schemas/training.json")),
 ];
 
 /// Loads the contract of `table`.
