@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::commit::RunFolder;
-use crate::dataset::{self, Dataset, Split};
+use crate::dataset::{self, Dataset};
 use crate::error::{Error, Result};
 use crate::job::{Job, LakeSpec};
 use crate::lake::Lake;
@@ -143,30 +143,18 @@ pub async fn teacher(job: &Job, epochs: usize, peer: Option<Peer>) -> Result<Str
 /// sequences of `len` + 1 items drawn from a Zipf-like popularity over the
 /// first `draw_from` items (the same sequences whatever `n_items`).
 fn synthetic(n_items: usize, draw_from: usize, users: usize, len: usize, seed: u64) -> Dataset {
-    use arrow::array::Int64Array;
-    use std::sync::Arc;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut items = Vec::with_capacity(users * (len + 1));
-    let mut offsets = vec![0];
-    for _ in 0..users {
-        for _ in 0..=len {
-            let u: f64 = rng.random();
-            items.push(((draw_from as f64).powf(u) - 1.0) as u32 % draw_from as u32);
-        }
-        offsets.push(items.len());
-    }
-    let mut train_counts = vec![0u64; n_items];
-    for &i in &items {
-        train_counts[i as usize] += 1;
-    }
-    Dataset {
-        user_ids: Arc::new(Int64Array::from_iter_values(0..users as i64)),
-        item_ids: Arc::new(Int64Array::from_iter_values(0..n_items as i64)),
-        splits: vec![Split::Train; items.len()],
-        offsets,
-        items,
-        train_counts,
-    }
+    let sequences: Vec<Vec<u32>> = (0..users)
+        .map(|_| {
+            (0..=len)
+                .map(|_| {
+                    let u: f64 = rng.random();
+                    ((draw_from as f64).powf(u) - 1.0) as u32 % draw_from as u32
+                })
+                .collect()
+        })
+        .collect();
+    Dataset::from_train_sequences(n_items, &sequences)
 }
 
 /// Median milliseconds of one training step at each catalogue size, with

@@ -74,6 +74,34 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// A dataset whose users' events are `sequences` (item indices below
+    /// `n_items`), all in the train split, with ids equal to indices: for
+    /// benchmarks and tests.
+    pub fn from_train_sequences(n_items: usize, sequences: &[Vec<u32>]) -> Dataset {
+        let mut offsets = vec![0];
+        let mut items = Vec::new();
+        for sequence in sequences {
+            items.extend_from_slice(sequence);
+            offsets.push(items.len());
+        }
+        let mut train_counts = vec![0u64; n_items];
+        for &i in &items {
+            train_counts[i as usize] += 1;
+        }
+        Dataset {
+            user_ids: Arc::new(arrow::array::Int64Array::from_iter_values(
+                0..sequences.len() as i64,
+            )),
+            item_ids: Arc::new(arrow::array::Int64Array::from_iter_values(
+                0..n_items as i64,
+            )),
+            splits: vec![Split::Train; items.len()],
+            offsets,
+            items,
+            train_counts,
+        }
+    }
+
     /// Number of users.
     pub fn n_users(&self) -> usize {
         self.offsets.len() - 1

@@ -902,24 +902,10 @@ mod tests {
 
     /// Users walking the catalogue in order: item t is followed by t + 1.
     fn walks(n_items: usize, users: usize) -> Dataset {
-        let mut items = Vec::new();
-        let mut offsets = vec![0];
-        for u in 0..users {
-            items.extend((0..8).map(|t| ((u + t) % n_items) as u32));
-            offsets.push(items.len());
-        }
-        let mut train_counts = vec![0u64; n_items];
-        for &i in &items {
-            train_counts[i as usize] += 1;
-        }
-        Dataset {
-            user_ids: Arc::new(Int64Array::from_iter_values(0..users as i64)),
-            item_ids: Arc::new(Int64Array::from_iter_values(0..n_items as i64)),
-            splits: vec![Split::Train; items.len()],
-            offsets,
-            items,
-            train_counts,
-        }
+        let sequences: Vec<Vec<u32>> = (0..users)
+            .map(|u| (0..8).map(|t| ((u + t) % n_items) as u32).collect())
+            .collect();
+        Dataset::from_train_sequences(n_items, &sequences)
     }
 
     #[test]
