@@ -675,24 +675,8 @@ impl JobSpec {
         if !self.models.popularity.enabled && !m.enabled && !t.enabled {
             return Err(at("no model is enabled under [models]".into()));
         }
-        if self.device != "cpu" {
-            let ordinal = self
-                .device
-                .strip_prefix("cuda:")
-                .map(|n| n.parse::<usize>());
-            if self.device != "cuda" && !matches!(ordinal, Some(Ok(_))) {
-                return Err(at(format!(
-                    "device {:?} is not cpu, cuda or cuda:N",
-                    self.device
-                )));
-            }
-            if !candle_core::utils::cuda_is_available() {
-                return Err(at(format!(
-                    "device {:?} needs a recdistill built with `cargo build --release --features cuda`; this one is CPU-only",
-                    self.device
-                )));
-            }
-        }
+        crate::model::sasrec::reference::device_ordinal(&self.device)
+            .map_err(|e| at(e.to_string()))?;
         Ok(())
     }
 }

@@ -381,6 +381,9 @@ pub struct Trainer {
     touched: Vec<u32>,
     touched_flag: Vec<bool>,
     classes: usize,
+    /// Sampled softmax: the step's candidate vectors and their gradients.
+    cand: Vec<f32>,
+    d_cand: Vec<f32>,
 }
 
 /// Rows of the output softmax computed at once.
@@ -412,6 +415,8 @@ impl Trainer {
             touched: Vec::new(),
             touched_flag: vec![false; c.n_items],
             classes: 0,
+            cand: Vec::new(),
+            d_cand: Vec::new(),
         })
     }
 
@@ -509,12 +514,14 @@ impl Trainer {
                 let (items, column, offsets) = sampler.candidates(&row_targets, &mut rng);
                 let k = items.len();
                 self.classes = k;
-                let mut cand = vec![0.0f32; k * d];
-                for (j, &i) in items.iter().enumerate() {
-                    cand[j * d..(j + 1) * d]
-                        .copy_from_slice(&table[i as usize * d..(i as usize + 1) * d]);
+                let cand = &mut self.cand;
+                cand.clear();
+                for &i in &items {
+                    cand.extend_from_slice(&table[i as usize * d..(i as usize + 1) * d]);
                 }
-                let mut d_cand = vec![0.0f32; k * d];
+                let d_cand = &mut self.d_cand;
+                d_cand.clear();
+                d_cand.resize(k * d, 0.0);
                 let columns: Vec<u32> = row_targets.iter().map(|t| column[t]).collect();
                 if self.scratch.len() < CE_BLOCK * k {
                     self.scratch.resize(CE_BLOCK * k, 0.0);
@@ -522,14 +529,14 @@ impl Trainer {
                 let loss = softmax_cross_entropy(
                     &self.hv,
                     d,
-                    &cand,
+                    cand,
                     &columns,
                     Some(&offsets),
                     weight,
                     CE_BLOCK,
                     &mut self.scratch,
                     &mut self.dhv,
-                    &mut d_cand,
+                    d_cand,
                 );
                 for (j, &i) in items.iter().enumerate() {
                     let row = &mut self.d_table[i as usize * d..(i as usize + 1) * d];

@@ -242,11 +242,11 @@ pub fn gradients(
     ))
 }
 
-/// The candle device a job's `device` names: `cpu`, `cuda` (GPU 0) or
-/// `cuda:N`. CUDA needs a binary built with `--features cuda`.
-pub fn device(name: &str) -> Result<Device> {
+/// Checks a job's `device`: `cpu` (`None`), `cuda` (GPU 0) or `cuda:N`
+/// (`Some(N)`); CUDA needs a binary built with `--features cuda`.
+pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
     let ordinal = match name {
-        "cpu" => return Ok(Device::Cpu),
+        "cpu" => return Ok(None),
         "cuda" => 0,
         other => other
             .strip_prefix("cuda:")
@@ -258,8 +258,16 @@ pub fn device(name: &str) -> Result<Device> {
             "device {name:?} needs a recdistill built with `cargo build --release --features cuda`; this one is CPU-only"
         )));
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::config(format!("cannot open device {name:?}: {e}")))
+    Ok(Some(ordinal))
+}
+
+/// The candle device a job's `device` names ([`device_ordinal`]).
+pub fn device(name: &str) -> Result<Device> {
+    match device_ordinal(name)? {
+        None => Ok(Device::Cpu),
+        Some(ordinal) => Device::new_cuda(ordinal)
+            .map_err(|e| Error::config(format!("cannot open device {name:?}: {e}"))),
+    }
 }
 
 /// Training steps by candle's autograd and AdamW on any device (full
