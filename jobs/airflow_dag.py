@@ -34,7 +34,18 @@ with DAG(
     max_active_runs=1,
     default_args={"owner": "recsys"},
 ) as dag:
-    stages = [stage(name) for name in ("features", "baselines", "evaluate", "commit")]
+    stages = [
+        stage(name)
+        for name in (
+            "features",
+            "baselines",
+            "teacher",
+            "soft-labels",
+            "distill",
+            "evaluate",
+            "commit",
+        )
+    ]
     for upstream, downstream in zip(stages, stages[1:]):
         upstream >> downstream
 

@@ -7,6 +7,9 @@
 //! - `softmax`: time of one training step at two catalogue sizes with the
 //!   same batch, showing that with sampled softmax the catalogue size does
 //!   not slow a step (embedding gradients and Adam touch only the batch's rows).
+//! - `soft-labels`: soft-label generation for a synthetic population of
+//!   users, scoring alone and scoring while streaming the Parquet file to a
+//!   lake, with the process's peak memory: it must not grow with the users.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -197,7 +200,7 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
         let b = sequences.len().min(spec.batch_size);
         let mut inputs = vec![PAD; b * spec.max_len];
         let mut targets = vec![PAD; b * spec.max_len];
-        for (slot, seq) in sequences.iter().take(b).enumerate() {
+        for (slot, (_, seq)) in sequences.iter().take(b).enumerate() {
             let span = slot * spec.max_len..(slot + 1) * spec.max_len;
             fill_window(seq, &mut inputs[span.clone()], &mut targets[span]);
         }
@@ -206,7 +209,7 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
             let mut times = Vec::new();
             for s in 0..steps + 1 {
                 let started = Instant::now();
-                trainer.step(&mut model, &inputs, &targets, b, s as u64)?;
+                trainer.step(&mut model, &inputs, &targets, &[], b, s as u64)?;
                 // The first step pays for page faults of fresh buffers.
                 if s > 0 {
                     times.push(started.elapsed().as_secs_f64() * 1e3);
@@ -221,4 +224,67 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
         ));
     }
     Ok(report)
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Soft labels of a randomly initialized model of `job`'s teacher size
+/// (scoring costs the same as a trained one's) for `users` synthetic users
+/// of `len` + 1 items over `n_items`: first scored alone (batches dropped),
+/// then scored and streamed to `soft_labels/bench.parquet` under `out`.
+pub async fn soft_labels(
+    job: &Job,
+    users: usize,
+    n_items: usize,
+    len: usize,
+    out: &str,
+) -> Result<String> {
+    use crate::distill::label_settings_for;
+    use crate::soft_labels::{label_users, soft_labels_schema, write_soft_labels};
+    let spec = &job.spec.models.teacher;
+    let data = std::sync::Arc::new(synthetic(n_items, n_items, users, len, job.spec.seed));
+    let model = SasRec::new(teacher_config(spec, n_items, 0), Vec::new(), job.spec.seed)?;
+    let settings = label_settings_for(&job.spec.distill);
+    let schema = soft_labels_schema(data.user_ids.data_type(), data.item_ids.data_type());
+    let pool = thread_pool(job.spec.threads)?;
+    let started = Instant::now();
+    let scored = {
+        let (model, data) = (model.clone(), std::sync::Arc::clone(&data));
+        tokio::task::spawn_blocking(move || {
+            pool.install(|| label_users(&model, "bench", &data, &settings, &schema, |_| Ok(())))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("bench failed: {e}")))??
+    };
+    let score_s = started.elapsed().as_secs_f64();
+    let after_scoring = peak_rss_mib().unwrap_or(0.0);
+
+    let lake = Lake::open(&LakeSpec {
+        url: out.to_string(),
+        ..Default::default()
+    })?;
+    let run = RunFolder::new(lake, "bench", "soft-labels", NaiveDate::default());
+    let artifact = model.to_artifact("bench", "teacher", "supervised", "ce", None)?;
+    let started = Instant::now();
+    let (written, rows) =
+        write_soft_labels(&run, data, &artifact, settings, job.spec.threads).await?;
+    let write_s = started.elapsed().as_secs_f64();
+    let peak = peak_rss_mib().unwrap_or(0.0);
+    Ok(format!(
+        "soft labels: {users} users × {len} positions, {n_items} items, d_model {}, {} layers, K {}\n\
+         scoring only:      {scored} rows in {score_s:.2} s ({:.0} rows/s), peak RSS {after_scoring:.0} MiB\n\
+         scoring + writing: {rows} rows in {write_s:.2} s ({:.0} rows/s), {:.1} MiB written, peak RSS {peak:.0} MiB\n",
+        spec.d_model,
+        spec.layers,
+        settings.k.min(n_items),
+        scored as f64 / score_s,
+        rows as f64 / write_s,
+        written.size as f64 / (1024.0 * 1024.0),
+    ))
 }

@@ -115,6 +115,52 @@ impl RunFolder {
         Ok(object)
     }
 
+    /// Streams to the Parquet file `rel` the batches `produce` hands to its
+    /// sink while it runs on a blocking thread (scoring, training), so they
+    /// never pile up in memory. If either side fails, the file is abandoned
+    /// and the first cause is returned; otherwise `produce`'s value and the
+    /// written file.
+    pub async fn write_parquet_from<T, F>(
+        &self,
+        rel: &str,
+        schema: SchemaRef,
+        metadata: Vec<(String, String)>,
+        produce: F,
+    ) -> Result<(T, WrittenObject)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut (dyn FnMut(RecordBatch) -> Result<()> + Send)) -> Result<T> + Send + 'static,
+    {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(4);
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut writer_stopped = false;
+            let mut sink = |batch: RecordBatch| {
+                sender.blocking_send(Ok(batch)).map_err(|_| {
+                    writer_stopped = true;
+                    Error::internal("the Parquet writer stopped")
+                })
+            };
+            let outcome = produce(&mut sink);
+            if outcome.is_err() && !writer_stopped {
+                // Abandon the half-written file; the producer's error is the one to report.
+                let _ = sender.blocking_send(Err(Error::internal("the producer stopped")));
+            }
+            (outcome, writer_stopped)
+        });
+        let stream = futures::stream::unfold(receiver, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let written = self.write_parquet(rel, schema, stream, metadata).await;
+        let (outcome, writer_stopped) = producer
+            .await
+            .map_err(|e| Error::internal(format!("writing {rel} failed: {e}")))?;
+        match (outcome, written) {
+            (_, Err(e)) if writer_stopped => Err(e),
+            (Err(e), _) => Err(e),
+            (Ok(value), written) => Ok((value, written?)),
+        }
+    }
+
     /// Writes batches to the Parquet file `rel` in the run folder.
     pub async fn write_batches(
         &self,

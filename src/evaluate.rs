@@ -10,7 +10,6 @@ use arrow::array::{
 };
 use arrow::compute::take;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use futures::StreamExt;
 
 use crate::commit::RunFolder;
 use crate::dataset::{Dataset, Split};
@@ -39,7 +38,13 @@ pub struct ModelResult {
     pub size_bytes: u64,
     /// Test metrics.
     pub metrics: Metrics,
+    /// Mean share of the distillation source's top-10 that this model's
+    /// top-10 also holds, over the test targets (`None` without a source).
+    pub teacher_overlap_10: Option<f64>,
 }
+
+/// Items compared by the teacher–student overlap.
+pub const OVERLAP_K: usize = 10;
 
 /// What the evaluate stage produced.
 #[derive(Debug, Clone)]
@@ -100,8 +105,9 @@ pub async fn evaluate_models(
     }
     let mut results = Vec::new();
     let mut written = Vec::new();
+    let mut tops = Vec::new();
     for artifact in models {
-        let (metrics, object) = evaluate_one(
+        let (metrics, top, object) = evaluate_one(
             job,
             run,
             Arc::clone(&dataset),
@@ -117,6 +123,7 @@ pub async fn evaluate_models(
             "evaluated"
         );
         written.push(object);
+        tops.push(top);
         results.push(ModelResult {
             name: artifact.card.name.clone(),
             role: artifact.card.role.clone(),
@@ -126,7 +133,18 @@ pub async fn evaluate_models(
             params: artifact.params,
             size_bytes: artifact.bytes.len() as u64,
             metrics,
+            teacher_overlap_10: None,
         });
+    }
+    let source = &job.spec.distill.source;
+    if job.spec.distill.enabled
+        && let Some(s) = results.iter().position(|r| &r.name == source)
+    {
+        for (r, top) in results.iter_mut().zip(&tops) {
+            if &r.name != source {
+                r.teacher_overlap_10 = Some(overlap(&tops[s], top));
+            }
+        }
     }
     let batch = evaluation_rows(job, run, run_id, &results)?;
     written.push(
@@ -149,7 +167,7 @@ async fn evaluate_one(
     dataset: Arc<Dataset>,
     targets: Arc<Vec<crate::dataset::Target>>,
     artifact: &ModelArtifact,
-) -> Result<(Metrics, WrittenObject)> {
+) -> Result<(Metrics, Vec<u32>, WrittenObject)> {
     let scorer = artifact.scorer(dataset.n_items())?;
     let name = artifact.card.name.clone();
     let ks = job.spec.evaluation.ks.clone();
@@ -157,13 +175,13 @@ async fn evaluate_one(
     let list_len = job.spec.evaluation.list_len();
     let schema = recommendations_schema(dataset.user_ids.data_type(), dataset.item_ids.data_type());
 
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(4);
-    let ranking = {
-        let schema = Arc::clone(&schema);
-        let name = name.clone();
-        tokio::task::spawn_blocking(move || -> Result<Metrics> {
+    let rel = format!("recommendations/{name}.parquet");
+    let producer_schema = Arc::clone(&schema);
+    let ((metrics, tops), written) = run
+        .write_parquet_from(&rel, schema, vec![], move |sink| {
             let mut sums = MetricSums::new(&ks);
-            let outcome = rank_targets(
+            let mut tops = Vec::with_capacity(targets.len() * OVERLAP_K);
+            rank_targets(
                 scorer.as_ref(),
                 &dataset,
                 &targets,
@@ -172,36 +190,39 @@ async fn evaluate_one(
                 |ranked| {
                     for r in ranked {
                         sums.add(r.rank);
+                        let top = r.top.iter().take(OVERLAP_K).map(|(i, _)| *i);
+                        tops.extend(top.chain(std::iter::repeat(u32::MAX)).take(OVERLAP_K));
                     }
-                    let batch = recommendation_batch(&schema, &dataset, &name, ranked)?;
-                    sender
-                        .blocking_send(Ok(batch))
-                        .map_err(|_| Error::internal("recommendation writer stopped"))
+                    sink(recommendation_batch(
+                        &producer_schema,
+                        &dataset,
+                        &name,
+                        ranked,
+                    )?)
                 },
-            );
-            if let Err(e) = outcome {
-                // Abandon the half-written file; the ranking error is the one to report.
-                let _ = sender.blocking_send(Err(Error::internal("ranking stopped")));
-                return Err(e);
-            }
-            Ok(sums.finish())
+            )?;
+            Ok((sums.finish(), tops))
         })
-    };
-    let stream = futures::stream::unfold(receiver, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let written = run
-        .write_parquet(
-            &format!("recommendations/{name}.parquet"),
-            schema,
-            stream.boxed(),
-            vec![],
-        )
-        .await;
-    let metrics = ranking
-        .await
-        .map_err(|e| Error::internal(format!("ranking {name} failed: {e}")))??;
-    Ok((metrics, written?))
+        .await?;
+    Ok((metrics, tops, written))
+}
+
+/// Mean share of `a`'s lists (rows of [`OVERLAP_K`] items) that `b`'s hold.
+fn overlap(a: &[u32], b: &[u32]) -> f64 {
+    let rows = a.len() / OVERLAP_K;
+    if rows == 0 {
+        return 0.0;
+    }
+    let shared: usize = a
+        .chunks(OVERLAP_K)
+        .zip(b.chunks(OVERLAP_K))
+        .map(|(x, y)| {
+            x.iter()
+                .filter(|&&i| i != u32::MAX && y.contains(&i))
+                .count()
+        })
+        .sum();
+    shared as f64 / (rows * OVERLAP_K) as f64
 }
 
 /// Long-format rows for a batch of ranked targets.
@@ -248,35 +269,32 @@ fn evaluation_rows(
     let days = (run.run_date() - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch"))
         .num_days() as i32;
     let protocol = job.spec.split.protocol.as_str();
-    let mut model = Vec::new();
-    let mut role = Vec::new();
-    let mut variant = Vec::new();
-    let mut training = Vec::new();
-    let mut loss: Vec<Option<String>> = Vec::new();
-    let mut metric = Vec::new();
-    let mut k = Vec::new();
-    let mut value = Vec::new();
-    let mut params = Vec::new();
-    let mut size = Vec::new();
-    let mut users = Vec::new();
+    // One (model, metric, k, value) per row.
+    let mut cells: Vec<(&ModelResult, &'static str, u32, f64)> = Vec::new();
     for r in results {
         let m = &r.metrics;
         for (name, values) in [("hr", &m.hr), ("ndcg", &m.ndcg), ("mrr", &m.mrr)] {
-            for (i, &cut) in m.ks.iter().enumerate() {
-                model.push(r.name.clone());
-                role.push(r.role.clone());
-                variant.push(r.variant.clone());
-                training.push(r.training.clone());
-                loss.push(r.loss.clone());
-                metric.push(name);
-                k.push(Some(cut as i32));
-                value.push(values[i]);
-                params.push(r.params as i64);
-                size.push(r.size_bytes as i64);
-                users.push(m.users as i64);
+            for (&cut, &v) in m.ks.iter().zip(values.iter()) {
+                cells.push((r, name, cut, v));
             }
         }
+        if let Some(v) = r.teacher_overlap_10 {
+            cells.push((r, "teacher_overlap", OVERLAP_K as u32, v));
+        }
     }
+    let text =
+        |f: fn(&ModelResult) -> &str| -> Vec<&str> { cells.iter().map(|c| f(c.0)).collect() };
+    let model = text(|r| &r.name);
+    let role = text(|r| &r.role);
+    let variant = text(|r| &r.variant);
+    let training = text(|r| &r.training);
+    let loss: Vec<Option<&str>> = cells.iter().map(|c| c.0.loss.as_deref()).collect();
+    let metric: Vec<&str> = cells.iter().map(|c| c.1).collect();
+    let k: Vec<i32> = cells.iter().map(|c| c.2 as i32).collect();
+    let value: Vec<f64> = cells.iter().map(|c| c.3).collect();
+    let params: Vec<i64> = cells.iter().map(|c| c.0.params as i64).collect();
+    let size: Vec<i64> = cells.iter().map(|c| c.0.size_bytes as i64).collect();
+    let users: Vec<i64> = cells.iter().map(|c| c.0.metrics.users as i64).collect();
     let rows = model.len();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run_id; rows])),

@@ -38,6 +38,8 @@ pub struct JobSpec {
     pub evaluation: EvaluationSpec,
     /// Models to train.
     pub models: ModelsSpec,
+    /// Soft labels and the teacher → assistant → student chain.
+    pub distill: DistillSpec,
 }
 
 impl Default for JobSpec {
@@ -53,8 +55,275 @@ impl Default for JobSpec {
             split: SplitSpec::default(),
             evaluation: EvaluationSpec::default(),
             models: ModelsSpec::default(),
+            distill: DistillSpec::default(),
         }
     }
+}
+
+/// `[distill]`: the source teacher's soft labels, the chain of assistants
+/// that each learn from the previous link's soft labels and emit their own,
+/// and the student — trained from scratch, distilled directly from the
+/// teacher and via the assistants, once per loss family (the ablation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSpec {
+    /// Emit soft labels and train the chain.
+    pub enabled: bool,
+    /// The teacher model the chain starts from (`teacher` or `teacher-content`).
+    pub source: String,
+    /// Items per soft label (the teacher's top K).
+    pub k: usize,
+    /// Soft labels for the last `positions` positions of each user; 0 for
+    /// every position the producing model's `max_len` window holds.
+    pub positions: usize,
+    /// Weight of the hard-label loss: `alpha · hard + (1 − alpha) · soft`.
+    pub alpha: f32,
+    /// Temperature of the KL and MSE losses (and of the soft labels' rest bucket).
+    pub temperature: f32,
+    /// Ranking distillation: the teacher's r-th item weighs `exp(−r / rank_decay)`.
+    pub rank_decay: f32,
+    /// Loss families the student is distilled with, one student each:
+    /// `kl`, `mse`, `rank` or `+`-joined (`kl+rank`). The first is the
+    /// assistants' unless they name their own.
+    pub losses: Vec<String>,
+    /// Also train the student on hard labels only (`<student>-scratch`).
+    pub scratch: bool,
+    /// Also distil the student directly from the teacher (`<student>-kd-teacher-<loss>`).
+    pub direct: bool,
+    /// Train the assistants and students once per seed (names end in
+    /// `-s<seed>`); empty for once, with the job's seed. The teacher is
+    /// trained once.
+    pub seeds: Vec<u64>,
+    /// The assistants, in chain order (`[[distill.assistants]]`; `[]` for none).
+    pub assistants: Vec<LinkSpec>,
+    /// The student (`[distill.student]`).
+    pub student: LinkSpec,
+}
+
+impl Default for DistillSpec {
+    fn default() -> Self {
+        DistillSpec {
+            enabled: true,
+            source: "teacher".into(),
+            k: 50,
+            positions: 0,
+            alpha: 0.5,
+            temperature: 2.0,
+            rank_decay: 5.0,
+            losses: vec!["kl".into(), "mse".into(), "rank".into()],
+            scratch: true,
+            direct: true,
+            seeds: Vec::new(),
+            assistants: vec![LinkSpec {
+                name: "assistant".into(),
+                d_model: 64,
+                layers: 2,
+                heads: 2,
+                ffn: 64,
+                ..LinkSpec::default()
+            }],
+            student: LinkSpec::default(),
+        }
+    }
+}
+
+/// One link of the chain: a SASRec model, its training, and how it mixes
+/// the previous link's soft labels with the hard labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkSpec {
+    /// Model name (students get a suffix per training: `-scratch`, `-kd-teacher-kl`, ...).
+    pub name: String,
+    /// Width of every hidden state.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention heads (must divide d_model).
+    pub heads: usize,
+    /// Width of the feed-forward layer.
+    pub ffn: usize,
+    /// Most recent items the model sees.
+    pub max_len: usize,
+    /// Dropout probability.
+    pub dropout: f32,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Decoupled weight decay (AdamW); 0 is Adam.
+    pub weight_decay: f64,
+    /// Most epochs.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
+    /// Loss family of an assistant; empty for the first of `distill.losses`.
+    pub loss: String,
+    /// This link's α; unset for `distill.alpha`.
+    pub alpha: Option<f32>,
+    /// This link's temperature; unset for `distill.temperature`. The
+    /// previous link's soft labels are emitted at it.
+    pub temperature: Option<f32>,
+}
+
+impl Default for LinkSpec {
+    fn default() -> Self {
+        LinkSpec {
+            name: "student".into(),
+            d_model: 32,
+            layers: 1,
+            heads: 1,
+            ffn: 32,
+            max_len: 50,
+            dropout: 0.2,
+            batch_size: 128,
+            lr: 0.001,
+            beta1: 0.9,
+            beta2: 0.98,
+            weight_decay: 0.0,
+            epochs: 200,
+            patience: 20,
+            loss: String::new(),
+            alpha: None,
+            temperature: None,
+        }
+    }
+}
+
+impl DistillSpec {
+    /// The chain's links in order: the assistants, then the student.
+    pub fn links(&self) -> Vec<&LinkSpec> {
+        self.assistants
+            .iter()
+            .chain(std::iter::once(&self.student))
+            .collect()
+    }
+
+    /// A link's α.
+    pub fn alpha_of(&self, link: &LinkSpec) -> f32 {
+        link.alpha.unwrap_or(self.alpha)
+    }
+
+    /// A link's temperature.
+    pub fn temperature_of(&self, link: &LinkSpec) -> f32 {
+        link.temperature.unwrap_or(self.temperature)
+    }
+
+    /// Checks the rules serde cannot express.
+    fn validate(&self, models: &ModelsSpec) -> std::result::Result<(), String> {
+        if !models.teacher.enabled {
+            return Err(
+                "distill.enabled needs [models.teacher] enabled: the chain starts from a teacher"
+                    .into(),
+            );
+        }
+        let t = &models.teacher;
+        let teachers: Vec<&str> = [("teacher", t.ids), ("teacher-content", t.content)]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(name, _)| *name)
+            .collect();
+        if !teachers.contains(&self.source.as_str()) {
+            return Err(format!(
+                "distill.source {:?} is not a teacher this job trains ({})",
+                self.source,
+                teachers.join(", ")
+            ));
+        }
+        if self.k == 0 {
+            return Err("distill.k must be at least 1".into());
+        }
+        if self.losses.is_empty() {
+            return Err("distill.losses must name at least one loss family".into());
+        }
+        for family in &self.losses {
+            family
+                .parse::<crate::loss::LossFamily>()
+                .map_err(|e| format!("distill.losses: {e}"))?;
+        }
+        if !(self.rank_decay.is_finite() && self.rank_decay > 0.0) {
+            return Err("distill.rank_decay must be > 0".into());
+        }
+        let mut names: Vec<&str> = teachers.clone();
+        for link in self.links() {
+            let at = |msg: String| format!("distill link {:?}: {msg}", link.name);
+            check_segment("distill link name", &link.name).map_err(|e| at(e.to_string()))?;
+            if names.contains(&link.name.as_str()) {
+                return Err(at("the name is taken by another model".into()));
+            }
+            names.push(&link.name);
+            if !link.loss.is_empty() {
+                link.loss
+                    .parse::<crate::loss::LossFamily>()
+                    .map_err(|e| at(e.to_string()))?;
+            }
+            let alpha = self.alpha_of(link);
+            if !(0.0..=1.0).contains(&alpha) {
+                return Err(at(format!("alpha {alpha} must be in [0, 1]")));
+            }
+            let t = self.temperature_of(link);
+            if !(t.is_finite() && t > 0.0) {
+                return Err(at(format!("temperature {t} must be > 0")));
+            }
+            check_sasrec(
+                &format!("distill link {:?}", link.name),
+                [
+                    link.d_model,
+                    link.layers,
+                    link.heads,
+                    link.ffn,
+                    link.max_len,
+                    link.batch_size,
+                    link.epochs,
+                ],
+                (
+                    link.lr,
+                    link.beta1,
+                    link.beta2,
+                    link.weight_decay,
+                    link.dropout,
+                ),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The size and optimizer rules every SASRec section obeys: `sizes` are
+/// d_model, layers, heads, ffn, max_len, batch_size, epochs; `optimizer` is
+/// lr, beta1, beta2, weight_decay, dropout.
+fn check_sasrec(
+    section: &str,
+    sizes: [usize; 7],
+    optimizer: (f64, f64, f64, f64, f32),
+) -> std::result::Result<(), String> {
+    if sizes.contains(&0) {
+        return Err(format!(
+            "{section}: d_model, layers, heads, ffn, max_len, batch_size and epochs must be at least 1"
+        ));
+    }
+    let (d_model, heads) = (sizes[0], sizes[2]);
+    if !d_model.is_multiple_of(heads) {
+        return Err(format!(
+            "{section}: d_model {d_model} must be a multiple of heads {heads}"
+        ));
+    }
+    let (lr, beta1, beta2, weight_decay, dropout) = optimizer;
+    let valid = lr.is_finite()
+        && lr > 0.0
+        && (0.0..1.0).contains(&beta1)
+        && (0.0..1.0).contains(&beta2)
+        && weight_decay >= 0.0
+        && (0.0..1.0).contains(&dropout);
+    if !valid {
+        return Err(format!(
+            "{section}: lr must be > 0, beta1 and beta2 and dropout in [0, 1), weight_decay ≥ 0"
+        ));
+    }
+    Ok(())
 }
 
 /// `[lake]`
@@ -282,6 +551,8 @@ pub struct TeacherSpec {
     pub negatives: usize,
     /// How negatives are drawn: `popularity` or `uniform`.
     pub sampling: crate::train::Sampling,
+    /// Train `teacher`, on item ids alone.
+    pub ids: bool,
     /// Also train `teacher-content`, fed the item content table.
     pub content: bool,
 }
@@ -306,6 +577,7 @@ impl Default for TeacherSpec {
             softmax: crate::train::Softmax::Full,
             negatives: 1024,
             sampling: crate::train::Sampling::Popularity,
+            ids: true,
             content: false,
         }
     }
@@ -629,38 +901,28 @@ impl JobSpec {
         }
         let t = &self.models.teacher;
         if t.enabled {
-            if t.d_model == 0
-                || t.layers == 0
-                || t.heads == 0
-                || t.ffn == 0
-                || t.max_len == 0
-                || t.batch_size == 0
-                || t.epochs == 0
-            {
-                return Err(at(
-                    "models.teacher: d_model, layers, heads, ffn, max_len, batch_size and epochs must be at least 1".into(),
-                ));
-            }
-            if !t.d_model.is_multiple_of(t.heads) {
-                return Err(at(format!(
-                    "models.teacher: d_model {} must be a multiple of heads {}",
-                    t.d_model, t.heads
-                )));
-            }
-            let valid = t.lr.is_finite()
-                && t.lr > 0.0
-                && (0.0..1.0).contains(&t.beta1)
-                && (0.0..1.0).contains(&t.beta2)
-                && t.weight_decay >= 0.0
-                && (0.0..1.0).contains(&t.dropout);
-            if !valid {
-                return Err(at(
-                    "models.teacher: lr must be > 0, beta1 and beta2 and dropout in [0, 1), weight_decay ≥ 0".into(),
-                ));
-            }
+            check_sasrec(
+                "models.teacher",
+                [
+                    t.d_model,
+                    t.layers,
+                    t.heads,
+                    t.ffn,
+                    t.max_len,
+                    t.batch_size,
+                    t.epochs,
+                ],
+                (t.lr, t.beta1, t.beta2, t.weight_decay, t.dropout),
+            )
+            .map_err(at)?;
             if t.softmax == crate::train::Softmax::Sampled && t.negatives == 0 {
                 return Err(at(
                     "models.teacher: sampled softmax needs negatives ≥ 1".into()
+                ));
+            }
+            if !t.ids && !t.content {
+                return Err(at(
+                    "models.teacher: ids = false and content = false train no teacher; set enabled = false instead".into(),
                 ));
             }
             if t.content
@@ -671,6 +933,9 @@ impl JobSpec {
                     "models.teacher.content = true needs an item content table: set input.item_content or features.item_content_sql".into(),
                 ));
             }
+        }
+        if self.distill.enabled {
+            self.distill.validate(&self.models).map_err(at)?;
         }
         if !self.models.popularity.enabled && !m.enabled && !t.enabled {
             return Err(at("no model is enabled under [models]".into()));
@@ -689,6 +954,38 @@ mod tests {
     fn empty_file_is_the_default_job() {
         let job = Job::parse("", "t.toml", None, &[]).unwrap();
         assert_eq!(job.spec, JobSpec::default());
+    }
+
+    #[test]
+    fn distillation_settings_are_checked() {
+        let bad = [
+            ("distill.source=\"teacher-content\"", "teacher-content"),
+            ("distill.losses=[\"kl+ce\"]", "ce"),
+            ("distill.losses=[]", "at least one"),
+            ("distill.alpha=1.5", "alpha"),
+            ("distill.temperature=0", "temperature"),
+            ("distill.k=0", "distill.k"),
+            ("distill.student.name=\"teacher\"", "taken"),
+            ("distill.student.name=\"../x\"", "not allowed"),
+            ("distill.student.heads=3", "multiple of heads"),
+            ("models.teacher.enabled=false", "needs [models.teacher]"),
+        ];
+        for (set, want) in bad {
+            let err = Job::parse("", "t.toml", None, &[set.to_string()]).unwrap_err();
+            assert_eq!(err.exit_code(), crate::error::exit_code::CONFIG, "{set}");
+            assert!(err.to_string().contains(want), "{set}: {err}");
+        }
+        let job = Job::parse(
+            "[distill]\nlosses = [\"kl+rank\"]\nassistants = []\n[distill.student]\nalpha = 0.0\n",
+            "t.toml",
+            None,
+            &[],
+        )
+        .unwrap();
+        let d = &job.spec.distill;
+        assert_eq!(d.links().len(), 1);
+        assert_eq!(d.alpha_of(&d.student), 0.0);
+        assert_eq!(d.temperature_of(&d.student), 2.0);
     }
 
     #[test]

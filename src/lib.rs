@@ -4,8 +4,9 @@
 //! Data flows one way through the stages, each a module with one entry point:
 //!
 //! ```text
-//! ingest ─► features ─► dataset ─► baselines ─► teacher ─► evaluate ─► commit
-//! (check)   (sql/ → features/)     (models/)    (models/)   (recommendations/, evaluation/)  (_SUCCESS)
+//! ingest ─► features ─► dataset ─► baselines ─► teacher ─► soft-labels ─► distill ─► evaluate ─► commit
+//! (check)   (sql/ → features/)     (models/)    (models/)  (soft_labels/)  (models/,      (recommendations/,  (_SUCCESS)
+//!                                                                          soft_labels/)  evaluation/)
 //! ```
 //!
 //! [`pipeline`] wires them for `recdistill run` and `recdistill stage`;
@@ -15,6 +16,7 @@ pub mod baselines;
 pub mod bench;
 pub mod commit;
 pub mod dataset;
+pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod evaluate;
@@ -23,6 +25,7 @@ pub mod import;
 pub mod ingest;
 pub mod job;
 pub mod lake;
+pub mod loss;
 pub mod model;
 pub mod pipeline;
 pub mod progress;
@@ -30,6 +33,7 @@ pub mod query;
 pub mod sample;
 pub mod schema;
 pub mod score;
+pub mod soft_labels;
 pub mod teacher;
 pub mod train;
 

@@ -85,6 +85,24 @@ enum BenchWhat {
         #[arg(long)]
         peer_inter: Option<PathBuf>,
     },
+    /// Soft-label generation for synthetic users: scoring alone, then
+    /// scoring while streaming to Parquet, with peak memory.
+    SoftLabels {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Synthetic users.
+        #[arg(long, default_value_t = 200_000)]
+        users: usize,
+        /// Catalogue size.
+        #[arg(long, default_value_t = 1682)]
+        items: usize,
+        /// Train items per user (each labelled up to the teacher's max_len).
+        #[arg(long, default_value_t = 20)]
+        len: usize,
+        /// Lake folder the file is written to.
+        #[arg(long)]
+        out: String,
+    },
     /// Training step time at several catalogue sizes, same batch.
     Softmax {
         #[command(flatten)]
@@ -328,6 +346,20 @@ async fn bench(what: BenchWhat) -> Result<()> {
                 _ => None,
             };
             recdistill::bench::teacher(&load_job(&job)?, epochs.max(1), peer).await?
+        }
+        BenchWhat::SoftLabels {
+            job,
+            users,
+            items,
+            len,
+            out,
+        } => {
+            if users == 0 || items < 2 || len == 0 {
+                return Err(Error::config(
+                    "--users and --len must be at least 1, --items at least 2",
+                ));
+            }
+            recdistill::bench::soft_labels(&load_job(&job)?, users, items, len, &out).await?
         }
         BenchWhat::Softmax {
             job,

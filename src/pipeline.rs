@@ -13,6 +13,7 @@ use datafusion::prelude::SessionContext;
 use crate::baselines::{self, Baselines};
 use crate::commit::{self, Manifest, RunFolder, StageRecord};
 use crate::dataset::{self, Dataset, ItemContent};
+use crate::distill;
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::evaluate::{self, Evaluation};
@@ -20,6 +21,7 @@ use crate::features;
 use crate::ingest::{self, Ingested};
 use crate::job::Job;
 use crate::lake::{Lake, WrittenObject};
+use crate::model::ModelArtifact;
 use crate::teacher;
 
 /// The stages, in order.
@@ -33,6 +35,10 @@ pub enum Stage {
     Baselines,
     /// The transformer teacher(s) → `models/`, `training/`.
     Teacher,
+    /// The distillation source's soft labels → `soft_labels/`.
+    SoftLabels,
+    /// The assistants and students → `models/`, `training/`, `soft_labels/`.
+    Distill,
     /// Every model → `recommendations/`, `evaluation/`.
     Evaluate,
     /// `_SUCCESS`.
@@ -41,25 +47,29 @@ pub enum Stage {
 
 impl Stage {
     /// All stages, in order.
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 8] = [
         Stage::Ingest,
         Stage::Features,
         Stage::Baselines,
         Stage::Teacher,
+        Stage::SoftLabels,
+        Stage::Distill,
         Stage::Evaluate,
         Stage::Commit,
     ];
 
     /// Stages whose records the commit collects.
-    pub const RECORDED: [Stage; 4] = [
+    pub const RECORDED: [Stage; 6] = [
         Stage::Features,
         Stage::Baselines,
         Stage::Teacher,
+        Stage::SoftLabels,
+        Stage::Distill,
         Stage::Evaluate,
     ];
 
     /// Stages whose models the evaluate stage evaluates.
-    pub const TRAINING: [Stage; 2] = [Stage::Baselines, Stage::Teacher];
+    pub const TRAINING: [Stage; 3] = [Stage::Baselines, Stage::Teacher, Stage::Distill];
 
     /// Stage name on the command line and in records.
     pub fn name(self) -> &'static str {
@@ -68,6 +78,8 @@ impl Stage {
             Stage::Features => "features",
             Stage::Baselines => "baselines",
             Stage::Teacher => "teacher",
+            Stage::SoftLabels => "soft-labels",
+            Stage::Distill => "distill",
             Stage::Evaluate => "evaluate",
             Stage::Commit => "commit",
         }
@@ -197,8 +209,21 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     let (started, started_at) = (Instant::now(), now());
     let content = load_content(rc, &dataset).await?;
     let teachers = teacher::train_teachers(&rc.job, &rc.run, Arc::clone(&dataset), content).await?;
-    models.extend(teachers.models);
     rc.record(Stage::Teacher, started, started_at, teachers.written, None)
+        .await?;
+
+    let (started, started_at) = (Instant::now(), now());
+    let labels =
+        distill::emit_source_labels(&rc.job, &rc.run, Arc::clone(&dataset), &teachers.models)
+            .await?;
+    models.extend(teachers.models);
+    rc.record(Stage::SoftLabels, started, started_at, labels, None)
+        .await?;
+
+    let (started, started_at) = (Instant::now(), now());
+    let distilled = distill::distill_chain(&rc.job, &rc.run, Arc::clone(&dataset)).await?;
+    models.extend(distilled.models);
+    rc.record(Stage::Distill, started, started_at, distilled.written, None)
         .await?;
 
     let (started, started_at) = (Instant::now(), now());
@@ -255,6 +280,31 @@ async fn commit_run(rc: &RunContext) -> Result<Manifest> {
     let manifest = commit::commit(&rc.run, &rc.job, &rc.run_id, &stages).await?;
     tracing::info!(folder = %rc.run.display(), files = manifest.outputs.len(), "run committed");
     Ok(manifest)
+}
+
+/// The outputs an earlier stage of this run recorded; refused when it has not run.
+async fn stage_outputs(rc: &RunContext, stage: Stage) -> Result<Vec<WrittenObject>> {
+    let record = commit::read_stage(&rc.run, stage.name())
+        .await?
+        .ok_or_else(|| {
+            Error::config(format!(
+                "{} has no {} stage yet: run `recdistill stage {}` first",
+                rc.run.display(),
+                stage.name(),
+                stage.name()
+            ))
+        })?;
+    Ok(record.outputs)
+}
+
+/// The models earlier stages of this run trained, each checked against its record.
+async fn stage_models(rc: &RunContext, stages: &[Stage]) -> Result<Vec<ModelArtifact>> {
+    let mut models = Vec::new();
+    for &stage in stages {
+        let outputs = stage_outputs(rc, stage).await?;
+        models.extend(baselines::load_models(&rc.run, &outputs).await?);
+    }
+    Ok(models)
 }
 
 /// What running one stage did, for the command line.
@@ -330,21 +380,18 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
                 .await?
                 .written
         }
+        Stage::SoftLabels => {
+            let teachers = stage_models(rc, &[Stage::Teacher]).await?;
+            distill::emit_source_labels(&rc.job, &rc.run, dataset, &teachers).await?
+        }
+        Stage::Distill => {
+            stage_outputs(rc, Stage::SoftLabels).await?;
+            distill::distill_chain(&rc.job, &rc.run, dataset)
+                .await?
+                .written
+        }
         Stage::Evaluate => {
-            let mut models = Vec::new();
-            for training in Stage::TRAINING {
-                let trained = commit::read_stage(&rc.run, training.name())
-                    .await?
-                    .ok_or_else(|| {
-                        Error::config(format!(
-                            "{} has no {} stage yet: run `recdistill stage {}` first",
-                            rc.run.display(),
-                            training.name(),
-                            training.name()
-                        ))
-                    })?;
-                models.extend(baselines::load_models(&rc.run, &trained.outputs).await?);
-            }
+            let models = stage_models(rc, &Stage::TRAINING).await?;
             evaluate::evaluate_models(&rc.job, &rc.run, &rc.run_id, dataset, &models)
                 .await?
                 .written

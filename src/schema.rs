@@ -61,6 +61,7 @@ pub const CONTRACT_FILES: &[(&str, &str)] = &[
     ),
     ("evaluation", include_str!("../schemas/evaluation.json")),
     ("training", include_str!("../schemas/training.json")),
+    ("soft_labels", include_str!("../schemas/soft_labels.json")),
 ];
 
 /// Loads the contract of `table`.

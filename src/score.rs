@@ -91,7 +91,7 @@ impl Ranker {
 }
 
 /// The best `k` not-excluded items, best first.
-fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
+pub fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }

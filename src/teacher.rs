@@ -88,7 +88,7 @@ pub fn fit_model(
         } else {
             let device = reference::device(device)?;
             let mut steps = CandleSteps::new(&model, settings, &device)?;
-            train::fit_with(model, dataset, settings, &mut steps)
+            train::fit_with(model, dataset, settings, &mut steps, None)
         }
     })
 }
@@ -105,7 +105,10 @@ pub async fn train_teachers(
     if !spec.enabled {
         return Ok(out);
     }
-    let mut variants = vec![(TEACHER, None)];
+    let mut variants = Vec::new();
+    if spec.ids {
+        variants.push((TEACHER, None));
+    }
     if spec.content {
         let content = content.ok_or_else(|| {
             Error::config("models.teacher.content = true, but the run has no item content table")
@@ -139,7 +142,7 @@ pub async fn train_teachers(
                 "teacher trained"
             );
         }
-        let artifact = model.to_artifact(name, "teacher", "supervised", "ce")?;
+        let artifact = model.to_artifact(name, "teacher", "supervised", "ce", None)?;
         out.written
             .push(run.put(&model_path(name), artifact.bytes.clone()).await?);
         out.written.push(

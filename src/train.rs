@@ -19,11 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, Split, Target};
 use crate::error::{Error, Result};
+use crate::loss::LossMix;
 use crate::model::Scorer;
 use crate::model::sasrec::cpu::{self, Workspace};
-use crate::model::sasrec::kernels::softmax_cross_entropy;
+use crate::model::sasrec::kernels::{logit_loss, softmax_cross_entropy};
 use crate::model::sasrec::{PAD, SasRec, Weights};
 use crate::score;
+use crate::soft_labels::SoftLabels;
 
 /// One epoch of training, for the training history.
 #[derive(Debug, Clone, PartialEq)]
@@ -294,6 +296,11 @@ impl Adam {
 /// A user's train sequence, as the inputs and next-item targets of one
 /// window of `len` positions, right-aligned (the most recent last).
 pub fn fill_window(sequence: &[u32], inputs: &mut [u32], targets: &mut [u32]) {
+    if sequence.is_empty() {
+        inputs.fill(PAD);
+        targets.fill(PAD);
+        return;
+    }
     let len = inputs.len();
     let usable = sequence.len().saturating_sub(1).min(len);
     let pad = len - usable;
@@ -302,6 +309,14 @@ pub fn fill_window(sequence: &[u32], inputs: &mut [u32], targets: &mut [u32]) {
     let start = sequence.len() - usable - 1;
     inputs[pad..].copy_from_slice(&sequence[start..start + usable]);
     targets[pad..].copy_from_slice(&sequence[start + 1..start + 1 + usable]);
+}
+
+/// The position (index in the train sequence) of the target in slot `slot`
+/// of [`fill_window`]'s window over a sequence of `len` items: train item
+/// `len − max_len + slot`, when the slot holds one.
+pub fn target_position(len: usize, max_len: usize, slot: usize) -> Option<usize> {
+    let position = (len + slot).checked_sub(max_len)?;
+    (position >= 1 && position < len).then_some(position)
 }
 
 /// Draws negatives for sampled softmax and corrects for how they were drawn.
@@ -384,7 +399,21 @@ pub struct Trainer {
     /// Sampled softmax: the step's candidate vectors and their gradients.
     cand: Vec<f32>,
     d_cand: Vec<f32>,
+    distillation: Option<Arc<Distillation>>,
 }
+
+/// What a distilled model learns from besides the hard labels: its source's
+/// soft labels and how the losses mix.
+#[derive(Debug, Clone)]
+pub struct Distillation {
+    /// The source's soft labels, read back from the lake.
+    pub labels: Arc<SoftLabels>,
+    /// α, T and the soft-loss family.
+    pub mix: LossMix,
+}
+
+/// A window slot without a soft label.
+pub const NO_LABEL: u32 = u32::MAX;
 
 /// Rows of the output softmax computed at once.
 const CE_BLOCK: usize = 512;
@@ -417,19 +446,42 @@ impl Trainer {
             classes: 0,
             cand: Vec::new(),
             d_cand: Vec::new(),
+            distillation: None,
         })
     }
 
+    /// A trainer whose loss mixes the hard labels with `distillation`'s soft
+    /// labels (full softmax only: the soft losses need every logit).
+    pub fn distilling(
+        model: &SasRec,
+        dataset: &Dataset,
+        settings: &TrainSettings,
+        distillation: Arc<Distillation>,
+    ) -> Result<Trainer> {
+        if settings.softmax != Softmax::Full {
+            return Err(Error::config(format!(
+                "{}: distillation needs the full softmax (its soft losses cover the whole catalogue)",
+                settings.label
+            )));
+        }
+        let mut trainer = Trainer::new(model, dataset, settings)?;
+        trainer.distillation = Some(distillation);
+        Ok(trainer)
+    }
+
     /// One optimization step on a batch of windows; returns the mean loss.
+    /// `soft` gives each slot's soft-label row ([`NO_LABEL`] for none;
+    /// empty without distillation).
     pub fn step(
         &mut self,
         model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
+        soft: &[u32],
         batch: usize,
         step_seed: u64,
     ) -> Result<f64> {
-        let loss = self.backprop(model, inputs, targets, batch, Some(step_seed))?;
+        let loss = self.backprop(model, inputs, targets, soft, batch, Some(step_seed))?;
         if self.sampler.is_some() {
             self.adam
                 .update(&mut model.weights, &mut self.grads, Some(&self.touched));
@@ -456,11 +508,13 @@ impl Trainer {
     /// Forward and backward passes over a batch: adds the gradients of the
     /// mean loss to [`Trainer::gradients`] and returns the loss. With
     /// `dropout_seed`, dropout is on; `step_seed` also seeds sampling.
+    /// `soft` as in [`Trainer::step`].
     pub fn backprop(
         &mut self,
         model: &SasRec,
         inputs: &[u32],
         targets: &[u32],
+        soft: &[u32],
         batch: usize,
         dropout_seed: Option<u64>,
     ) -> Result<f64> {
@@ -492,8 +546,32 @@ impl Trainer {
         let weight = 1.0 / nv as f32;
         let row_targets: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
         self.touched.clear();
-        let loss = match &self.sampler {
-            None => {
+        let loss = match (&self.sampler, &self.distillation) {
+            (None, Some(distill)) => {
+                self.classes = c.n_items;
+                let row_soft: Vec<u32> = rows
+                    .iter()
+                    .map(|&r| soft.get(r).copied().unwrap_or(NO_LABEL))
+                    .collect();
+                let (labels, mix) = (&distill.labels, &distill.mix);
+                let loss = logit_loss(
+                    &self.hv,
+                    d,
+                    table,
+                    nv,
+                    CE_BLOCK,
+                    &mut self.scratch,
+                    &mut self.dhv,
+                    &mut self.d_table,
+                    |r, row| {
+                        let label =
+                            (row_soft[r] != NO_LABEL).then(|| labels.target(row_soft[r] as usize));
+                        mix.row_loss(row, row_targets[r] as usize, label, weight)
+                    },
+                );
+                loss / nv as f64
+            }
+            (None, None) => {
                 self.classes = c.n_items;
                 let loss = softmax_cross_entropy(
                     &self.hv,
@@ -509,7 +587,7 @@ impl Trainer {
                 );
                 loss / nv as f64
             }
-            Some(sampler) => {
+            (Some(sampler), _) => {
                 let mut rng = StdRng::seed_from_u64(step_seed ^ 0x5eed);
                 let (items, column, offsets) = sampler.candidates(&row_targets, &mut rng);
                 let k = items.len();
@@ -596,12 +674,14 @@ fn mark(touched: &mut Vec<u32>, flags: &mut [bool], item: u32) {
 /// One way of taking optimization steps: the CPU [`Trainer`], or candle's
 /// autograd on a device.
 pub trait Steps {
-    /// One step on `batch` windows; returns the mean loss.
+    /// One step on `batch` windows; returns the mean loss. `soft` gives
+    /// each slot's soft-label row (empty without distillation).
     fn step(
         &mut self,
         model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
+        soft: &[u32],
         batch: usize,
         step_seed: u64,
     ) -> Result<f64>;
@@ -618,10 +698,11 @@ impl Steps for Trainer {
         model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
+        soft: &[u32],
         batch: usize,
         step_seed: u64,
     ) -> Result<f64> {
-        Trainer::step(self, model, inputs, targets, batch, step_seed)
+        Trainer::step(self, model, inputs, targets, soft, batch, step_seed)
     }
 }
 
@@ -633,14 +714,33 @@ pub fn fit(
     settings: &TrainSettings,
 ) -> Result<(SasRec, Vec<EpochLog>)> {
     let mut trainer = Trainer::new(&model, dataset, settings)?;
-    fit_with(model, dataset, settings, &mut trainer)
+    fit_with(model, dataset, settings, &mut trainer, None)
 }
 
-/// Users' train sequences with at least one next item to learn.
-pub fn train_sequences(dataset: &Dataset) -> Result<Vec<Vec<u32>>> {
-    let sequences: Vec<Vec<u32>> = (0..dataset.n_users())
-        .map(|u| dataset.train_items(u))
-        .filter(|s| s.len() >= 2)
+/// Trains `model` like [`fit`], its loss mixing the hard labels with
+/// `distillation`'s soft labels.
+pub fn fit_distilled(
+    model: SasRec,
+    dataset: &Dataset,
+    settings: &TrainSettings,
+    distillation: Arc<Distillation>,
+) -> Result<(SasRec, Vec<EpochLog>)> {
+    let mut trainer = Trainer::distilling(&model, dataset, settings, Arc::clone(&distillation))?;
+    fit_with(
+        model,
+        dataset,
+        settings,
+        &mut trainer,
+        Some(&distillation.labels),
+    )
+}
+
+/// Users' train sequences with at least one next item to learn, with
+/// their user index.
+pub fn train_sequences(dataset: &Dataset) -> Result<Vec<(usize, Vec<u32>)>> {
+    let sequences: Vec<(usize, Vec<u32>)> = (0..dataset.n_users())
+        .map(|u| (u, dataset.train_items(u)))
+        .filter(|(_, s)| s.len() >= 2)
         .collect();
     if sequences.is_empty() {
         return Err(Error::data(
@@ -654,11 +754,13 @@ pub fn train_sequences(dataset: &Dataset) -> Result<Vec<Vec<u32>>> {
 /// The epoch loop: shuffled batches of one window per user (their most
 /// recent `max_len` train items), validation NDCG@10 after every epoch,
 /// early stopping with patience and the best epoch's weights restored.
+/// With `labels`, each target slot gets its soft-label row.
 pub fn fit_with(
     mut model: SasRec,
     dataset: &Dataset,
     settings: &TrainSettings,
     steps_by: &mut dyn Steps,
+    labels: Option<&SoftLabels>,
 ) -> Result<(SasRec, Vec<EpochLog>)> {
     let c = model.config;
     let sequences = train_sequences(dataset)?;
@@ -667,6 +769,7 @@ pub fn fit_with(
     let b = settings.batch_size;
     let mut inputs = vec![PAD; b * c.max_len];
     let mut targets = vec![PAD; b * c.max_len];
+    let mut soft = vec![NO_LABEL; if labels.is_some() { b * c.max_len } else { 0 }];
     let mut stopping = EarlyStopping::new(&settings.label, settings.patience, dataset);
     let steps = sequences.len().div_ceil(b);
     let mut step_count = 0u64;
@@ -684,9 +787,26 @@ pub fn fit_with(
         let mut loss_sum = 0.0;
         for chunk in order.chunks(b) {
             let n = chunk.len() * c.max_len;
-            for (slot, &u) in chunk.iter().enumerate() {
+            for (slot, &s) in chunk.iter().enumerate() {
+                let (user, sequence) = &sequences[s];
                 let span = slot * c.max_len..(slot + 1) * c.max_len;
-                fill_window(&sequences[u], &mut inputs[span.clone()], &mut targets[span]);
+                fill_window(
+                    sequence,
+                    &mut inputs[span.clone()],
+                    &mut targets[span.clone()],
+                );
+                if let Some(labels) = labels {
+                    for i in 0..c.max_len {
+                        let at = slot * c.max_len + i;
+                        soft[at] = if targets[at] == PAD {
+                            NO_LABEL
+                        } else {
+                            target_position(sequence.len(), c.max_len, i)
+                                .and_then(|p| labels.row(*user, p))
+                                .map_or(NO_LABEL, |r| r as u32)
+                        };
+                    }
+                }
             }
             step_count += 1;
             let step_seed = rng.random::<u64>() ^ step_count;
@@ -694,6 +814,7 @@ pub fn fit_with(
                 &mut model,
                 &inputs[..n],
                 &targets[..n],
+                &soft[..soft.len().min(n)],
                 chunk.len(),
                 step_seed,
             )?;
@@ -799,6 +920,78 @@ mod tests {
         fill_window(&[1, 2, 3, 4, 5, 6], &mut inputs, &mut targets);
         assert_eq!(inputs, [2, 3, 4, 5]);
         assert_eq!(targets, [3, 4, 5, 6]);
+        fill_window(&[], &mut inputs, &mut targets);
+        assert_eq!(inputs, [PAD; 4]);
+        assert_eq!(targets, [PAD; 4]);
+    }
+
+    #[test]
+    fn target_positions_follow_the_window() {
+        let mut inputs = [0u32; 4];
+        let mut targets = [0u32; 4];
+        for (sequence, max_len) in [(vec![5u32, 6, 7], 4), (vec![1, 2, 3, 4, 5, 6], 4)] {
+            fill_window(&sequence, &mut inputs[..max_len], &mut targets[..max_len]);
+            for (slot, &target) in targets[..max_len].iter().enumerate() {
+                match target_position(sequence.len(), max_len, slot) {
+                    Some(p) => assert_eq!(target, sequence[p], "{sequence:?} slot {slot}"),
+                    None => assert_eq!(target, PAD, "{sequence:?} slot {slot}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn distillation_with_alpha_one_is_plain_cross_entropy() {
+        use crate::loss::LossMix;
+        let c = config(0);
+        let model = SasRec::new(c, Vec::new(), 4).unwrap();
+        let (inputs, targets) = batch();
+        let data = dataset(c.n_items);
+        let s = settings(Softmax::Full, 0, Sampling::Uniform);
+        let mut plain = Trainer::new(&model, &data, &s).unwrap();
+        let want = plain
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
+        let mut mix = LossMix {
+            alpha: 1.0,
+            temperature: 2.0,
+            family: "kl".parse().unwrap(),
+            rank_decay: 1.0,
+        };
+        let labels = Arc::new(SoftLabels::default());
+        let soft = vec![NO_LABEL; inputs.len()];
+        let mut distilled = Trainer::distilling(
+            &model,
+            &data,
+            &s,
+            Arc::new(Distillation {
+                labels: Arc::clone(&labels),
+                mix: mix.clone(),
+            }),
+        )
+        .unwrap();
+        let got = distilled
+            .backprop(&model, &inputs, &targets, &soft, 3, None)
+            .unwrap();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        for ((name, _, g), (_, _, w)) in distilled
+            .gradients()
+            .named(&c)
+            .iter()
+            .zip(plain.gradients().named(&c))
+        {
+            assert_close(name, g, w);
+        }
+        // Sampled softmax cannot distil: the soft losses need every logit.
+        mix.alpha = 0.5;
+        let sampled = settings(Softmax::Sampled, 4, Sampling::Uniform);
+        let refused = Trainer::distilling(
+            &model,
+            &data,
+            &sampled,
+            Arc::new(Distillation { labels, mix }),
+        );
+        assert!(refused.is_err());
     }
 
     #[test]
@@ -824,7 +1017,7 @@ mod tests {
             )
             .unwrap();
             let loss = trainer
-                .backprop(&model, &inputs, &targets, 3, None)
+                .backprop(&model, &inputs, &targets, &[], 3, None)
                 .unwrap();
             let (want_loss, want) = reference::gradients(&model, &inputs, &targets, 3).unwrap();
             assert!(
@@ -850,7 +1043,9 @@ mod tests {
             &settings(Softmax::Full, 0, Sampling::Uniform),
         )
         .unwrap();
-        let full_loss = full.backprop(&model, &inputs, &targets, 3, None).unwrap();
+        let full_loss = full
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
         // With 20,000 uniform draws over 11 items every item is drawn with
         // probability ≈ 1, so the log-Q correction vanishes.
         let mut sampled = Trainer::new(
@@ -860,7 +1055,7 @@ mod tests {
         )
         .unwrap();
         let sampled_loss = sampled
-            .backprop(&model, &inputs, &targets, 3, None)
+            .backprop(&model, &inputs, &targets, &[], 3, None)
             .unwrap();
         assert!(
             (full_loss - sampled_loss).abs() < 1e-5,
@@ -889,7 +1084,9 @@ mod tests {
             &settings(Softmax::Sampled, 16, Sampling::Popularity),
         )
         .unwrap();
-        trainer.step(&mut model, &inputs, &targets, 3, 11).unwrap();
+        trainer
+            .step(&mut model, &inputs, &targets, &[], 3, 11)
+            .unwrap();
         let changed: Vec<usize> = (0..c.n_items)
             .filter(|&i| {
                 model.weights.item[i * c.d_model..(i + 1) * c.d_model]
@@ -928,7 +1125,7 @@ mod tests {
         let (_, cpu_log) = fit(model.clone(), &data, &s).unwrap();
         let mut candle =
             reference::CandleSteps::new(&model, &s, &candle_core::Device::Cpu).unwrap();
-        let (trained, candle_log) = fit_with(model, &data, &s, &mut candle).unwrap();
+        let (trained, candle_log) = fit_with(model, &data, &s, &mut candle, None).unwrap();
         for log in [&cpu_log, &candle_log] {
             assert_eq!(log.len(), 30);
             let (first, last) = (log[0].loss, log[log.len() - 1].loss);

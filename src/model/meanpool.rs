@@ -156,6 +156,7 @@ impl MeanPool {
             n_items: self.n_items,
             config: serde_json::to_value(self.config)
                 .map_err(|e| Error::internal(e.to_string()))?,
+            distilled_from: None,
         };
         let d = self.config.d_model;
         let item_out = self.item_out.flatten_all()?.to_vec1::<f32>()?;

@@ -43,6 +43,24 @@ pub struct ModelCard {
     pub n_items: usize,
     /// Architecture settings (JSON object, kind-specific).
     pub config: serde_json::Value,
+    /// For a distilled model: the soft labels it learned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distilled_from: Option<Lineage>,
+}
+
+/// Where a distilled model's knowledge came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// The soft-label file read.
+    pub soft_labels: String,
+    /// The model that produced it.
+    pub model: String,
+    /// SHA-256 of that model's artifact.
+    pub model_sha256: String,
+    /// Weight of the hard-label loss.
+    pub alpha: f32,
+    /// Temperature of the soft losses.
+    pub temperature: f32,
 }
 
 /// A trained model as stored: its card and its safetensors bytes.
@@ -152,6 +170,12 @@ impl ModelArtifact {
             .collect())
     }
 
+    /// SHA-256 of the artifact's bytes, hex.
+    pub fn sha256(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&self.bytes))
+    }
+
     /// Number of tensors in the file.
     pub fn tensor_count(&self) -> Result<usize> {
         let location = self.location.clone();
@@ -201,6 +225,7 @@ mod tests {
             loss: None,
             n_items: 3,
             config: serde_json::json!({}),
+            distilled_from: None,
         }
     }
 

@@ -32,6 +32,7 @@ impl Popularity {
             loss: None,
             n_items: self.scores.len(),
             config: serde_json::json!({}),
+            distilled_from: None,
         };
         ModelArtifact::from_f32(
             card,

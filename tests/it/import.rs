@@ -93,6 +93,8 @@ fn imports_day_partitions_and_items_then_runs() {
             "--set",
             "models.teacher.enabled=false",
             "--set",
+            "distill.enabled=false",
+            "--set",
             "features.sql_dir=",
         ],
     ));

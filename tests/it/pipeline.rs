@@ -63,7 +63,17 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["features", "baselines", "teacher", "evaluate"]);
+    assert_eq!(
+        stages,
+        [
+            "features",
+            "baselines",
+            "teacher",
+            "soft-labels",
+            "distill",
+            "evaluate"
+        ]
+    );
 
     // Every listed file exists with the listed size and checksum, and every
     // data file of the run is listed.
@@ -89,7 +99,11 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
 
     // The learned model beats popularity on the sample (it has sequential structure).
     let rows = evaluation_values(&run);
-    assert_eq!(rows.len(), 4 * 3 * 3, "4 models × 3 metrics × 3 cut-offs");
+    assert_eq!(
+        rows.len(),
+        12 * 3 * 3 + 11,
+        "12 models × 3 metrics × 3 cut-offs, and the teacher overlap of all but the teacher"
+    );
     let (learned, popular) = (
         metric(&rows, "meanpool", "ndcg", 10),
         metric(&rows, "popularity", "ndcg", 10),
@@ -164,7 +178,14 @@ fn stages_one_at_a_time_equal_a_whole_run() {
         !staged.run_folder("sample").exists(),
         "ingest writes nothing"
     );
-    for name in ["features", "baselines", "teacher", "evaluate"] {
+    for name in [
+        "features",
+        "baselines",
+        "teacher",
+        "soft-labels",
+        "distill",
+        "evaluate",
+    ] {
         ok(&mut stage(name));
         assert!(!staged.run_folder("sample").join("_SUCCESS").exists());
     }
@@ -198,8 +219,9 @@ fn stages_one_at_a_time_equal_a_whole_run() {
         2,
     );
     assert!(err.contains("stage teacher"), "{err}");
-    ok(stage("teacher").args(["--set", "models.meanpool.epochs=1"]));
-    ok(stage("evaluate").args(["--set", "models.meanpool.epochs=1"]));
+    for name in ["teacher", "soft-labels", "distill", "evaluate"] {
+        ok(stage(name).args(["--set", "models.meanpool.epochs=1"]));
+    }
     let err = fails(&mut stage("commit"), 2);
     assert!(err.contains("different job config"), "{err}");
 

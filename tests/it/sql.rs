@@ -42,9 +42,11 @@ fn queries_inputs_features_and_results_and_refuses_writes() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 4);
-    assert_eq!(rows[0]["model"], "meanpool");
-    assert_eq!(rows[3]["model"], "teacher-content");
+    // Baselines, teachers, the assistant and 7 students.
+    assert_eq!(rows.len(), 12);
+    assert_eq!(rows[0]["model"], "assistant");
+    assert_eq!(rows[1]["model"], "meanpool");
+    assert_eq!(rows[11]["model"], "teacher-content");
 
     let out = ok(&mut sql(
         &lake,

@@ -552,6 +552,10 @@ pub fn window_into(history: &[u32], slot: &mut [u32]) {
     slot[pad..].copy_from_slice(recent);
 }
 
+/// Histories run through the model at once when scoring: bounds the
+/// forward pass's buffers whatever batch the caller scores.
+const SCORE_CHUNK: usize = 64;
+
 /// Scores every item for each history: the last position's final hidden
 /// state · the item table. Writes `histories.len() × n_items` values.
 pub fn score(model: &SasRec, table: &[f32], histories: &[&[u32]], out: &mut Vec<f32>) {
@@ -563,16 +567,21 @@ pub fn score(model: &SasRec, table: &[f32], histories: &[&[u32]], out: &mut Vec<
     if b == 0 {
         return;
     }
-    let mut inputs = vec![PAD; b * len];
-    for (slot, h) in inputs.chunks_mut(len).zip(histories) {
-        window_into(h, slot);
-    }
-    let mut ws = Workspace::new(c, b);
-    forward(model, table, &mut ws, &inputs, b, None);
+    let chunk = b.min(SCORE_CHUNK);
+    let mut inputs = vec![PAD; chunk * len];
+    let mut ws = Workspace::new(c, chunk);
     let mut last = vec![0.0f32; b * d];
-    for i in 0..b {
-        let row = (i * len + len - 1) * d;
-        last[i * d..(i + 1) * d].copy_from_slice(&ws.hf[row..row + d]);
+    for (n, group) in histories.chunks(chunk).enumerate() {
+        let g = group.len();
+        for (slot, h) in inputs.chunks_mut(len).zip(group) {
+            window_into(h, slot);
+        }
+        forward(model, table, &mut ws, &inputs[..g * len], g, None);
+        for i in 0..g {
+            let row = (i * len + len - 1) * d;
+            let at = (n * chunk + i) * d;
+            last[at..at + d].copy_from_slice(&ws.hf[row..row + d]);
+        }
     }
     matmul(
         out,

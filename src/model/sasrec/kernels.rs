@@ -568,27 +568,24 @@ pub fn exp_normalize(row: &mut [f32], offset: Option<&[f32]>) -> f32 {
     exp_normalize_body(row, offset)
 }
 
-/// Softmax cross-entropy of `rows` hidden states against a table of class
+/// A loss over the logits of `rows` hidden states against a table of class
 /// vectors, in blocks of `block` rows so the logits never exist all at once.
-/// `targets[r]` is row `r`'s class (a row of `table`); `logit_offset`, when
-/// given, is added to every logit of a class (the log-Q correction of
-/// sampled softmax). Returns the summed loss, adds `weight · ∂loss/∂hidden`
-/// to `d_hidden` and `weight · ∂loss/∂table` to `d_table`. `scratch` must
-/// hold `block × classes` values.
+/// `row_loss(r, logits)` gets row `r`'s logits (one per row of `table`),
+/// overwrites them with `∂loss_r/∂logits` and returns `loss_r`. Returns the
+/// summed loss, adds `∂loss/∂hidden` to `d_hidden` and `∂loss/∂table` to
+/// `d_table`. `scratch` must hold `block × classes` values.
 #[allow(clippy::too_many_arguments)]
-pub fn softmax_cross_entropy(
+pub fn logit_loss(
     hidden: &[f32],
     d: usize,
     table: &[f32],
-    targets: &[u32],
-    logit_offset: Option<&[f32]>,
-    weight: f32,
+    rows: usize,
     block: usize,
     scratch: &mut [f32],
     d_hidden: &mut [f32],
     d_table: &mut [f32],
+    row_loss: impl Fn(usize, &mut [f32]) -> f64 + Sync,
 ) -> f64 {
-    let rows = targets.len();
     let classes = table.len() / d;
     let mut loss = 0.0f64;
     let mut start = 0;
@@ -608,19 +605,7 @@ pub fn softmax_cross_entropy(
         let block_loss: f64 = logits
             .par_chunks_mut(classes)
             .enumerate()
-            .map(|(i, row)| {
-                let r = start + i;
-                // Far-below-max logits become exact zeros: no denormals downstream.
-                let sum = exp_normalize(row, logit_offset);
-                let t = targets[r] as usize;
-                let target_p = row[t] / sum;
-                let inv = weight / sum;
-                for v in row.iter_mut() {
-                    *v *= inv;
-                }
-                row[t] -= weight;
-                -(target_p.max(f32::MIN_POSITIVE) as f64).ln()
-            })
+            .map(|(i, row)| row_loss(start + i, row))
             .sum();
         loss += block_loss;
         let g = View::rm(logits, n, classes);
@@ -638,6 +623,56 @@ pub fn softmax_cross_entropy(
         start += n;
     }
     loss
+}
+
+/// Softmax cross-entropy of one row of logits against class `target`,
+/// `logit_offset` (the log-Q correction of sampled softmax) added to the
+/// logits first: overwrites `row` with `weight · ∂loss/∂logits` and returns
+/// the loss.
+pub fn cross_entropy_row(
+    row: &mut [f32],
+    target: usize,
+    logit_offset: Option<&[f32]>,
+    weight: f32,
+) -> f64 {
+    // Far-below-max logits become exact zeros: no denormals downstream.
+    let sum = exp_normalize(row, logit_offset);
+    let target_p = row[target] / sum;
+    let inv = weight / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+    row[target] -= weight;
+    -(target_p.max(f32::MIN_POSITIVE) as f64).ln()
+}
+
+/// Softmax cross-entropy of each hidden state against its class
+/// (`targets[r]`, a row of `table`) through [`logit_loss`]; gradients are
+/// scaled by `weight`.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_cross_entropy(
+    hidden: &[f32],
+    d: usize,
+    table: &[f32],
+    targets: &[u32],
+    logit_offset: Option<&[f32]>,
+    weight: f32,
+    block: usize,
+    scratch: &mut [f32],
+    d_hidden: &mut [f32],
+    d_table: &mut [f32],
+) -> f64 {
+    logit_loss(
+        hidden,
+        d,
+        table,
+        targets.len(),
+        block,
+        scratch,
+        d_hidden,
+        d_table,
+        |r, row| cross_entropy_row(row, targets[r] as usize, logit_offset, weight),
+    )
 }
 
 #[cfg(test)]

@@ -318,6 +318,7 @@ impl SasRec {
         role: &str,
         training: &str,
         loss: &str,
+        distilled_from: Option<crate::model::Lineage>,
     ) -> Result<ModelArtifact> {
         let card = ModelCard {
             name: name.to_string(),
@@ -328,6 +329,7 @@ impl SasRec {
             n_items: self.config.n_items,
             config: serde_json::to_value(self.config)
                 .map_err(|e| Error::internal(e.to_string()))?,
+            distilled_from,
         };
         let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = Vec::new();
         let named = self.weights.named(&self.config);
@@ -441,7 +443,7 @@ mod tests {
         for content_dim in [0, 4] {
             let m = model(content_dim);
             let artifact = m
-                .to_artifact("teacher", "teacher", "supervised", "ce")
+                .to_artifact("teacher", "teacher", "supervised", "ce", None)
                 .unwrap();
             let parsed = ModelArtifact::parse("test", artifact.bytes.clone()).unwrap();
             assert_eq!(
@@ -452,6 +454,22 @@ mod tests {
             assert_eq!(loaded, m);
             let scorer = parsed.scorer(13).unwrap();
             assert_eq!(scores(scorer.as_ref(), &HISTORIES), scores(&m, &HISTORIES));
+        }
+    }
+
+    #[test]
+    fn scoring_in_chunks_equals_scoring_one_by_one() {
+        let m = model(0);
+        let histories: Vec<Vec<u32>> = (0..150)
+            .map(|u| (0..u % 7 + 1).map(|t| ((u + t) % 13) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = histories.iter().map(|h| h.as_slice()).collect();
+        let all = scores(&m, &refs);
+        for (u, h) in refs.iter().enumerate() {
+            let alone = scores(&m, &[h]);
+            for (a, b) in all[u * 13..(u + 1) * 13].iter().zip(&alone) {
+                assert!((a - b).abs() < 1e-5, "history {u}: {a} vs {b}");
+            }
         }
     }
 
@@ -484,7 +502,7 @@ mod tests {
     fn a_file_that_does_not_match_its_config_is_refused() {
         let m = model(0);
         let artifact = m
-            .to_artifact("teacher", "teacher", "supervised", "ce")
+            .to_artifact("teacher", "teacher", "supervised", "ce", None)
             .unwrap();
         // The card claims a wider model than the tensors hold.
         let mut card = artifact.card.clone();

@@ -315,10 +315,16 @@ impl crate::train::Steps for CandleSteps {
         _model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
+        soft: &[u32],
         batch: usize,
         _step_seed: u64,
     ) -> Result<f64> {
         use candle_nn::optim::Optimizer;
+        if soft.iter().any(|&r| r != crate::train::NO_LABEL) {
+            return Err(crate::error::Error::config(
+                "distillation trains on the CPU trainer; the candle trainer learns from hard labels only",
+            ));
+        }
         let loss = self.candle.loss(inputs, targets, batch, true)?;
         self.optimizer.backward_step(&loss)?;
         Ok(f64::from(loss.to_scalar::<f32>()?))
