@@ -403,8 +403,12 @@ impl Lake {
     }
 }
 
+/// Largest row group a writer buffers, in bytes.
+pub const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
 /// The Parquet settings of every file the job writes: Snappy (read by every
-/// BI tool), statistics on, and our key-value metadata.
+/// BI tool), statistics on, row groups of at most [`ROW_GROUP_BYTES`], and
+/// our key-value metadata.
 pub fn writer_properties(metadata: Vec<(String, String)>) -> WriterProperties {
     let kv: Vec<KeyValue> = metadata
         .into_iter()
@@ -412,6 +416,9 @@ pub fn writer_properties(metadata: Vec<(String, String)>) -> WriterProperties {
         .collect();
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
+        // A row group is buffered until it is flushed: bound it by bytes as
+        // well as rows, so wide rows (soft-label lists) keep memory flat.
+        .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
         .set_key_value_metadata(if kv.is_empty() { None } else { Some(kv) })
         .build()
 }
