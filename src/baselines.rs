@@ -14,7 +14,7 @@ use crate::lake::WrittenObject;
 use crate::model::ModelArtifact;
 use crate::model::meanpool::MeanPool;
 use crate::model::popularity::Popularity;
-use crate::train::{training_batch, training_schema};
+use crate::train::{EpochLog, training_batch, training_schema};
 
 /// Trained baselines and the files written for them.
 #[derive(Debug, Clone)]
@@ -30,6 +30,29 @@ pub fn model_path(name: &str) -> String {
     format!("models/{name}/model.safetensors")
 }
 
+/// Writes a trained model's artifact and, for a learned model, its
+/// per-epoch history (`training/<name>.parquet`); returns the files.
+pub async fn write_trained(
+    run: &RunFolder,
+    artifact: &ModelArtifact,
+    log: Option<&[EpochLog]>,
+) -> Result<Vec<WrittenObject>> {
+    let name = &artifact.card.name;
+    let mut written = vec![run.put(&model_path(name), artifact.bytes.clone()).await?];
+    if let Some(log) = log {
+        written.push(
+            run.write_batches(
+                &format!("training/{name}.parquet"),
+                training_schema(),
+                vec![training_batch(name, log)?],
+                vec![],
+            )
+            .await?,
+        );
+    }
+    Ok(written)
+}
+
 /// Trains the enabled baselines and writes their artifacts.
 pub async fn train_baselines(
     job: &Job,
@@ -41,10 +64,7 @@ pub async fn train_baselines(
     let spec = &job.spec.models;
     if spec.popularity.enabled {
         let artifact = Popularity::fit(&dataset).to_artifact("popularity")?;
-        written.push(
-            run.put(&model_path("popularity"), artifact.bytes.clone())
-                .await?,
-        );
+        written.extend(write_trained(run, &artifact, None).await?);
         models.push(artifact);
     }
     if spec.meanpool.enabled {
@@ -55,19 +75,7 @@ pub async fn train_baselines(
                 .await
                 .map_err(|e| Error::internal(format!("meanpool training failed: {e}")))??;
         let artifact = model.to_artifact("meanpool")?;
-        written.push(
-            run.put(&model_path("meanpool"), artifact.bytes.clone())
-                .await?,
-        );
-        written.push(
-            run.write_batches(
-                "training/meanpool.parquet",
-                training_schema(),
-                vec![training_batch("meanpool", &log)?],
-                vec![],
-            )
-            .await?,
-        );
+        written.extend(write_trained(run, &artifact, Some(&log)).await?);
         models.push(artifact);
     }
     Ok(Baselines { models, written })

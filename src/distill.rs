@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::baselines::model_path;
+use crate::baselines::write_trained;
 use crate::commit::RunFolder;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
@@ -22,9 +22,7 @@ use crate::loss::{LossFamily, LossMix};
 use crate::model::sasrec::{self, SasRec, SasRecConfig};
 use crate::model::{Lineage, ModelArtifact};
 use crate::soft_labels::{self, Expected, SoftLabelSettings, soft_labels_path};
-use crate::train::{
-    self, Distillation, EpochLog, Softmax, TrainSettings, training_batch, training_schema,
-};
+use crate::train::{self, Distillation, EpochLog, Softmax, TrainSettings};
 
 /// Models trained by the chain and the files written for them.
 #[derive(Debug, Clone, Default)]
@@ -295,10 +293,7 @@ async fn train_link(
     })
     .await
     .map_err(|e| Error::internal(format!("{} training failed: {e}", plan.name)))??;
-    if let Some(best) = log
-        .iter()
-        .max_by(|a, b| a.valid_ndcg_10.total_cmp(&b.valid_ndcg_10))
-    {
+    if let Some(best) = train::best_epoch(&log) {
         tracing::info!(
             model = %plan.name,
             loss = %loss,
@@ -316,18 +311,6 @@ async fn train_link(
         temperature: d.mix.temperature,
     });
     let artifact = model.to_artifact(&plan.name, plan.role, plan.training, &loss, lineage)?;
-    written.push(
-        run.put(&model_path(&plan.name), artifact.bytes.clone())
-            .await?,
-    );
-    written.push(
-        run.write_batches(
-            &format!("training/{}.parquet", plan.name),
-            training_schema(),
-            vec![training_batch(&plan.name, &log)?],
-            vec![],
-        )
-        .await?,
-    );
+    written.extend(write_trained(run, &artifact, Some(&log)).await?);
     Ok(artifact)
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::baselines::model_path;
+use crate::baselines::write_trained;
 use crate::commit::RunFolder;
 use crate::dataset::{Dataset, ItemContent};
 use crate::error::{Error, Result};
@@ -15,7 +15,7 @@ use crate::lake::WrittenObject;
 use crate::model::ModelArtifact;
 use crate::model::sasrec::reference::{self, CandleSteps};
 use crate::model::sasrec::{SasRec, SasRecConfig};
-use crate::train::{self, EpochLog, TrainSettings, training_batch, training_schema};
+use crate::train::{self, EpochLog, TrainSettings};
 
 /// Model name of the id-only teacher.
 pub const TEACHER: &str = "teacher";
@@ -130,10 +130,7 @@ pub async fn train_teachers(
         })
         .await
         .map_err(|e| Error::internal(format!("{name} training failed: {e}")))??;
-        if let Some(best) = log
-            .iter()
-            .max_by(|a, b| a.valid_ndcg_10.total_cmp(&b.valid_ndcg_10))
-        {
+        if let Some(best) = train::best_epoch(&log) {
             tracing::info!(
                 model = name,
                 epochs = log.len(),
@@ -144,16 +141,7 @@ pub async fn train_teachers(
         }
         let artifact = model.to_artifact(name, "teacher", "supervised", "ce", None)?;
         out.written
-            .push(run.put(&model_path(name), artifact.bytes.clone()).await?);
-        out.written.push(
-            run.write_batches(
-                &format!("training/{name}.parquet"),
-                training_schema(),
-                vec![training_batch(name, &log)?],
-                vec![],
-            )
-            .await?,
-        );
+            .extend(write_trained(run, &artifact, Some(&log)).await?);
         out.models.push(artifact);
     }
     Ok(out)

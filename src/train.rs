@@ -42,6 +42,12 @@ pub struct EpochLog {
     pub valid_hr_10: f64,
 }
 
+/// The epoch with the best validation NDCG@10 (the one early stopping keeps).
+pub fn best_epoch(log: &[EpochLog]) -> Option<&EpochLog> {
+    log.iter()
+        .max_by(|a, b| a.valid_ndcg_10.total_cmp(&b.valid_ndcg_10))
+}
+
 /// Schema of `training/<model>.parquet`.
 pub fn training_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
