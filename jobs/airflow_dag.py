@@ -42,6 +42,7 @@ with DAG(
             "teacher",
             "soft-labels",
             "distill",
+            "compress",
             "evaluate",
             "commit",
         )

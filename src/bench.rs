@@ -288,3 +288,82 @@ pub async fn soft_labels(
         written.size as f64 / (1024.0 * 1024.0),
     ))
 }
+
+/// Scoring speed of the job's student and its compressed variants (random
+/// weights: the cost does not depend on them) at each catalogue size:
+/// `users` synthetic users with `len` items each, timed like the evaluate
+/// stage times models (one user at a time, then batches).
+pub fn compressed_scoring(
+    job: &Job,
+    sizes: &[usize],
+    users: usize,
+    len: usize,
+    variants: &[String],
+) -> Result<String> {
+    use crate::compress::{Variant, encode_variant};
+    use crate::dataset::Target;
+    use crate::model::sasrec::infer::StoredSasRec;
+    use crate::score::measure_speed;
+    let link = &job.spec.distill.student;
+    let batch = job.spec.evaluation.batch_users;
+    let parsed: Vec<Variant> = variants.iter().map(|v| v.parse()).collect::<Result<_>>()?;
+    let mut report = format!(
+        "scoring as stored: student d_model {}, {} layers, ffn {}, max_len {}; {users} users × {len} items, batches of {batch}, {} threads\n{:>9} {:<28} {:>11} {:>9} {:>9} {:>10} {:>8}\n",
+        link.d_model,
+        link.layers,
+        link.ffn,
+        link.max_len,
+        rayon::current_num_threads(),
+        "items",
+        "variant",
+        "bytes",
+        "p50_ms",
+        "p99_ms",
+        "users/s",
+        "speedup"
+    );
+    for &n_items in sizes {
+        let data = synthetic(n_items, n_items, users, len, job.spec.seed);
+        let targets: Vec<Target> = (0..users)
+            .map(|u| Target {
+                user: u as u32,
+                position: len,
+                item: data.user_items(u)[len],
+            })
+            .collect();
+        let config = crate::model::sasrec::SasRecConfig {
+            n_items,
+            d_model: link.d_model,
+            layers: link.layers,
+            heads: link.heads,
+            ffn: link.ffn,
+            max_len: link.max_len,
+            dropout: link.dropout,
+            content_dim: 0,
+        };
+        let model = SasRec::new(config, Vec::new(), job.spec.seed)?;
+        let mut models = vec![("fp32".to_string(), StoredSasRec::from_dense(&model))];
+        for v in &parsed {
+            models.push((
+                v.to_string(),
+                encode_variant(&model, v, &job.spec.compress)?,
+            ));
+        }
+        let mut base = None;
+        for (name, stored) in &models {
+            let card = model
+                .to_artifact("bench", "student", "scratch", "ce", None)?
+                .card;
+            let bytes = crate::model::ModelArtifact::from_stored(card, stored, None)?
+                .bytes
+                .len();
+            let speed = measure_speed(stored, &data, &targets, batch, 10, 500)?;
+            let ratio = speed.users_per_s / *base.get_or_insert(speed.users_per_s);
+            report.push_str(&format!(
+                "{n_items:>9} {name:<28} {bytes:>11} {:>9.3} {:>9.3} {:>10.0} {ratio:>7.2}×\n",
+                speed.latency_ms_p50, speed.latency_ms_p99, speed.users_per_s
+            ));
+        }
+    }
+    Ok(report)
+}

@@ -99,7 +99,7 @@ fn link_config(link: &LinkSpec, n_items: usize) -> SasRecConfig {
     }
 }
 
-fn link_settings(link: &LinkSpec, seed: u64, label: &str) -> TrainSettings {
+pub(crate) fn link_settings(link: &LinkSpec, seed: u64, label: &str) -> TrainSettings {
     TrainSettings {
         batch_size: link.batch_size,
         lr: link.lr,

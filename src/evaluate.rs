@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::lake::WrittenObject;
 use crate::model::ModelArtifact;
-use crate::score::{MetricSums, Metrics, Ranked, rank_targets};
+use crate::score::{MetricSums, Metrics, Ranked, Speed, measure_speed, rank_targets};
 
 /// One model's results.
 #[derive(Debug, Clone)]
@@ -41,6 +41,10 @@ pub struct ModelResult {
     /// Mean share of the distillation source's top-10 that this model's
     /// top-10 also holds, over the test targets (`None` without a source).
     pub teacher_overlap_10: Option<f64>,
+    /// Latency and throughput (`None` when `evaluation.latency_users` is 0).
+    pub speed: Option<Speed>,
+    /// On the accuracy-vs-bytes Pareto frontier (NDCG@10, or the first K).
+    pub pareto: bool,
 }
 
 /// Items compared by the teacher–student overlap.
@@ -107,7 +111,7 @@ pub async fn evaluate_models(
     let mut written = Vec::new();
     let mut tops = Vec::new();
     for artifact in models {
-        let (metrics, top, object) = evaluate_one(
+        let (metrics, top, object, speed) = evaluate_one(
             job,
             run,
             Arc::clone(&dataset),
@@ -120,6 +124,9 @@ pub async fn evaluate_models(
             ndcg_10 = metrics.ndcg_at(10),
             hr_10 = metrics.hr_at(10),
             users = metrics.users,
+            bytes = artifact.bytes.len(),
+            latency_ms_p50 = speed.map(|s| s.latency_ms_p50),
+            users_per_s = speed.map(|s| s.users_per_s),
             "evaluated"
         );
         written.push(object);
@@ -127,15 +134,18 @@ pub async fn evaluate_models(
         results.push(ModelResult {
             name: artifact.card.name.clone(),
             role: artifact.card.role.clone(),
-            variant: "fp32".into(),
+            variant: artifact.card.variant.clone(),
             training: artifact.card.training.clone(),
             loss: artifact.card.loss.clone(),
             params: artifact.params,
             size_bytes: artifact.bytes.len() as u64,
             metrics,
             teacher_overlap_10: None,
+            speed,
+            pareto: false,
         });
     }
+    mark_pareto(&mut results);
     let source = &job.spec.distill.source;
     if job.spec.distill.enabled
         && let Some(s) = results.iter().position(|r| &r.name == source)
@@ -156,6 +166,8 @@ pub async fn evaluate_models(
         )
         .await?,
     );
+    let html = crate::report::html(&job.spec.name, run.run_date(), run_id, &results);
+    written.push(run.put("report.html", bytes::Bytes::from(html)).await?);
     Ok(Evaluation { results, written })
 }
 
@@ -167,16 +179,19 @@ async fn evaluate_one(
     dataset: Arc<Dataset>,
     targets: Arc<Vec<crate::dataset::Target>>,
     artifact: &ModelArtifact,
-) -> Result<(Metrics, Vec<u32>, WrittenObject)> {
-    let scorer = artifact.scorer(dataset.n_items())?;
+) -> Result<(Metrics, Vec<u32>, WrittenObject, Option<Speed>)> {
+    let scorer: Arc<dyn crate::model::Scorer> = Arc::from(artifact.scorer(dataset.n_items())?);
+    let timed = Arc::clone(&scorer);
     let name = artifact.card.name.clone();
     let ks = job.spec.evaluation.ks.clone();
     let batch_users = job.spec.evaluation.batch_users;
     let list_len = job.spec.evaluation.list_len();
+    let latency_users = job.spec.evaluation.latency_users;
     let schema = recommendations_schema(dataset.user_ids.data_type(), dataset.item_ids.data_type());
 
     let rel = format!("recommendations/{name}.parquet");
     let producer_schema = Arc::clone(&schema);
+    let (timed_data, timed_targets) = (Arc::clone(&dataset), Arc::clone(&targets));
     let ((metrics, tops), written) = run
         .write_parquet_from(&rel, schema, vec![], move |sink| {
             let mut sums = MetricSums::new(&ks);
@@ -204,7 +219,51 @@ async fn evaluate_one(
             Ok((sums.finish(), tops))
         })
         .await?;
-    Ok((metrics, tops, written))
+    // Timed after the evaluation pass, alone, so writing does not count.
+    let speed = if latency_users > 0 {
+        let s = tokio::task::spawn_blocking(move || {
+            measure_speed(
+                timed.as_ref(),
+                &timed_data,
+                &timed_targets,
+                batch_users,
+                list_len,
+                latency_users,
+            )
+        })
+        .await
+        .map_err(|e| Error::internal(format!("timing failed: {e}")))??;
+        Some(s)
+    } else {
+        None
+    };
+    Ok((metrics, tops, written, speed))
+}
+
+/// The NDCG cut-off the frontier and the report use: 10, or the job's first K.
+pub fn headline_k(metrics: &Metrics) -> Option<(usize, u32)> {
+    metrics
+        .ks
+        .iter()
+        .position(|&k| k == 10)
+        .or(if metrics.ks.is_empty() { None } else { Some(0) })
+        .map(|i| (i, metrics.ks[i]))
+}
+
+/// Marks the models no other model beats on both bytes and NDCG (smaller
+/// or equal size with higher NDCG, or smaller size with equal NDCG).
+fn mark_pareto(results: &mut [ModelResult]) {
+    let point =
+        |r: &ModelResult| headline_k(&r.metrics).map(|(i, _)| (r.size_bytes, r.metrics.ndcg[i]));
+    let points: Vec<Option<(u64, f64)>> = results.iter().map(point).collect();
+    for (i, r) in results.iter_mut().enumerate() {
+        let Some((size, ndcg)) = points[i] else {
+            continue;
+        };
+        r.pareto = !points.iter().enumerate().any(|(j, p)| {
+            j != i && p.is_some_and(|(s, n)| (s <= size && n > ndcg) || (s < size && n >= ndcg))
+        });
+    }
 }
 
 /// Mean share of `a`'s lists (rows of [`OVERLAP_K`] items) that `b`'s hold.
@@ -226,7 +285,7 @@ fn overlap(a: &[u32], b: &[u32]) -> f64 {
 }
 
 /// Long-format rows for a batch of ranked targets.
-fn recommendation_batch(
+pub(crate) fn recommendation_batch(
     schema: &SchemaRef,
     dataset: &Dataset,
     model: &str,
@@ -281,6 +340,14 @@ fn evaluation_rows(
         if let Some(v) = r.teacher_overlap_10 {
             cells.push((r, "teacher_overlap", OVERLAP_K as u32, v));
         }
+        if let Some((_, k)) = headline_k(m) {
+            cells.push((r, "pareto", k, if r.pareto { 1.0 } else { 0.0 }));
+        }
+        if let Some(s) = r.speed {
+            cells.push((r, "latency_ms_p50", 0, s.latency_ms_p50));
+            cells.push((r, "latency_ms_p99", 0, s.latency_ms_p99));
+            cells.push((r, "users_per_s", 0, s.users_per_s));
+        }
     }
     let text =
         |f: fn(&ModelResult) -> &str| -> Vec<&str> { cells.iter().map(|c| f(c.0)).collect() };
@@ -290,7 +357,11 @@ fn evaluation_rows(
     let training = text(|r| &r.training);
     let loss: Vec<Option<&str>> = cells.iter().map(|c| c.0.loss.as_deref()).collect();
     let metric: Vec<&str> = cells.iter().map(|c| c.1).collect();
-    let k: Vec<i32> = cells.iter().map(|c| c.2 as i32).collect();
+    // Speed metrics have no cut-off: k is null.
+    let k: Vec<Option<i32>> = cells
+        .iter()
+        .map(|c| (c.2 > 0).then_some(c.2 as i32))
+        .collect();
     let value: Vec<f64> = cells.iter().map(|c| c.3).collect();
     let params: Vec<i64> = cells.iter().map(|c| c.0.params as i64).collect();
     let size: Vec<i64> = cells.iter().map(|c| c.0.size_bytes as i64).collect();
@@ -315,4 +386,50 @@ fn evaluation_rows(
         Arc::new(Int64Array::from(users)),
     ];
     RecordBatch::try_new(evaluation_schema(), columns).map_err(|e| Error::internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(name: &str, size_bytes: u64, ndcg10: f64) -> ModelResult {
+        ModelResult {
+            name: name.into(),
+            role: "student".into(),
+            variant: "fp32".into(),
+            training: "scratch".into(),
+            loss: None,
+            params: 1,
+            size_bytes,
+            metrics: Metrics {
+                ks: vec![5, 10],
+                hr: vec![0.0, 0.0],
+                ndcg: vec![ndcg10 / 2.0, ndcg10],
+                mrr: vec![0.0, 0.0],
+                users: 1,
+            },
+            teacher_overlap_10: None,
+            speed: None,
+            pareto: false,
+        }
+    }
+
+    #[test]
+    fn the_frontier_holds_the_models_nothing_beats_on_both_bytes_and_ndcg() {
+        let mut results = vec![
+            result("big-best", 1000, 0.30),
+            result("big-worse", 1000, 0.20),
+            result("mid", 500, 0.25),
+            result("mid-dominated", 600, 0.24),
+            result("small", 100, 0.10),
+            result("small-tie-larger", 120, 0.10),
+        ];
+        mark_pareto(&mut results);
+        let front: Vec<&str> = results
+            .iter()
+            .filter(|r| r.pareto)
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(front, ["big-best", "mid", "small"]);
+    }
 }

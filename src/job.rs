@@ -40,6 +40,8 @@ pub struct JobSpec {
     pub models: ModelsSpec,
     /// Soft labels and the teacher → assistant → student chain.
     pub distill: DistillSpec,
+    /// Compressed variants of the distilled students.
+    pub compress: CompressSpec,
 }
 
 impl Default for JobSpec {
@@ -56,7 +58,100 @@ impl Default for JobSpec {
             evaluation: EvaluationSpec::default(),
             models: ModelsSpec::default(),
             distill: DistillSpec::default(),
+            compress: CompressSpec::default(),
         }
+    }
+}
+
+/// `[compress]`: compressed variants of trained SASRec models (the
+/// distilled students), each saved as stored (integers, sparse rows or
+/// factors) and evaluated and timed like any other model under the name
+/// `<model>@<variant>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressSpec {
+    /// Make the variants.
+    pub enabled: bool,
+    /// The models to compress; empty for the student distilled with the
+    /// first loss family, from the teacher (or, with `distill.direct = false`,
+    /// via the assistants). Nothing is compressed without `[distill]`.
+    pub models: Vec<String>,
+    /// Variants: `int8`, `int4`, `prune-unstructured-<sparsity>`,
+    /// `prune-structured-<fraction>`, `lowrank-<rank>` (or a fraction of
+    /// d_model, `lowrank-0.5`, or the spectral energy kept, `lowrank-e0.9`),
+    /// or several joined with `+` (`lowrank-0.5+int8`).
+    pub variants: Vec<String>,
+    /// Unstructured pruning: `layer` (each matrix to the sparsity) or
+    /// `global` (one magnitude threshold over all matrices).
+    pub prune_scope: String,
+    /// Values sharing one scale in `int4`.
+    pub int4_group: usize,
+    /// Recovery fine-tuning of pruned and low-rank variants against the
+    /// distillation source's soft labels: most epochs (0 for none).
+    pub recovery_epochs: usize,
+    /// Stop recovery after this many epochs without a better valid NDCG@10.
+    pub recovery_patience: usize,
+    /// Recovery learning rate; 0 for the student's.
+    pub recovery_lr: f64,
+}
+
+impl Default for CompressSpec {
+    fn default() -> Self {
+        CompressSpec {
+            enabled: true,
+            models: Vec::new(),
+            variants: [
+                "int8",
+                "int4",
+                "prune-unstructured-0.5",
+                "prune-structured-0.5",
+                "lowrank-0.5",
+                "lowrank-0.5+int8",
+                "prune-structured-0.5+int8",
+            ]
+            .map(String::from)
+            .to_vec(),
+            prune_scope: "layer".into(),
+            int4_group: 32,
+            recovery_epochs: 10,
+            recovery_patience: 3,
+            recovery_lr: 0.0,
+        }
+    }
+}
+
+impl CompressSpec {
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.variants.is_empty() {
+            return Err("compress.variants must list at least one variant".into());
+        }
+        let mut seen = Vec::new();
+        for v in &self.variants {
+            let variant: crate::compress::Variant = v
+                .parse()
+                .map_err(|e: Error| format!("compress.variants: {e}"))?;
+            let name = variant.to_string();
+            if seen.contains(&name) {
+                return Err(format!("compress.variants lists {name:?} twice"));
+            }
+            seen.push(name);
+        }
+        for m in &self.models {
+            check_segment("compress.models entry", m).map_err(|e| e.to_string())?;
+        }
+        if !matches!(self.prune_scope.as_str(), "layer" | "global") {
+            return Err(format!(
+                "compress.prune_scope {:?}: use layer or global",
+                self.prune_scope
+            ));
+        }
+        if self.int4_group == 0 || self.int4_group > 4096 {
+            return Err("compress.int4_group must be in 1..=4096".into());
+        }
+        if !(self.recovery_lr.is_finite() && self.recovery_lr >= 0.0) {
+            return Err("compress.recovery_lr must be ≥ 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -478,6 +573,9 @@ pub struct EvaluationSpec {
     pub recommend_k: u32,
     /// Users scored together in one batch.
     pub batch_users: usize,
+    /// Users scored one at a time for each model's latency percentiles
+    /// (0: no latency or throughput measured).
+    pub latency_users: usize,
 }
 
 impl Default for EvaluationSpec {
@@ -486,6 +584,7 @@ impl Default for EvaluationSpec {
             ks: vec![5, 10, 20],
             recommend_k: 0,
             batch_users: 256,
+            latency_users: 200,
         }
     }
 }
@@ -936,6 +1035,9 @@ impl JobSpec {
         }
         if self.distill.enabled {
             self.distill.validate(&self.models).map_err(at)?;
+        }
+        if self.compress.enabled && self.distill.enabled {
+            self.compress.validate().map_err(at)?;
         }
         if !self.models.popularity.enabled && !m.enabled && !t.enabled {
             return Err(at("no model is enabled under [models]".into()));

@@ -15,6 +15,7 @@
 pub mod baselines;
 pub mod bench;
 pub mod commit;
+pub mod compress;
 pub mod dataset;
 pub mod distill;
 pub mod engine;
@@ -30,6 +31,8 @@ pub mod model;
 pub mod pipeline;
 pub mod progress;
 pub mod query;
+pub mod recommend;
+pub mod report;
 pub mod sample;
 pub mod schema;
 pub mod score;

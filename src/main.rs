@@ -59,6 +59,14 @@ enum Command {
     Sql(SqlArgs),
     /// Write the deterministic synthetic sample (as shipped in data-samples/sample).
     Sample(SampleArgs),
+    /// Top-K recommendations from a saved model (as trained or compressed)
+    /// for users of a run, on their whole history.
+    Recommend(RecommendArgs),
+    /// Print a saved model's card and each tensor's scheme, shape and bytes.
+    Inspect {
+        /// The model file (model.safetensors).
+        artifact: PathBuf,
+    },
     /// Benchmarks for docs/benchmarks.md (they print numbers; they never fail on them).
     Bench {
         #[command(subcommand)]
@@ -103,6 +111,24 @@ enum BenchWhat {
         #[arg(long)]
         out: String,
     },
+    /// Scoring speed of the job's student and its compressed variants
+    /// (random weights) at several catalogue sizes.
+    Compress {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Catalogue sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1682,200000")]
+        items: Vec<usize>,
+        /// Synthetic users.
+        #[arg(long, default_value_t = 2000)]
+        users: usize,
+        /// Items per user.
+        #[arg(long, default_value_t = 20)]
+        len: usize,
+        /// Variants (default: the job's compress.variants).
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
+    },
     /// Training step time at several catalogue sizes, same batch.
     Softmax {
         #[command(flatten)]
@@ -136,6 +162,28 @@ struct JobArgs {
     /// Where models train: cpu, cuda or cuda:N; overrides `device`.
     #[arg(long)]
     device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RecommendArgs {
+    /// The model file (model.safetensors) to score with.
+    #[arg(long)]
+    model: PathBuf,
+    /// Users to recommend for: a file with one user id per line.
+    #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+    users: Option<PathBuf>,
+    /// Recommend for every user of the run.
+    #[arg(long)]
+    all: bool,
+    /// Items per user.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Parquet file to write (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// The run whose users, histories and catalogue to use.
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,6 +322,12 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Sql(args) => sql(args).await,
+        Command::Recommend(args) => recommend(args).await,
+        Command::Inspect { artifact } => {
+            let artifact = recdistill::recommend::read_artifact(&artifact)?;
+            print!("{}", recdistill::recommend::inspect(&artifact)?);
+            Ok(())
+        }
         Command::Bench { what } => bench(what).await,
         Command::Sample(args) => {
             let lake = open_lake(&args.out)?;
@@ -361,6 +415,30 @@ async fn bench(what: BenchWhat) -> Result<()> {
             }
             recdistill::bench::soft_labels(&load_job(&job)?, users, items, len, &out).await?
         }
+        BenchWhat::Compress {
+            job,
+            items,
+            users,
+            len,
+            variants,
+        } => {
+            if users == 0 || len == 0 || items.iter().any(|&n| n < 2) {
+                return Err(Error::config(
+                    "--users and --len must be at least 1, every --items size at least 2",
+                ));
+            }
+            let job = load_job(&job)?;
+            let variants = if variants.is_empty() {
+                job.spec.compress.variants.clone()
+            } else {
+                variants
+            };
+            tokio::task::spawn_blocking(move || {
+                recdistill::bench::compressed_scoring(&job, &items, users, len, &variants)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("bench failed: {e}")))??
+        }
         BenchWhat::Softmax {
             job,
             items,
@@ -417,8 +495,17 @@ async fn run(args: JobArgs) -> Result<()> {
     .map_err(io)?;
     writeln!(
         out,
-        "{:<24} {:<10} {:>9} {:>9} {:>9} {:>10} {:>12}",
-        "model", "role", "ndcg@10", "hr@10", "mrr@10", "params", "size_bytes"
+        "{:<48} {:<10} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
+        "model",
+        "role",
+        "ndcg@10",
+        "hr@10",
+        "mrr@10",
+        "params",
+        "bytes",
+        "p50_ms",
+        "users/s",
+        "frontier"
     )
     .map_err(io)?;
     for r in &summary.evaluation.results {
@@ -430,16 +517,24 @@ async fn run(args: JobArgs) -> Result<()> {
                 .map(|i| format!("{:.4}", v[i]))
                 .unwrap_or_else(|| "-".into())
         };
+        let speed = |f: fn(&recdistill::score::Speed) -> f64, digits: usize| {
+            r.speed
+                .as_ref()
+                .map_or("-".to_string(), |s| format!("{:.*}", digits, f(s)))
+        };
         writeln!(
             out,
-            "{:<24} {:<10} {:>9} {:>9} {:>9} {:>10} {:>12}",
+            "{:<48} {:<10} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
             r.name,
             r.role,
             at(&r.metrics.ndcg),
             at(&r.metrics.hr),
             at(&r.metrics.mrr),
             r.params,
-            r.size_bytes
+            r.size_bytes,
+            speed(|s| s.latency_ms_p50, 3),
+            speed(|s| s.users_per_s, 0),
+            if r.pareto { "*" } else { "" }
         )
         .map_err(io)?;
     }
@@ -479,6 +574,28 @@ async fn stage(name: &str, args: JobArgs) -> Result<()> {
             manifest.outputs.len()
         ),
     }
+    Ok(())
+}
+
+async fn recommend(args: RecommendArgs) -> Result<()> {
+    if args.k == 0 {
+        return Err(Error::config("--k must be at least 1"));
+    }
+    let artifact = recdistill::recommend::read_artifact(&args.model)?;
+    let job = load_job(&args.job)?;
+    let date = run_date(&args.job.run_date)?;
+    let rc = RunContext::new(job, date)?;
+    recdistill::features::register_features(&rc.ctx, &rc.run, &rc.job).await?;
+    let dataset = recdistill::dataset::load_dataset(&rc.ctx).await?;
+    let users = recdistill::recommend::select_users(&dataset, args.users.as_deref())?;
+    let batch = rc.job.spec.evaluation.batch_users;
+    let (k, out) = (args.k, args.out.clone());
+    let rows = tokio::task::spawn_blocking(move || {
+        recdistill::recommend::recommend(&artifact, &dataset, &users, k, batch, &out)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("recommend failed: {e}")))??;
+    println!("{rows} recommendations written to {}", args.out.display());
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::baselines::{self, Baselines};
 use crate::commit::{self, Manifest, RunFolder, StageRecord};
+use crate::compress;
 use crate::dataset::{self, Dataset, ItemContent};
 use crate::distill;
 use crate::engine;
@@ -39,6 +40,8 @@ pub enum Stage {
     SoftLabels,
     /// The assistants and students → `models/`, `training/`, `soft_labels/`.
     Distill,
+    /// Compressed variants of the students → `models/`, `training/`.
+    Compress,
     /// Every model → `recommendations/`, `evaluation/`.
     Evaluate,
     /// `_SUCCESS`.
@@ -47,29 +50,36 @@ pub enum Stage {
 
 impl Stage {
     /// All stages, in order.
-    pub const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
         Stage::Ingest,
         Stage::Features,
         Stage::Baselines,
         Stage::Teacher,
         Stage::SoftLabels,
         Stage::Distill,
+        Stage::Compress,
         Stage::Evaluate,
         Stage::Commit,
     ];
 
     /// Stages whose records the commit collects.
-    pub const RECORDED: [Stage; 6] = [
+    pub const RECORDED: [Stage; 7] = [
         Stage::Features,
         Stage::Baselines,
         Stage::Teacher,
         Stage::SoftLabels,
         Stage::Distill,
+        Stage::Compress,
         Stage::Evaluate,
     ];
 
     /// Stages whose models the evaluate stage evaluates.
-    pub const TRAINING: [Stage; 3] = [Stage::Baselines, Stage::Teacher, Stage::Distill];
+    pub const TRAINING: [Stage; 4] = [
+        Stage::Baselines,
+        Stage::Teacher,
+        Stage::Distill,
+        Stage::Compress,
+    ];
 
     /// Stage name on the command line and in records.
     pub fn name(self) -> &'static str {
@@ -80,6 +90,7 @@ impl Stage {
             Stage::Teacher => "teacher",
             Stage::SoftLabels => "soft-labels",
             Stage::Distill => "distill",
+            Stage::Compress => "compress",
             Stage::Evaluate => "evaluate",
             Stage::Commit => "commit",
         }
@@ -222,9 +233,23 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
 
     let (started, started_at) = (Instant::now(), now());
     let distilled = distill::distill_chain(&rc.job, &rc.run, Arc::clone(&dataset)).await?;
+    let students = distilled.models.clone();
     models.extend(distilled.models);
     rc.record(Stage::Distill, started, started_at, distilled.written, None)
         .await?;
+
+    let (started, started_at) = (Instant::now(), now());
+    let compressed =
+        compress::compress_models(&rc.job, &rc.run, Arc::clone(&dataset), &students).await?;
+    models.extend(compressed.models);
+    rc.record(
+        Stage::Compress,
+        started,
+        started_at,
+        compressed.written,
+        None,
+    )
+    .await?;
 
     let (started, started_at) = (Instant::now(), now());
     let evaluation =
@@ -387,6 +412,12 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
         Stage::Distill => {
             stage_outputs(rc, Stage::SoftLabels).await?;
             distill::distill_chain(&rc.job, &rc.run, dataset)
+                .await?
+                .written
+        }
+        Stage::Compress => {
+            let students = stage_models(rc, &[Stage::Distill]).await?;
+            compress::compress_models(&rc.job, &rc.run, dataset, &students)
                 .await?
                 .written
         }

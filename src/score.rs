@@ -5,6 +5,8 @@
 
 use std::cmp::Ordering;
 
+use rayon::prelude::*;
+
 use crate::dataset::{Dataset, Target};
 use crate::error::{Error, Result};
 use crate::model::Scorer;
@@ -116,6 +118,76 @@ pub fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
     best
 }
 
+/// Fewest whole passes over the targets when timing throughput.
+const THROUGHPUT_PASSES: usize = 3;
+/// Fewest seconds of throughput passes.
+const THROUGHPUT_SECONDS: f64 = 0.5;
+
+/// How fast a model recommends, measured in this process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speed {
+    /// Median milliseconds to score one user and pick their list.
+    pub latency_ms_p50: f64,
+    /// 99th percentile of the same.
+    pub latency_ms_p99: f64,
+    /// Users per second when every test user is scored in batches.
+    pub users_per_s: f64,
+}
+
+/// Times `scorer`: the first `latency_users` targets one at a time (score,
+/// exclude the history, pick the top `list_len`), then every target in
+/// batches of `batch`, pass after pass (the median pass's rate). A warm-up
+/// batch runs first.
+pub fn measure_speed(
+    scorer: &dyn Scorer,
+    dataset: &Dataset,
+    targets: &[Target],
+    batch: usize,
+    list_len: usize,
+    latency_users: usize,
+) -> Result<Speed> {
+    let n = scorer.n_items();
+    let mut scores = Vec::new();
+    let mut ranker = Ranker::default();
+    let warm: Vec<&[u32]> = targets
+        .iter()
+        .take(batch.max(1))
+        .map(|t| dataset.history(t))
+        .collect();
+    scorer.score(&warm, &mut scores)?;
+    let mut times = Vec::with_capacity(latency_users);
+    for t in targets.iter().cycle().take(latency_users.max(1)) {
+        let history = dataset.history(t);
+        let started = std::time::Instant::now();
+        scorer.score(&[history], &mut scores)?;
+        let (_, top) = ranker.rank(&scores[..n], history, t.item, list_len);
+        std::hint::black_box(top);
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let pct =
+        |p: f64| times[((p * (times.len() - 1) as f64).round() as usize).min(times.len() - 1)];
+    // Whole passes over the targets until at least THROUGHPUT_PASSES passes
+    // and THROUGHPUT_SECONDS have gone by; the median pass counts.
+    let mut rates = Vec::new();
+    let started = std::time::Instant::now();
+    while rates.len() < THROUGHPUT_PASSES || started.elapsed().as_secs_f64() < THROUGHPUT_SECONDS {
+        let pass = std::time::Instant::now();
+        let mut users = 0usize;
+        rank_targets(scorer, dataset, targets, batch, list_len, |ranked| {
+            users += ranked.len();
+            Ok(())
+        })?;
+        rates.push(users as f64 / pass.elapsed().as_secs_f64().max(1e-9));
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(Speed {
+        latency_ms_p50: pct(0.5),
+        latency_ms_p99: pct(0.99),
+        users_per_s: rates[rates.len() / 2],
+    })
+}
+
 /// Ranks every target with `scorer`, `batch` users at a time, handing each
 /// batch's results to `sink` in target order.
 pub fn rank_targets(
@@ -134,7 +206,6 @@ pub fn rank_targets(
         )));
     }
     let mut scores = Vec::new();
-    let mut ranker = Ranker::default();
     let mut ranked = Vec::with_capacity(batch);
     for chunk in targets.chunks(batch.max(1)) {
         let histories: Vec<&[u32]> = chunk.iter().map(|t| dataset.history(t)).collect();
@@ -146,20 +217,24 @@ pub fn rank_targets(
                 chunk.len()
             )));
         }
-        ranked.clear();
-        for (row, target) in chunk.iter().enumerate() {
-            let (rank, top) = ranker.rank(
-                &scores[row * n..(row + 1) * n],
-                histories[row],
-                target.item,
-                list_len,
-            );
-            ranked.push(Ranked {
-                target: *target,
-                rank,
-                top,
-            });
-        }
+        // Users are ranked in parallel, each thread with its own scratch.
+        chunk
+            .par_iter()
+            .enumerate()
+            .map_init(Ranker::default, |ranker, (row, target)| {
+                let (rank, top) = ranker.rank(
+                    &scores[row * n..(row + 1) * n],
+                    histories[row],
+                    target.item,
+                    list_len,
+                );
+                Ranked {
+                    target: *target,
+                    rank,
+                    top,
+                }
+            })
+            .collect_into_vec(&mut ranked);
         sink(&ranked)?;
     }
     Ok(())

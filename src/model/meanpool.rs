@@ -157,6 +157,7 @@ impl MeanPool {
             config: serde_json::to_value(self.config)
                 .map_err(|e| Error::internal(e.to_string()))?,
             distilled_from: None,
+            variant: crate::model::FP32.into(),
         };
         let d = self.config.d_model;
         let item_out = self.item_out.flatten_all()?.to_vec1::<f32>()?;

@@ -4,6 +4,7 @@
 pub mod meanpool;
 pub mod popularity;
 pub mod sasrec;
+pub mod stored;
 
 use std::collections::HashMap;
 
@@ -46,7 +47,17 @@ pub struct ModelCard {
     /// For a distilled model: the soft labels it learned from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distilled_from: Option<Lineage>,
+    /// `fp32`, or the compression applied (`int8`, `lowrank-16+int8`, …).
+    #[serde(default = "fp32")]
+    pub variant: String,
 }
+
+fn fp32() -> String {
+    FP32.to_string()
+}
+
+/// The variant of a model as trained.
+pub const FP32: &str = "fp32";
 
 /// Where a distilled model's knowledge came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +130,10 @@ impl ModelArtifact {
     pub fn parse(location: &str, bytes: Bytes) -> Result<ModelArtifact> {
         let bad = |msg: String| Error::data(location, format!("not a valid model artifact: {msg}"));
         let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let stored = metadata
+            .metadata()
+            .as_ref()
+            .is_some_and(|m| m.contains_key(sasrec::infer::LAYOUT_KEY));
         let card_json = metadata
             .metadata()
             .as_ref()
@@ -126,6 +141,19 @@ impl ModelArtifact {
             .ok_or_else(|| bad(format!("no {CARD_KEY} entry in the safetensors metadata")))?;
         let card: ModelCard =
             serde_json::from_str(card_json).map_err(|e| bad(format!("bad model card: {e}")))?;
+        if stored {
+            // A model with stored (compressed) matrices: decoding it checks everything.
+            if card.kind != sasrec::KIND {
+                return Err(bad(format!("{} models have no stored layout", card.kind)));
+            }
+            let model = sasrec::infer::StoredSasRec::decode(location, &card, &bytes)?;
+            return Ok(ModelArtifact {
+                card,
+                params: model.params(),
+                bytes,
+                location: location.to_string(),
+            });
+        }
         let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let mut params = 0u64;
         for (name, view) in tensors.tensors() {
@@ -184,6 +212,41 @@ impl ModelArtifact {
             .len())
     }
 
+    /// Whether its matrices are stored in a layout of their own (a compressed model).
+    pub fn is_stored(&self) -> bool {
+        SafeTensors::read_metadata(&self.bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .is_some_and(|m| m.contains_key(sasrec::infer::LAYOUT_KEY))
+    }
+
+    /// A SASRec model in the scoring engine: as stored, or (for a model
+    /// saved as trained) its dense weights.
+    pub fn stored_sasrec(&self) -> Result<sasrec::infer::StoredSasRec> {
+        if self.is_stored() {
+            sasrec::infer::StoredSasRec::decode(&self.location, &self.card, &self.bytes)
+        } else {
+            Ok(sasrec::infer::StoredSasRec::from_dense(
+                &sasrec::SasRec::from_artifact(self)?,
+            ))
+        }
+    }
+
+    /// Saves a stored SASRec model with its card and how it was made.
+    pub fn from_stored(
+        card: ModelCard,
+        model: &sasrec::infer::StoredSasRec,
+        info: Option<&sasrec::infer::CompressionInfo>,
+    ) -> Result<ModelArtifact> {
+        let bytes = model.serialize(&card, info)?;
+        Ok(ModelArtifact {
+            location: format!("model {}", card.name),
+            params: model.params(),
+            card,
+            bytes: Bytes::from(bytes),
+        })
+    }
+
     /// Builds the model's scorer, checking it was trained for `n_items` items.
     pub fn scorer(&self, n_items: usize) -> Result<Box<dyn Scorer>> {
         if self.card.n_items != n_items {
@@ -198,7 +261,7 @@ impl ModelArtifact {
         match self.card.kind.as_str() {
             popularity::KIND => Ok(Box::new(popularity::Popularity::from_artifact(self)?)),
             meanpool::KIND => Ok(Box::new(meanpool::MeanPool::from_artifact(self)?)),
-            sasrec::KIND => Ok(Box::new(sasrec::SasRec::from_artifact(self)?)),
+            sasrec::KIND => Ok(Box::new(self.stored_sasrec()?)),
             other => Err(Error::data(
                 self.location.clone(),
                 format!("unknown model kind {other:?}"),
@@ -226,6 +289,7 @@ mod tests {
             n_items: 3,
             config: serde_json::json!({}),
             distilled_from: None,
+            variant: FP32.into(),
         }
     }
 

@@ -33,6 +33,7 @@ impl Popularity {
             n_items: self.scores.len(),
             config: serde_json::json!({}),
             distilled_from: None,
+            variant: crate::model::FP32.into(),
         };
         ModelArtifact::from_f32(
             card,

@@ -194,8 +194,20 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-/// The evaluation rows as (model, metric, k) → value.
+/// Timing metrics: measured, so they differ from run to run.
+pub const TIMINGS: [&str; 3] = ["latency_ms_p50", "latency_ms_p99", "users_per_s"];
+
+/// The evaluation rows as (model, metric, k) → value, timings left out
+/// (everything else is repeatable).
 pub fn evaluation_values(run: &Path) -> Vec<(String, String, i32, f64)> {
+    all_evaluation_values(run)
+        .into_iter()
+        .filter(|(_, m, _, _)| !TIMINGS.contains(&m.as_str()))
+        .collect()
+}
+
+/// Every evaluation row as (model, metric, k) → value (k 0 when null).
+pub fn all_evaluation_values(run: &Path) -> Vec<(String, String, i32, f64)> {
     use arrow::array::AsArray;
     use arrow::datatypes::{Float64Type, Int32Type};
     let b = read_all(&run.join("evaluation/evaluation.parquet"));
@@ -208,7 +220,11 @@ pub fn evaluation_values(run: &Path) -> Vec<(String, String, i32, f64)> {
             (
                 model.as_string::<i32>().value(r).to_string(),
                 metric.as_string::<i32>().value(r).to_string(),
-                k.as_primitive::<Int32Type>().value(r),
+                if k.is_null(r) {
+                    0
+                } else {
+                    k.as_primitive::<Int32Type>().value(r)
+                },
                 value.as_primitive::<Float64Type>().value(r),
             )
         })

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod common;
+mod compress;
 mod distill;
 mod import;
 mod interop;

@@ -71,6 +71,7 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
             "teacher",
             "soft-labels",
             "distill",
+            "compress",
             "evaluate"
         ]
     );
@@ -101,8 +102,14 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
     let rows = evaluation_values(&run);
     assert_eq!(
         rows.len(),
-        12 * 3 * 3 + 11,
-        "12 models × 3 metrics × 3 cut-offs, and the teacher overlap of all but the teacher"
+        19 * (3 * 3 + 1) + 18,
+        "12 models and 7 compressed variants × (3 metrics × 3 cut-offs + pareto), and the teacher overlap of all but the teacher"
+    );
+    let timings = all_evaluation_values(&run).len() - rows.len();
+    assert_eq!(
+        timings,
+        19 * 3,
+        "latency p50, p99 and users/s of every model"
     );
     let (learned, popular) = (
         metric(&rows, "meanpool", "ndcg", 10),
@@ -184,6 +191,7 @@ fn stages_one_at_a_time_equal_a_whole_run() {
         "teacher",
         "soft-labels",
         "distill",
+        "compress",
         "evaluate",
     ] {
         ok(&mut stage(name));
@@ -219,7 +227,7 @@ fn stages_one_at_a_time_equal_a_whole_run() {
         2,
     );
     assert!(err.contains("stage teacher"), "{err}");
-    for name in ["teacher", "soft-labels", "distill", "evaluate"] {
+    for name in ["teacher", "soft-labels", "distill", "compress", "evaluate"] {
         ok(stage(name).args(["--set", "models.meanpool.epochs=1"]));
     }
     let err = fails(&mut stage("commit"), 2);

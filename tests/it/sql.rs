@@ -42,11 +42,11 @@ fn queries_inputs_features_and_results_and_refuses_writes() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // Baselines, teachers, the assistant and 7 students.
-    assert_eq!(rows.len(), 12);
+    // Baselines, teachers, the assistant, 7 students and 7 compressed variants.
+    assert_eq!(rows.len(), 19);
     assert_eq!(rows[0]["model"], "assistant");
     assert_eq!(rows[1]["model"], "meanpool");
-    assert_eq!(rows[11]["model"], "teacher-content");
+    assert_eq!(rows[18]["model"], "teacher-content");
 
     let out = ok(&mut sql(
         &lake,
