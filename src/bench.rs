@@ -331,16 +331,7 @@ pub fn compressed_scoring(
                 item: data.user_items(u)[len],
             })
             .collect();
-        let config = crate::model::sasrec::SasRecConfig {
-            n_items,
-            d_model: link.d_model,
-            layers: link.layers,
-            heads: link.heads,
-            ffn: link.ffn,
-            max_len: link.max_len,
-            dropout: link.dropout,
-            content_dim: 0,
-        };
+        let config = crate::distill::link_config(link, n_items);
         let model = SasRec::new(config, Vec::new(), job.spec.seed)?;
         let mut models = vec![("fp32".to_string(), StoredSasRec::from_dense(&model))];
         for v in &parsed {

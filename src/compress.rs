@@ -28,7 +28,7 @@ use crate::model::sasrec::infer::{CompressionInfo, StoredSasRec};
 use crate::model::sasrec::{self, SasRec, SasRecConfig, Weights};
 use crate::model::stored::Matrix;
 use crate::model::{ModelArtifact, ModelCard};
-use crate::soft_labels::{self, Expected, SoftLabels, soft_labels_path};
+use crate::soft_labels::SoftLabels;
 use crate::train::{self, Distillation, EpochLog, Steps, Trainer};
 
 /// How the low-rank step picks its rank.
@@ -246,20 +246,7 @@ pub async fn compress_models(
         spec.models.clone()
     };
     let labels = if spec.recovery_epochs > 0 && variants.iter().any(Variant::recovers) {
-        let distill = &job.spec.distill;
-        let expected = Expected {
-            k: distill.k,
-            temperature: distill::label_settings_for(distill).temperature,
-        };
-        Some(Arc::new(
-            soft_labels::read_soft_labels(
-                run,
-                &soft_labels_path(&distill.source),
-                &dataset,
-                expected,
-            )
-            .await?,
-        ))
+        Some(distill::read_source_labels(&job.spec.distill, run, &dataset).await?)
     } else {
         None
     };

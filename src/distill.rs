@@ -21,7 +21,7 @@ use crate::lake::WrittenObject;
 use crate::loss::{LossFamily, LossMix};
 use crate::model::sasrec::{self, SasRec, SasRecConfig};
 use crate::model::{Lineage, ModelArtifact};
-use crate::soft_labels::{self, Expected, SoftLabelSettings, soft_labels_path};
+use crate::soft_labels::{self, Expected, SoftLabelSettings, SoftLabels, soft_labels_path};
 use crate::train::{self, Distillation, EpochLog, Softmax, TrainSettings};
 
 /// Models trained by the chain and the files written for them.
@@ -86,7 +86,25 @@ pub async fn emit_source_labels(
     Ok(vec![written])
 }
 
-fn link_config(link: &LinkSpec, n_items: usize) -> SasRecConfig {
+/// The source teacher's soft labels, read back from the run at the
+/// temperature they were emitted with (the first link's).
+pub async fn read_source_labels(
+    spec: &DistillSpec,
+    run: &RunFolder,
+    dataset: &Dataset,
+) -> Result<Arc<SoftLabels>> {
+    let expected = Expected {
+        k: spec.k,
+        temperature: link_temperature(spec, 0),
+    };
+    let labels =
+        soft_labels::read_soft_labels(run, &soft_labels_path(&spec.source), dataset, expected)
+            .await?;
+    Ok(Arc::new(labels))
+}
+
+/// The architecture of a chain link for a catalogue of `n_items`.
+pub(crate) fn link_config(link: &LinkSpec, n_items: usize) -> SasRecConfig {
     SasRecConfig {
         n_items,
         d_model: link.d_model,
@@ -164,7 +182,7 @@ pub async fn distill_chain(job: &Job, run: &RunFolder, dataset: Arc<Dataset>) ->
         family: family.clone(),
         rank_decay: spec.rank_decay,
     };
-    let teacher_labels = read(spec.source.clone(), link_temperature(spec, 0)).await?;
+    let teacher_labels = read_source_labels(spec, run, &dataset).await?;
     let seeds = if spec.seeds.is_empty() {
         vec![job.spec.seed]
     } else {

@@ -74,9 +74,8 @@ pub fn recommend(
     let tmp = out.with_extension("parquet.partial");
     let file = std::fs::File::create(&tmp)
         .map_err(|e| Error::config(format!("cannot create {}: {e}", tmp.display())))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
+    // The same Parquet settings as the lake's files.
+    let props = crate::lake::writer_properties(Vec::new());
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, Arc::clone(&schema), Some(props))
         .map_err(|e| Error::internal(e.to_string()))?;
     let result = (|| -> Result<usize> {

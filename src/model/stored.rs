@@ -210,12 +210,19 @@ fn f16_scale(max_abs: f32, levels: f32) -> f32 {
     h.to_f32()
 }
 
-fn quantize_with(x: f32, scale: f32, levels: f32) -> i8 {
-    if scale == 0.0 {
-        0
-    } else {
-        (x / scale).round().clamp(-levels, levels) as i8
+/// Quantizes `values` symmetrically to `±levels` into `out` with one scale
+/// (max |v| / levels, rounded up to `f16`), which it returns.
+fn quantize_span(values: &[f32], levels: f32, out: &mut [i8]) -> f32 {
+    let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = f16_scale(max, levels);
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = if scale == 0.0 {
+            0
+        } else {
+            (v / scale).round().clamp(-levels, levels) as i8
+        };
     }
+    scale
 }
 
 impl Matrix {
@@ -259,16 +266,16 @@ impl Matrix {
         let width = cols.div_ceil(2);
         let mut packed = vec![0u8; rows * width];
         let mut scale = vec![0.0f32; rows * groups];
+        let mut values = vec![0i8; group];
         for r in 0..rows {
             let row = &data[r * cols..(r + 1) * cols];
             let bytes = &mut packed[r * width..(r + 1) * width];
             for g in 0..groups {
                 let span = g * group..((g + 1) * group).min(cols);
-                let max = row[span.clone()].iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let s = f16_scale(max, I4_MAX);
-                scale[r * groups + g] = s;
-                for c in span {
-                    let nibble = (quantize_with(row[c], s, I4_MAX) + 8) as u8;
+                let q = &mut values[..span.len()];
+                scale[r * groups + g] = quantize_span(&row[span.clone()], I4_MAX, q);
+                for (c, &v) in span.zip(q.iter()) {
+                    let nibble = (v + 8) as u8;
                     bytes[c / 2] |= if c.is_multiple_of(2) {
                         nibble
                     } else {
@@ -312,15 +319,13 @@ impl Matrix {
             indptr.push(indices.len() as u32);
         }
         let values = if int8 {
-            let mut q = Vec::with_capacity(values.len());
-            let mut scale = Vec::with_capacity(rows);
-            for r in 0..rows {
-                let row = &values[indptr[r] as usize..indptr[r + 1] as usize];
-                let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let s = f16_scale(max, I8_MAX);
-                scale.push(s);
-                q.extend(row.iter().map(|&v| quantize_with(v, s, I8_MAX)));
-            }
+            let mut q = vec![0i8; values.len()];
+            let scale = (0..rows)
+                .map(|r| {
+                    let span = indptr[r] as usize..indptr[r + 1] as usize;
+                    quantize_span(&values[span.clone()], I8_MAX, &mut q[span])
+                })
+                .collect();
             SparseValues::Int8 { q, scale }
         } else {
             SparseValues::F32(values)
@@ -341,12 +346,24 @@ impl Matrix {
 
     /// Outputs.
     pub fn rows(&self) -> usize {
-        self.layout().shape().0
+        match self {
+            Matrix::F32 { rows, .. }
+            | Matrix::Int8 { rows, .. }
+            | Matrix::Int4 { rows, .. }
+            | Matrix::Sparse { rows, .. } => *rows,
+            Matrix::LowRank { u, .. } => u.rows(),
+        }
     }
 
     /// Inputs.
     pub fn cols(&self) -> usize {
-        self.layout().shape().1
+        match self {
+            Matrix::F32 { cols, .. }
+            | Matrix::Int8 { cols, .. }
+            | Matrix::Int4 { cols, .. }
+            | Matrix::Sparse { cols, .. } => *cols,
+            Matrix::LowRank { v, .. } => v.cols(),
+        }
     }
 
     /// Weights stored (kept values; scales and indices not counted).
@@ -435,11 +452,8 @@ impl Matrix {
                 scale,
                 ..
             } => {
-                let width = cols.div_ceil(2);
-                let groups = cols.div_ceil(*group);
-                let bytes = &packed[j * width..(j + 1) * width];
-                for (c, o) in out.iter_mut().enumerate().take(*cols) {
-                    *o = scale[j * groups + c / group] * f32::from(nibble(bytes, c));
+                for (k, o) in out.iter_mut().enumerate().take(*cols) {
+                    *o = int4_at(*cols, *group, packed, scale, j, k);
                 }
             }
             Matrix::Sparse {
@@ -487,11 +501,7 @@ impl Matrix {
                 packed,
                 scale,
                 ..
-            } => {
-                let width = cols.div_ceil(2);
-                let groups = cols.div_ceil(*group);
-                scale[j * groups + k / group] * f32::from(nibble(&packed[j * width..], k))
-            }
+            } => int4_at(*cols, *group, packed, scale, j, k),
             Matrix::Sparse { .. } | Matrix::LowRank { .. } => {
                 let mut row = vec![0.0; self.cols()];
                 self.row_into(j, &mut row);
@@ -633,26 +643,28 @@ impl Matrix {
                 values,
                 ..
             } => {
-                for_output_rows(out, ldo, n, rows, work, |i, o| {
-                    let xi = &x[i * cols..(i + 1) * cols];
-                    for (j, o) in o.iter_mut().enumerate() {
-                        let span = indptr[j] as usize..indptr[j + 1] as usize;
-                        let idx = &indices[span.clone()];
-                        *o = match values {
-                            SparseValues::F32(v) => idx
-                                .iter()
-                                .zip(&v[span])
-                                .map(|(&c, &w)| w * xi[c as usize])
-                                .sum(),
-                            SparseValues::Int8 { q, scale } => {
-                                scale[j]
-                                    * idx
-                                        .iter()
-                                        .zip(&q[span])
-                                        .map(|(&c, &w)| f32::from(w) * xi[c as usize])
-                                        .sum::<f32>()
-                            }
-                        };
+                for_user_blocks(out, ldo, n, work, |first, count, o| {
+                    for i in 0..count {
+                        let xi = &x[(first + i) * cols..(first + i + 1) * cols];
+                        for (j, o) in o[i * ldo..i * ldo + rows].iter_mut().enumerate() {
+                            let span = indptr[j] as usize..indptr[j + 1] as usize;
+                            let idx = &indices[span.clone()];
+                            *o = match values {
+                                SparseValues::F32(v) => idx
+                                    .iter()
+                                    .zip(&v[span])
+                                    .map(|(&c, &w)| w * xi[c as usize])
+                                    .sum(),
+                                SparseValues::Int8 { q, scale } => {
+                                    scale[j]
+                                        * idx
+                                            .iter()
+                                            .zip(&q[span])
+                                            .map(|(&c, &w)| f32::from(w) * xi[c as usize])
+                                            .sum::<f32>()
+                                }
+                            };
+                        }
                     }
                 });
             }
@@ -924,6 +936,12 @@ fn clamp_i8(mut q: Vec<i8>) -> Vec<i8> {
     q
 }
 
+/// Element `(j, k)` of an `int4` matrix.
+fn int4_at(cols: usize, group: usize, packed: &[u8], scale: &[f32], j: usize, k: usize) -> f32 {
+    let width = cols.div_ceil(2);
+    scale[j * cols.div_ceil(group) + k / group] * f32::from(nibble(&packed[j * width..], k))
+}
+
 fn nibble(bytes: &[u8], c: usize) -> i8 {
     let b = bytes[c / 2];
     let n = if c.is_multiple_of(2) {
@@ -945,35 +963,9 @@ pub fn quantize_rows_int8(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
         .zip(q.chunks_exact_mut(cols.max(1)))
         .zip(scale.iter_mut())
     {
-        let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        *s = f16_scale(max, I8_MAX);
-        for (o, &v) in qrow.iter_mut().zip(row) {
-            *o = quantize_with(v, *s, I8_MAX);
-        }
+        *s = quantize_span(row, I8_MAX, qrow);
     }
     (q, scale)
-}
-
-/// Runs `f(i, out_row_i)` for the `n` output rows, in parallel when the
-/// product is large.
-fn for_output_rows(
-    out: &mut [f32],
-    ldo: usize,
-    n: usize,
-    rows: usize,
-    work: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    if work >= PARALLEL_WORK && n > 1 {
-        out.par_chunks_mut(ldo)
-            .take(n)
-            .enumerate()
-            .for_each(|(i, o)| f(i, &mut o[..rows]));
-    } else {
-        for (i, o) in out.chunks_mut(ldo).take(n).enumerate() {
-            f(i, &mut o[..rows]);
-        }
-    }
 }
 
 /// Runs `f(first, count, out_from_row_first)` over blocks of the `n`
