@@ -1,8 +1,10 @@
 """Airflow DAG running recdistill daily, one task per stage.
 
 Each stage reads what it needs from the run folder in the lake, so the tasks
-can run on different workers. Exit code 4 (transient I/O) is worth a retry;
-3 (invalid input data) and 2 (configuration) fail again until the data or the
+can run on different workers. Exit code 4 (transient I/O) is worth a retry,
+and so is 5 (another run of the same date holds the run folder: a retry after
+`retry_delay` finds it free, also when that run was killed, since its lease
+expires after `lake.lease_s`); 3 (invalid input data) and 2 (configuration) fail again until the data or the
 job file is fixed, so alert on them rather than wait for the retries.
 """
 

@@ -409,7 +409,11 @@ pub async fn commit(run: &RunFolder, job: &Job, run_id: &str, stages: &[&str]) -
     let folder = run.lake.path(&run.prefix);
     for object in run.lake.list(&run.prefix).await? {
         let rel = Lake::relative_to(&folder, &object.location);
-        if rel == SUCCESS || rel.starts_with(&format!("{STAGES}/")) || outputs.contains_key(&rel) {
+        if rel == SUCCESS
+            || rel.starts_with(&format!("{STAGES}/"))
+            || rel.starts_with(&format!("{}/", crate::lease::LEASES))
+            || outputs.contains_key(&rel)
+        {
             continue;
         }
         tracing::info!(object = %rel, "removing object no stage of this run wrote");

@@ -18,6 +18,9 @@ pub mod exit_code {
     pub const DATA: i32 = 3;
     /// Storage or network trouble that may pass: retry later.
     pub const TRANSIENT_IO: i32 = 4;
+    /// Another run holds the run folder (or took it over): this one wrote
+    /// nothing there and did not commit. Retry after the other finishes.
+    pub const BUSY: i32 = 5;
 }
 
 /// The library's error.
@@ -44,6 +47,10 @@ pub enum Error {
         /// The underlying error, rendered.
         message: String,
     },
+
+    /// Another run holds the run folder.
+    #[error("run folder busy: {0}")]
+    Busy(String),
 
     /// Something that should not happen: a bug in recdistill.
     #[error("internal error: {0}")]
@@ -72,6 +79,11 @@ impl Error {
         }
     }
 
+    /// Another run holds the run folder.
+    pub fn busy(message: impl fmt::Display) -> Self {
+        Error::Busy(message.to_string())
+    }
+
     /// An internal error.
     pub fn internal(message: impl fmt::Display) -> Self {
         Error::Internal(message.to_string())
@@ -83,6 +95,7 @@ impl Error {
             Error::Config(_) => exit_code::CONFIG,
             Error::Data { .. } => exit_code::DATA,
             Error::Io { .. } => exit_code::TRANSIENT_IO,
+            Error::Busy(_) => exit_code::BUSY,
             Error::Internal(_) => exit_code::INTERNAL,
         }
     }
@@ -100,6 +113,11 @@ impl Error {
             E::NotSupported { .. }
             | E::NotImplemented { .. }
             | E::UnknownConfigurationKey { .. } => Error::config(format!("{location}: {err}")),
+            // Some requests (listings) report a refusal only as a status in
+            // a generic error; a refusal does not pass by retrying.
+            other if refused_status(&other.to_string()) => {
+                Error::config(format!("{location}: access refused: {other}"))
+            }
             other => Error::io(location, other),
         }
     }
@@ -112,18 +130,9 @@ impl Error {
         use datafusion::error::DataFusionError as D;
         match err {
             D::External(inner) => {
-                let inner = match inner.downcast::<Error>() {
-                    Ok(ours) => return *ours,
-                    Err(inner) => inner,
-                };
-                let inner = match inner.downcast::<object_store::Error>() {
-                    Ok(store) => return Error::from_store(what, *store),
-                    Err(inner) => inner,
-                };
-                match inner.downcast::<datafusion::error::DataFusionError>() {
-                    Ok(df) => Error::from_datafusion(what, *df),
-                    Err(inner) => Error::internal(format!("{what}: {inner}")),
-                }
+                let what = what.to_string();
+                Error::from_external(&what, inner)
+                    .unwrap_or_else(|inner| Error::internal(format!("{what}: {inner}")))
             }
             D::Context(context, inner) => {
                 Error::from_datafusion(format!("{what}: {context}"), *inner)
@@ -137,8 +146,28 @@ impl Error {
                 Err(shared) => Error::internal(format!("{what}: {shared}")),
             },
             D::ObjectStore(inner) => Error::from_store(what, *inner),
-            D::ParquetError(inner) => Error::data(what, format!("unreadable Parquet: {inner}")),
-            D::ArrowError(inner, _) => Error::data(what, inner),
+            // A read that failed in the store is storage trouble, not bad data.
+            D::ParquetError(inner) => {
+                let what = what.to_string();
+                match *inner {
+                    parquet::errors::ParquetError::External(source) => {
+                        Error::from_external(&what, source).unwrap_or_else(|source| {
+                            Error::data(&what, format!("unreadable Parquet: {source}"))
+                        })
+                    }
+                    other => Error::data(what, format!("unreadable Parquet: {other}")),
+                }
+            }
+            D::ArrowError(inner, _) => {
+                let what = what.to_string();
+                match *inner {
+                    arrow::error::ArrowError::ExternalError(source) => {
+                        Error::from_external(&what, source)
+                            .unwrap_or_else(|source| Error::data(&what, source))
+                    }
+                    other => Error::data(what, other),
+                }
+            }
             D::SQL(inner, _) => Error::config(format!("{what}: SQL syntax: {inner}")),
             D::Plan(msg) => Error::config(format!("{what}: {msg}")),
             D::SchemaError(inner, _) => Error::config(format!("{what}: {inner}")),
@@ -149,6 +178,34 @@ impl Error {
             )),
             D::IoError(inner) => Error::io(what, inner),
             other => Error::internal(format!("{what}: {other}")),
+        }
+    }
+}
+
+/// Whether a store's error text reports HTTP 401 or 403.
+fn refused_status(text: &str) -> bool {
+    text.contains("401 Unauthorized") || text.contains("403 Forbidden")
+}
+
+impl Error {
+    /// Classifies an error passed through DataFusion, Parquet or Arrow as
+    /// an opaque source: ours, the store's and DataFusion's keep their
+    /// class; anything else is handed back for the caller to place.
+    fn from_external(
+        what: &str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let source = match source.downcast::<Error>() {
+            Ok(ours) => return Ok(*ours),
+            Err(source) => source,
+        };
+        let source = match source.downcast::<object_store::Error>() {
+            Ok(store) => return Ok(Error::from_store(what, *store)),
+            Err(source) => source,
+        };
+        match source.downcast::<datafusion::error::DataFusionError>() {
+            Ok(df) => Ok(Error::from_datafusion(what, *df)),
+            Err(source) => Err(source),
         }
     }
 }

@@ -15,7 +15,8 @@ use datafusion::datasource::listing::{
 use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
-use object_store::ObjectMeta;
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::commit::{Fingerprint, InputFile};
 use crate::engine::{SqlParams, collect_sql};
@@ -129,16 +130,26 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
     }
 
     let root = lake.path("");
-    let files = inputs
-        .iter()
-        .flat_map(|t| t.files.iter())
-        .map(|meta| InputFile {
-            path: Lake::relative_to(&root, &meta.location),
-            size: meta.size,
-            etag: meta.e_tag.clone(),
-            last_modified: meta.last_modified.to_rfc3339(),
+    let files: Vec<InputFile> = futures::stream::iter(inputs.iter().flat_map(|t| t.files.iter()))
+        .map(|meta| {
+            let path = Lake::relative_to(&root, &meta.location);
+            async move {
+                // Some stores list without entity tags; ask for the object's own.
+                let etag = match &meta.e_tag {
+                    Some(etag) => Some(etag.clone()),
+                    None => lake.head(&path).await?.and_then(|m| m.e_tag),
+                };
+                Ok::<_, Error>(InputFile {
+                    path,
+                    size: meta.size,
+                    etag,
+                    last_modified: meta.last_modified.to_rfc3339(),
+                })
+            }
         })
-        .collect();
+        .buffered(FETCH_CONCURRENCY)
+        .try_collect()
+        .await?;
     Ok(Ingested {
         fingerprint: Fingerprint::of(files),
         rows: interactions.rows,
@@ -248,11 +259,54 @@ async fn scan_table(
     let mut merged: Vec<Field> = Vec::new();
     let mut first_seen: Vec<String> = Vec::new();
     let mut rows = 0u64;
-    for meta in &files {
+    let mut first_columns: Option<(String, Vec<String>)> = None;
+    // Footers are fetched several at a time (each is a round trip to the
+    // store) and checked in path order, so the first bad file is reported.
+    let footers: Vec<(Schema, u64)> = futures::stream::iter(files.iter())
+        .map(|meta| read_footer(lake, meta))
+        .buffered(FETCH_CONCURRENCY)
+        .try_collect()
+        .await?;
+    for (meta, (schema, file_rows)) in files.iter().zip(footers) {
         let url = lake.display(&meta.location);
-        let (schema, file_rows) = read_footer(lake, meta).await?;
         contract.check_input(&url, &schema)?;
         rows += file_rows;
+        // Columns beyond the contract are the same in every file: one added
+        // to or renamed in some partitions only is drift, not data. (The
+        // contract's optional columns may be missing from some files.)
+        let mut columns: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|name| !contract.columns.iter().any(|c| &c.name == name))
+            .collect();
+        columns.sort();
+        match &first_columns {
+            None => first_columns = Some((url.clone(), columns)),
+            Some((first_url, first)) if *first != columns => {
+                let extra = columns.iter().find(|c| !first.contains(c));
+                let missing = first.iter().find(|c| !columns.contains(c));
+                let what = match (extra, missing) {
+                    (Some(column), _) => {
+                        format!("column `{column}` is in {url} but not in {first_url}")
+                    }
+                    (None, Some(column)) => {
+                        format!("column `{column}` is in {first_url} but not in {url}")
+                    }
+                    (None, None) => {
+                        format!("the columns of {url} repeat differently from {first_url}'s")
+                    }
+                };
+                return Err(Error::data(
+                    &url,
+                    format!(
+                        "schema drift: {what}; every file of the {} table must have the same columns",
+                        contract.table
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
         for field in schema.fields() {
             match merged.iter().position(|f| f.name() == field.name()) {
                 None => {
@@ -284,6 +338,9 @@ async fn scan_table(
     }))
 }
 
+/// Requests to the store in flight at once while reading footers and tags.
+const FETCH_CONCURRENCY: usize = 16;
+
 /// Reads one file's footer: its Arrow schema and row count.
 async fn read_footer(lake: &Lake, meta: &ObjectMeta) -> Result<(Schema, u64)> {
     let url = lake.display(&meta.location);
@@ -297,10 +354,44 @@ async fn read_footer(lake: &Lake, meta: &ObjectMeta) -> Result<(Schema, u64)> {
         )
     };
     let store = lake.store();
+    // Check the footer's own claims before a decoder trusts them: a length
+    // beyond the file is a forgery or a truncation, not a reason to allocate.
+    if meta.size < 12 {
+        return Err(unreadable(&format!(
+            "{} bytes is too short for Parquet",
+            meta.size
+        )));
+    }
+    let tail = store
+        .get_range(&meta.location, meta.size - 8..meta.size)
+        .await
+        .map_err(|e| Error::from_store(&url, e))?;
+    if tail.len() != 8 || &tail[4..8] != b"PAR1" {
+        let what = if tail.len() == 8 && &tail[4..8] == b"PARE" {
+            "encrypted Parquet is not supported".to_string()
+        } else {
+            "no PAR1 magic at the end".to_string()
+        };
+        return Err(unreadable(&what));
+    }
+    let footer_len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as u64;
+    if footer_len + 12 > meta.size {
+        return Err(unreadable(&format!(
+            "the footer claims {footer_len} bytes of metadata, but the file has {} bytes",
+            meta.size
+        )));
+    }
     let metadata = DFParquetMetadata::new(store.as_ref(), meta)
         .fetch_metadata()
         .await
-        .map_err(|e| unreadable(&e))?;
+        .map_err(|e| {
+            let message = e.to_string();
+            match Error::from_datafusion(&url, e) {
+                // Storage trouble stays retryable; anything else is the file.
+                err @ Error::Io { .. } => err,
+                _ => unreadable(&message),
+            }
+        })?;
     let file = metadata.file_metadata();
     let schema =
         parquet::arrow::parquet_to_arrow_schema(file.schema_descr(), file.key_value_metadata())
@@ -408,7 +499,17 @@ async fn check_rows(
         .map(|(i, r)| format!("COUNT(*) FILTER (WHERE {}) AS rule_{i}", r.condition))
         .collect();
     let sql = format!("SELECT {} FROM interactions", counts.join(", "));
-    let batches = collect_sql(ctx, &sql, &params, "checking interactions").await?;
+    let batches = match collect_sql(ctx, &sql, &params, "checking interactions").await {
+        Ok(batches) => batches,
+        // The footers were fine but some data page is not: name the file.
+        Err(err @ Error::Data { .. }) => {
+            let per_file = format!("SELECT {} FROM _ingest_check", counts.join(", "));
+            return Err(unreadable_file(lake, ctx, table, &per_file, &params)
+                .await?
+                .unwrap_or(err));
+        }
+        Err(err) => return Err(err),
+    };
     let mut violations = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let count = single_i64(&batches, i);
@@ -437,6 +538,49 @@ async fn check_rows(
     ))
 }
 
+/// Runs `sql` over the one file at `url`, registered as `_ingest_check`.
+async fn query_file(
+    ctx: &SessionContext,
+    url: &str,
+    sql: &str,
+    params: &[(String, ScalarValue)],
+) -> Result<Vec<RecordBatch>> {
+    ctx.deregister_table("_ingest_check")
+        .map_err(|e| Error::from_datafusion(url, e))?;
+    ctx.register_parquet("_ingest_check", url, Default::default())
+        .await
+        .map_err(|e| Error::from_datafusion(url, e))?;
+    let outcome = collect_sql(ctx, sql, params, url).await;
+    ctx.deregister_table("_ingest_check")
+        .map_err(|e| Error::from_datafusion(url, e))?;
+    outcome
+}
+
+/// The first file of `table` whose pages cannot be read by `sql` (over
+/// `_ingest_check`), as a data error naming it.
+async fn unreadable_file(
+    lake: &Lake,
+    ctx: &SessionContext,
+    table: &InputTable,
+    sql: &str,
+    params: &[(String, ScalarValue)],
+) -> Result<Option<Error>> {
+    for meta in &table.files {
+        let url = lake.display(&meta.location);
+        match query_file(ctx, &url, sql, params).await {
+            Ok(_) => {}
+            Err(Error::Data { message, .. }) => {
+                return Ok(Some(Error::data(
+                    url,
+                    format!("not a readable Parquet file (corrupt data pages?): {message}"),
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 /// The first file with rows breaking `rule`, and those rows rendered.
 async fn first_offender(
     lake: &Lake,
@@ -447,18 +591,11 @@ async fn first_offender(
 ) -> Result<Option<(String, String)>> {
     for meta in &table.files {
         let url = lake.display(&meta.location);
-        ctx.deregister_table("_ingest_check")
-            .map_err(|e| Error::from_datafusion(&url, e))?;
-        ctx.register_parquet("_ingest_check", &url, Default::default())
-            .await
-            .map_err(|e| Error::from_datafusion(&url, e))?;
         let sql = format!(
             "SELECT user_id, item_id, \"timestamp\" FROM _ingest_check WHERE {} LIMIT {SAMPLE_ROWS}",
             rule.condition
         );
-        let rows = collect_sql(ctx, &sql, params, &url).await?;
-        ctx.deregister_table("_ingest_check")
-            .map_err(|e| Error::from_datafusion(&url, e))?;
+        let rows = query_file(ctx, &url, &sql, params).await?;
         if rows.iter().map(RecordBatch::num_rows).sum::<usize>() > 0 {
             let rendered = arrow::util::pretty::pretty_format_batches(&rows)
                 .map(|t| t.to_string())

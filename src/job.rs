@@ -439,6 +439,19 @@ pub struct LakeSpec {
     pub max_retries: usize,
     /// Retries stop after this many seconds from the first attempt.
     pub retry_timeout_s: u64,
+    /// First wait before a retry, in milliseconds; it doubles per retry.
+    pub retry_backoff_ms: u64,
+    /// Longest wait between retries, in milliseconds.
+    pub retry_backoff_max_ms: u64,
+    /// A request that has not completed after this many seconds fails (and
+    /// is retried).
+    pub request_timeout_s: u64,
+    /// Connecting to the store gives up after this many seconds (and is retried).
+    pub connect_timeout_s: u64,
+    /// A run holds its run folder's lease for this long, renewing it every
+    /// quarter; a killed run's folder is free again this long after its
+    /// last renewal.
+    pub lease_s: u64,
 }
 
 impl Default for LakeSpec {
@@ -451,6 +464,11 @@ impl Default for LakeSpec {
             output_prefix: "recdistill".into(),
             max_retries: 10,
             retry_timeout_s: 180,
+            retry_backoff_ms: 100,
+            retry_backoff_max_ms: 15_000,
+            request_timeout_s: 30,
+            connect_timeout_s: 5,
+            lease_s: 60,
         }
     }
 }
@@ -954,6 +972,20 @@ impl JobSpec {
         }
         if !self.input.items.is_empty() {
             check_relative_path("input.items", &self.input.items).map_err(|e| at(e.to_string()))?;
+        }
+        for (key, value) in [
+            ("lake.lease_s", self.lake.lease_s),
+            ("lake.request_timeout_s", self.lake.request_timeout_s),
+            ("lake.connect_timeout_s", self.lake.connect_timeout_s),
+        ] {
+            if value == 0 {
+                return Err(at(format!("{key} must be at least 1")));
+            }
+        }
+        if self.lake.retry_backoff_ms > self.lake.retry_backoff_max_ms {
+            return Err(at(
+                "lake.retry_backoff_ms must not exceed lake.retry_backoff_max_ms".into(),
+            ));
         }
         if self.input.batch_size == 0 {
             return Err(at("input.batch_size must be at least 1".into()));

@@ -15,7 +15,10 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use object_store::buffered::BufWriter;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{
+    BackoffConfig, ClientConfigKey, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig,
+};
 use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::async_writer::AsyncFileWriter;
 use parquet::basic::Compression;
@@ -51,6 +54,17 @@ pub struct WrittenObject {
     pub sha256: String,
 }
 
+/// What a conditional create did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// The object was created.
+    Created,
+    /// An object was there already; nothing was written.
+    AlreadyExists,
+    /// The store has no conditional puts; nothing was written.
+    Unsupported,
+}
+
 /// Schemes the lake accepts.
 pub const SUPPORTED_SCHEMES: &str = "a bare path, file://, s3://, gs://, az:// or memory://";
 
@@ -62,8 +76,24 @@ impl Lake {
         let retry = RetryConfig {
             max_retries: spec.max_retries,
             retry_timeout: Duration::from_secs(spec.retry_timeout_s),
-            ..RetryConfig::default()
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(spec.retry_backoff_ms),
+                max_backoff: Duration::from_millis(spec.retry_backoff_max_ms),
+                base: 2.0,
+            },
         };
+        // Set key by key, so settings taken from the environment (such as
+        // AWS_ALLOW_HTTP) survive.
+        let client = [
+            (
+                ClientConfigKey::Timeout,
+                format!("{}s", spec.request_timeout_s),
+            ),
+            (
+                ClientConfigKey::ConnectTimeout,
+                format!("{}s", spec.connect_timeout_s),
+            ),
+        ];
         let bucket = url.host_str().unwrap_or_default().to_string();
         let store: Arc<dyn ObjectStore> = match url.scheme() {
             "file" => Arc::new(object_store::local::LocalFileSystem::new()),
@@ -72,31 +102,38 @@ impl Lake {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(&bucket)
                     .with_retry(retry);
+                for (key, value) in client {
+                    b = b.with_config(object_store::aws::AmazonS3ConfigKey::Client(key), value);
+                }
+                if spec.allow_http {
+                    b = b.with_allow_http(true);
+                }
                 if !spec.endpoint.is_empty() {
                     b = b.with_endpoint(&spec.endpoint);
                 }
                 if !spec.region.is_empty() {
                     b = b.with_region(&spec.region);
                 }
-                if spec.allow_http {
-                    b = b.with_allow_http(true);
+                Arc::new(b.build().map_err(|e| store_build_error(&url, e))?)
+            }
+            "gs" => {
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&bucket)
+                    .with_retry(retry);
+                for (key, value) in client {
+                    b = b.with_config(object_store::gcp::GoogleConfigKey::Client(key), value);
                 }
                 Arc::new(b.build().map_err(|e| store_build_error(&url, e))?)
             }
-            "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(&bucket)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(|e| store_build_error(&url, e))?,
-            ),
-            "az" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
+            "az" => {
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(&bucket)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(|e| store_build_error(&url, e))?,
-            ),
+                    .with_retry(retry);
+                for (key, value) in client {
+                    b = b.with_config(object_store::azure::AzureConfigKey::Client(key), value);
+                }
+                Arc::new(b.build().map_err(|e| store_build_error(&url, e))?)
+            }
             other => return Err(unsupported_scheme(other)),
         };
         let root = Path::from_url_path(url.path())
@@ -168,6 +205,95 @@ impl Lake {
             size,
             sha256,
         })
+    }
+
+    /// Writes `bytes` to `rel` only if no object is there (a conditional
+    /// put: `If-None-Match: *` on S3, a hard link on a local disk).
+    pub async fn put_create(&self, rel: &str, bytes: Bytes) -> Result<CreateOutcome> {
+        let path = self.path(rel);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(CreateOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(CreateOutcome::AlreadyExists),
+            Err(object_store::Error::NotImplemented { .. }) => Ok(CreateOutcome::Unsupported),
+            Err(e) => Err(Error::from_store(self.display(&path), e)),
+        }
+    }
+
+    /// Local lakes only: files under the folder `rel` that a killed writer
+    /// left half-written. The local store writes `NAME#N` and renames it to
+    /// `NAME` when complete; listings skip such files, so they are found on
+    /// disk. Other stores never show an incomplete object (an unfinished S3
+    /// multipart upload is invisible; a bucket lifecycle rule aborts it).
+    pub fn staging_leftovers(&self, rel: &str) -> Vec<std::path::PathBuf> {
+        let Some(dir) = self.local_dir(rel) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        let mut stack = vec![dir];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => stack.push(path),
+                    Ok(t) if t.is_file() && entry.file_name().to_string_lossy().contains('#') => {
+                        found.push(path)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Local lakes only: removes empty folders below the folder `rel` (and
+    /// `rel` itself when it ends up empty), as deleting objects leaves them.
+    pub fn remove_empty_folders(&self, rel: &str) {
+        fn prune(dir: &std::path::Path) -> bool {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return false;
+            };
+            let mut empty = true;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) && prune(&path) {
+                    let _ = std::fs::remove_dir(&path);
+                } else {
+                    empty = false;
+                }
+            }
+            empty
+        }
+        if let Some(dir) = self.local_dir(rel)
+            && prune(&dir)
+        {
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    /// The local folder of `rel` on a `file://` lake.
+    fn local_dir(&self, rel: &str) -> Option<std::path::PathBuf> {
+        if self.url.scheme() != "file" {
+            return None;
+        }
+        let root = self.url.to_file_path().ok()?;
+        Some(
+            rel.split('/')
+                .filter(|p| !p.is_empty())
+                .fold(root, |dir, part| dir.join(part)),
+        )
     }
 
     /// Reads the whole object at `rel`.
@@ -460,10 +586,11 @@ impl ParquetUpload {
 
     /// Completes the object and makes it visible.
     pub async fn finish(mut self) -> Result<WrittenObject> {
+        // A failed finish needs no abort: a single put that failed left
+        // nothing, and a multipart upload that did not complete stays
+        // invisible (the writer is shut down and cannot be aborted).
         if let Err(e) = self.writer.finish().await {
-            let location = self.location.clone();
-            self.abort().await;
-            return Err(Error::io(location, format!("finishing Parquet: {e}")));
+            return Err(Error::io(&self.location, format!("finishing Parquet: {e}")));
         }
         let sink = self.writer.into_inner();
         Ok(WrittenObject {
@@ -473,8 +600,8 @@ impl ParquetUpload {
         })
     }
 
-    /// Abandons the object: a multipart upload is aborted, a buffered put
-    /// never happens.
+    /// Abandons the object before [`ParquetUpload::finish`]: a multipart
+    /// upload is aborted, a buffered put never happens.
     pub async fn abort(self) {
         let mut upload = self.writer.into_inner().inner;
         let _ = upload.abort().await;

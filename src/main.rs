@@ -67,6 +67,22 @@ enum Command {
         /// The model file (model.safetensors).
         artifact: PathBuf,
     },
+    /// Remove what killed runs left in run folders: half-written files,
+    /// objects a committed run does not list, and (with --uncommitted)
+    /// uncommitted run folders. Folders in use by a live run are skipped.
+    Gc {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Every job under the lake's output prefix, not only the job file's.
+        #[arg(long)]
+        all_jobs: bool,
+        /// Delete uncommitted run folders (killed or failed runs) whole.
+        #[arg(long)]
+        uncommitted: bool,
+        /// Report what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Benchmarks for docs/benchmarks.md (they print numbers; they never fail on them).
     Bench {
         #[command(subcommand)]
@@ -329,6 +345,23 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Bench { what } => bench(what).await,
+        Command::Gc {
+            job,
+            all_jobs,
+            uncommitted,
+            dry_run,
+        } => {
+            let spec = load_job(&job)?.spec;
+            let options = recdistill::gc::GcOptions {
+                job: (!all_jobs).then(|| spec.name.clone()),
+                run_date: job.run_date.as_deref().map(parse_run_date).transpose()?,
+                remove_uncommitted: uncommitted,
+                dry_run,
+            };
+            let report = recdistill::gc::gc(&spec, &options).await?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Sample(args) => {
             let lake = open_lake(&args.out)?;
             let spec = SampleSpec {

@@ -22,6 +22,7 @@ use crate::features;
 use crate::ingest::{self, Ingested};
 use crate::job::Job;
 use crate::lake::{Lake, WrittenObject};
+use crate::lease::Lease;
 use crate::model::ModelArtifact;
 use crate::teacher;
 
@@ -145,6 +146,15 @@ impl RunContext {
         self.run.lake()
     }
 
+    /// Takes the run folder's lease and removes what killed writers left
+    /// half-written in it.
+    async fn take_folder(&self, purpose: &str) -> Result<Lease> {
+        let lease =
+            Lease::acquire(&self.run, &self.run_id, purpose, self.job.spec.lake.lease_s).await?;
+        remove_staging_leftovers(&self.run);
+        Ok(lease)
+    }
+
     async fn record(
         &self,
         stage: Stage,
@@ -170,6 +180,12 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// Logs a stage's start; returns its start instant and time.
+fn begin(stage: Stage) -> (Instant, String) {
+    tracing::info!(stage = stage.name(), "stage started");
+    (Instant::now(), now())
+}
+
 /// The outcome of a whole run.
 #[derive(Debug)]
 pub struct RunSummary {
@@ -183,6 +199,18 @@ pub struct RunSummary {
     pub folder: String,
 }
 
+/// Files a killed writer left half-written in the run folder (local lakes).
+fn remove_staging_leftovers(run: &RunFolder) {
+    for path in run.lake().staging_leftovers(&run.rel("")) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(file = %path.display(), "removed a half-written leftover"),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "cannot remove a half-written leftover: {e}")
+            }
+        }
+    }
+}
+
 /// Runs every stage and commits.
 pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     let started = Instant::now();
@@ -193,9 +221,24 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
         rows = ingested.rows,
         "input validated"
     );
-    // Only now, with the input known to be good, does the run touch its folder.
+    // Only now, with the input known to be good, does the run touch its
+    // folder, and only while it holds the folder's lease.
+    let lease = rc.take_folder("run").await?;
+    let outcome = run_held(rc, &lease, ingested, started, started_at).await;
+    lease.release().await;
+    outcome
+}
+
+async fn run_held(
+    rc: &RunContext,
+    lease: &Lease,
+    ingested: Ingested,
+    started: Instant,
+    started_at: String,
+) -> Result<RunSummary> {
     commit::uncommit(&rc.run).await?;
 
+    tracing::info!(stage = Stage::Features.name(), "stage started");
     let features = features::build_features(&rc.job, &rc.run, &rc.ctx).await?;
     rc.record(
         Stage::Features,
@@ -209,7 +252,7 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     let dataset = Arc::new(dataset::load_dataset(&rc.ctx).await?);
     log_dataset(&dataset);
 
-    let (started, started_at) = (Instant::now(), now());
+    let (started, started_at) = begin(Stage::Baselines);
     let Baselines {
         mut models,
         written,
@@ -217,13 +260,13 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     rc.record(Stage::Baselines, started, started_at, written, None)
         .await?;
 
-    let (started, started_at) = (Instant::now(), now());
+    let (started, started_at) = begin(Stage::Teacher);
     let content = load_content(rc, &dataset).await?;
     let teachers = teacher::train_teachers(&rc.job, &rc.run, Arc::clone(&dataset), content).await?;
     rc.record(Stage::Teacher, started, started_at, teachers.written, None)
         .await?;
 
-    let (started, started_at) = (Instant::now(), now());
+    let (started, started_at) = begin(Stage::SoftLabels);
     let labels =
         distill::emit_source_labels(&rc.job, &rc.run, Arc::clone(&dataset), &teachers.models)
             .await?;
@@ -231,14 +274,14 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     rc.record(Stage::SoftLabels, started, started_at, labels, None)
         .await?;
 
-    let (started, started_at) = (Instant::now(), now());
+    let (started, started_at) = begin(Stage::Distill);
     let distilled = distill::distill_chain(&rc.job, &rc.run, Arc::clone(&dataset)).await?;
     let students = distilled.models.clone();
     models.extend(distilled.models);
     rc.record(Stage::Distill, started, started_at, distilled.written, None)
         .await?;
 
-    let (started, started_at) = (Instant::now(), now());
+    let (started, started_at) = begin(Stage::Compress);
     let compressed =
         compress::compress_models(&rc.job, &rc.run, Arc::clone(&dataset), &students).await?;
     models.extend(compressed.models);
@@ -251,7 +294,7 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     )
     .await?;
 
-    let (started, started_at) = (Instant::now(), now());
+    let (started, started_at) = begin(Stage::Evaluate);
     let evaluation =
         evaluate::evaluate_models(&rc.job, &rc.run, &rc.run_id, dataset, &models).await?;
     rc.record(
@@ -263,7 +306,7 @@ pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     )
     .await?;
 
-    let manifest = commit_run(rc).await?;
+    let manifest = commit_run(rc, lease).await?;
     Ok(RunSummary {
         ingested,
         evaluation,
@@ -300,11 +343,20 @@ fn log_dataset(dataset: &Dataset) {
     );
 }
 
-async fn commit_run(rc: &RunContext) -> Result<Manifest> {
+async fn commit_run(rc: &RunContext, lease: &Lease) -> Result<Manifest> {
+    tracing::info!(stage = Stage::Commit.name(), "stage started");
+    lease.check_held().await?;
     let stages: Vec<&str> = Stage::RECORDED.iter().map(|s| s.name()).collect();
     let manifest = commit::commit(&rc.run, &rc.job, &rc.run_id, &stages).await?;
     tracing::info!(folder = %rc.run.display(), files = manifest.outputs.len(), "run committed");
     Ok(manifest)
+}
+
+fn no_features(rc: &RunContext) -> Error {
+    Error::config(format!(
+        "{} has no features stage yet: run `recdistill stage features` first",
+        rc.run.display()
+    ))
 }
 
 /// The outputs an earlier stage of this run recorded; refused when it has not run.
@@ -346,21 +398,45 @@ pub enum StageOutcome {
 /// Runs one stage, reading its inputs from the run folder. Running a stage
 /// forgets the stages after it: they must run again before a commit.
 pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome> {
-    let started = Instant::now();
-    let started_at = now();
     if stage == Stage::Ingest {
         return Ok(StageOutcome::Validated(
             ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?,
         ));
     }
+    // Nothing touches the folder before the features stage has validated the
+    // input, or (later stages) before it is known that the run has begun.
+    let ingested = if stage == Stage::Features {
+        Some(ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?)
+    } else {
+        if commit::read_stage(&rc.run, Stage::Features.name())
+            .await?
+            .is_none()
+        {
+            return Err(no_features(rc));
+        }
+        None
+    };
+    let lease = rc.take_folder(&format!("stage {}", stage.name())).await?;
+    let outcome = run_stage_held(rc, stage, &lease, ingested).await;
+    lease.release().await;
+    outcome
+}
+
+async fn run_stage_held(
+    rc: &mut RunContext,
+    stage: Stage,
+    lease: &Lease,
+    ingested: Option<Ingested>,
+) -> Result<StageOutcome> {
+    let started = Instant::now();
+    let started_at = now();
     let later: Vec<&str> = Stage::RECORDED
         .iter()
         .skip_while(|s| **s != stage)
         .skip(1)
         .map(|s| s.name())
         .collect();
-    if stage == Stage::Features {
-        let ingested = ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?;
+    if let Some(ingested) = ingested {
         commit::uncommit(&rc.run).await?;
         commit::forget_stages(&rc.run, &later).await?;
         let features = features::build_features(&rc.job, &rc.run, &rc.ctx).await?;
@@ -378,15 +454,12 @@ pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome
     // Later stages continue the run the features stage started.
     let features = commit::read_stage(&rc.run, Stage::Features.name())
         .await?
-        .ok_or_else(|| {
-            Error::config(format!(
-                "{} has no features stage yet: run `recdistill stage features` first",
-                rc.run.display()
-            ))
-        })?;
+        .ok_or_else(|| no_features(rc))?;
     rc.run_id = features.run_id;
     if stage == Stage::Commit {
-        return Ok(StageOutcome::Committed(Box::new(commit_run(rc).await?)));
+        return Ok(StageOutcome::Committed(Box::new(
+            commit_run(rc, lease).await?,
+        )));
     }
     commit::uncommit(&rc.run).await?;
     commit::forget_stages(&rc.run, &later).await?;

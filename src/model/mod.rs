@@ -338,4 +338,75 @@ mod tests {
         .unwrap();
         assert!(ModelArtifact::parse("x", Bytes::from(no_card)).is_err());
     }
+
+    /// A safetensors file written by hand: 8-byte header length, JSON header, data.
+    fn raw(header: serde_json::Value, data: &[u8]) -> Bytes {
+        let header = header.to_string();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        Bytes::from(bytes)
+    }
+
+    #[test]
+    fn forged_headers_are_refused() {
+        let card = serde_json::to_string(&card()).unwrap();
+        let meta = serde_json::json!({ CARD_KEY: card });
+        let tensor = |dtype: &str, shape: &[usize], offsets: [usize; 2]| serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": offsets});
+        let cases = [
+            // Two tensors over the same bytes.
+            (
+                serde_json::json!({"__metadata__": meta, "a": tensor("F32", &[2], [0, 8]), "scores": tensor("F32", &[1], [4, 8])}),
+                vec![0u8; 8],
+                "overlapping",
+            ),
+            // Offsets past the end of the data.
+            (
+                serde_json::json!({"__metadata__": meta, "scores": tensor("F32", &[3], [0, 1 << 40])}),
+                vec![0u8; 12],
+                "past the end",
+            ),
+            // Shape and byte count disagree.
+            (
+                serde_json::json!({"__metadata__": meta, "scores": tensor("F32", &[1 << 30, 1 << 30], [0, 12])}),
+                vec![0u8; 12],
+                "shape",
+            ),
+            // A dtype the model does not use.
+            (
+                serde_json::json!({"__metadata__": meta, "scores": tensor("F64", &[3], [0, 24])}),
+                vec![0u8; 24],
+                "dtype F64",
+            ),
+            // A dtype no one knows.
+            (
+                serde_json::json!({"__metadata__": meta, "scores": tensor("F33", &[3], [0, 12])}),
+                vec![0u8; 12],
+                "dtype F33",
+            ),
+        ];
+        for (header, data, case) in cases {
+            let err = ModelArtifact::parse("forged.safetensors", raw(header, &data))
+                .err()
+                .unwrap_or_else(|| panic!("{case}: accepted"));
+            assert_eq!(err.exit_code(), 3, "{case}: {err}");
+            assert!(
+                err.to_string().contains("forged.safetensors"),
+                "{case}: {err}"
+            );
+        }
+        // The same writer with sound offsets is accepted: the refusals above
+        // are the forgeries, not the hand-written format.
+        let sound =
+            serde_json::json!({"__metadata__": meta, "scores": tensor("F32", &[3], [0, 12])});
+        let data: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let parsed = ModelArtifact::parse("sound.safetensors", raw(sound, &data)).unwrap();
+        assert_eq!(
+            parsed.tensor_f32("scores", &[3]).unwrap(),
+            vec![1.0, 2.0, 3.0]
+        );
+    }
 }

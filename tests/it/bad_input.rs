@@ -36,6 +36,12 @@ fn lake_with(
 /// every one of `needles`, and an untouched output prefix.
 fn refused(lake: &TestLake, code: i32, needles: &[&str]) -> String {
     let err = fails(&mut lake.run_job("jobs/sample.toml", &[]), code);
+    assert_refusal(lake, err, needles)
+}
+
+/// Demands a message holding every one of `needles` and an untouched
+/// output prefix.
+fn assert_refusal(lake: &TestLake, err: String, needles: &[&str]) -> String {
     for n in needles {
         assert!(err.contains(n), "message lacks {n:?}:\n{err}");
     }
@@ -308,4 +314,347 @@ fn a_bad_rerun_leaves_the_committed_run_alone() {
         3,
     );
     assert_eq!(before, std::fs::read(&success).unwrap());
+}
+
+/// Runs the sample job on `lake` in a shell capped at `limit_mb` of address
+/// space, and demands exit 3 within `seconds`, a message holding every one
+/// of `needles`, and nothing written.
+fn refused_within(lake: &TestLake, limit_mb: u64, seconds: u64, needles: &[&str]) -> String {
+    let run = lake.run_job("jobs/sample.toml", &[]);
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("ulimit -v {}; exec \"$@\"", limit_mb * 1024))
+        .arg("bash")
+        .arg(run.get_program())
+        .args(run.get_args())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null());
+    let started = std::time::Instant::now();
+    let err = fails(&mut cmd, 3);
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(seconds),
+        "took {took:?}:\n{err}"
+    );
+    assert_refusal(lake, err, needles)
+}
+
+/// A good interactions file's bytes and its Parquet metadata.
+fn good_file() -> (Vec<u8>, parquet::file::metadata::ParquetMetaData) {
+    use parquet::file::reader::FileReader;
+    let lake = TestLake::new();
+    let path = lake.path().join("x.parquet");
+    write_parquet(&path, &interactions(40, 8));
+    let bytes = std::fs::read(&path).unwrap();
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(bytes::Bytes::from(
+        bytes.clone(),
+    ))
+    .unwrap();
+    (bytes, reader.metadata().clone())
+}
+
+/// 2 GiB of address space: far below what a forged length would ask for.
+const LIMIT_MB: u64 = 2048;
+
+#[test]
+fn bit_flipped_pages_are_refused_naming_the_file() {
+    let (good, metadata) = good_file();
+    let row_group = metadata.row_group(0);
+    for (column, name) in ["user_id", "item_id", "timestamp"].iter().enumerate() {
+        let chunk = row_group.column(column);
+        let page = chunk
+            .dictionary_page_offset()
+            .unwrap_or(chunk.data_page_offset()) as usize;
+        let mut bad = good.clone();
+        for byte in &mut bad[page..page + 6] {
+            *byte ^= 0xA5;
+        }
+        let lake = lake_with(
+            "interactions/dt=2025-01-02/flipped.parquet",
+            None,
+            Some(&bad),
+        );
+        let err = refused_within(
+            &lake,
+            LIMIT_MB,
+            60,
+            &[
+                "dt=2025-01-02/flipped.parquet",
+                "not a readable Parquet file",
+            ],
+        );
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn forged_footers_do_not_allocate_what_they_claim() {
+    let (good, _) = good_file();
+    let n = good.len();
+    // The footer length claims 2 GiB.
+    let mut huge_length = good.clone();
+    huge_length[n - 8..n - 4].copy_from_slice(&(i32::MAX as u32).to_le_bytes());
+    // The footer's thrift is garbage: list and string lengths of any size.
+    let footer_len = u32::from_le_bytes(good[n - 8..n - 4].try_into().unwrap()) as usize;
+    let mut garbage = good.clone();
+    for (i, byte) in garbage[n - 8 - footer_len..n - 8].iter_mut().enumerate() {
+        *byte = [0x19, 0xfc, 0xff, 0xff, 0xff, 0x0f][i % 6];
+    }
+    // Row groups that claim billions of rows and bytes.
+    let mut claims = good.clone();
+    for window in claims[n - 8 - footer_len..n - 8].chunks_mut(9) {
+        if window.len() == 9 && window[0] == 0x16 {
+            window[1..9].copy_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        }
+    }
+    for (case, bytes) in [
+        ("length", huge_length),
+        ("thrift", garbage),
+        ("claims", claims),
+    ] {
+        let lake = lake_with(
+            "interactions/dt=2025-01-02/forged.parquet",
+            None,
+            Some(&bytes),
+        );
+        let err = refused_within(&lake, LIMIT_MB, 60, &["dt=2025-01-02/forged.parquet"]);
+        assert!(
+            err.contains("not a readable Parquet file") || err.contains("invalid input data"),
+            "{case}: {err}"
+        );
+    }
+}
+
+#[test]
+fn added_and_renamed_columns_between_partitions_are_drift() {
+    let ts = || {
+        Arc::new(TimestampMicrosecondArray::from(vec![1_735_700_000_000_000]).with_timezone("UTC"))
+            as ArrayRef
+    };
+    let added = batch(vec![
+        ("user_id", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+        ("item_id", Arc::new(Int64Array::from(vec![100]))),
+        ("timestamp", ts()),
+        (
+            "rating",
+            Arc::new(arrow::array::Float32Array::from(vec![4.0])),
+        ),
+        ("device", Arc::new(StringArray::from(vec!["tv"]))),
+    ]);
+    refused(
+        &lake_with(
+            "interactions/dt=2025-01-02/part-00000.parquet",
+            Some(&added),
+            None,
+        ),
+        3,
+        &[
+            "schema drift",
+            "`device`",
+            "dt=2025-01-02/part-00000.parquet",
+            "dt=2025-01-01/part-00000.parquet",
+        ],
+    );
+    let renamed = batch(vec![
+        ("user_id", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+        ("item", Arc::new(Int64Array::from(vec![100]))),
+        ("timestamp", ts()),
+        (
+            "rating",
+            Arc::new(arrow::array::Float32Array::from(vec![4.0])),
+        ),
+    ]);
+    refused(
+        &lake_with(
+            "interactions/dt=2025-01-02/part-00000.parquet",
+            Some(&renamed),
+            None,
+        ),
+        3,
+        &[
+            "dt=2025-01-02/part-00000.parquet",
+            "missing required column `item_id`",
+        ],
+    );
+}
+
+#[test]
+fn all_null_key_columns_are_refused() {
+    let n = 50;
+    for name in ["user_id", "item_id"] {
+        let column = |which: &str| -> ArrayRef {
+            if which == name {
+                Arc::new(Int64Array::from(vec![None::<i64>; n]))
+            } else {
+                Arc::new(Int64Array::from_iter_values(0..n as i64))
+            }
+        };
+        let b = batch(vec![
+            ("user_id", column("user_id")),
+            ("item_id", column("item_id")),
+            (
+                "timestamp",
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![1_735_700_000_000_000; n])
+                        .with_timezone("UTC"),
+                ),
+            ),
+            (
+                "rating",
+                Arc::new(arrow::array::Float32Array::from(vec![1.0; n])),
+            ),
+        ]);
+        refused(
+            &lake_with("interactions/dt=2025-01-02/nulls.parquet", Some(&b), None),
+            3,
+            &[
+                "dt=2025-01-02/nulls.parquet",
+                &format!("`{name}` must not be null"),
+                &format!("{n} row(s)"),
+            ],
+        );
+    }
+}
+
+#[test]
+fn traversal_in_names_dates_prefixes_and_urls_is_refused_before_any_io() {
+    let lake = TestLake::with_sample();
+    let outside = lake.path().join("outside-marker");
+    for (args, needle) in [
+        (vec!["--set", "name=%2e%2e"], "job name"),
+        (vec!["--set", "name=a/b"], "job name"),
+        (vec!["--set", "lake.output_prefix=/etc"], "output_prefix"),
+        (vec!["--set", "lake.output_prefix=..%2f.."], "output_prefix"),
+        (
+            vec!["--set", "lake.output_prefix=x/%2E%2E/y"],
+            "output_prefix",
+        ),
+        (
+            vec!["--set", "input.interactions=/etc"],
+            "input.interactions",
+        ),
+        (vec!["--set", "input.items=../items"], "input.items"),
+    ] {
+        let err = fails(&mut lake.run_job("jobs/sample.toml", &args), 2);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    for date in ["2026-11-27%2F..", "../2026-11-27", "/2026-11-27"] {
+        let err = fails(
+            recdistill()
+                .args(["run", "--job"])
+                .arg(repo().join("jobs/sample.toml"))
+                .arg("--lake")
+                .arg(lake.path())
+                .args(["--run-date", date]),
+            2,
+        );
+        assert!(err.contains("run date"), "{date}: {err}");
+    }
+    for url in [
+        "s3://bucket/a/../../b",
+        "s3://bucket/%2e%2e/b",
+        "file:///tmp/x/%2E%2E/y",
+        "memory://m/./x",
+    ] {
+        let err = fails(
+            recdistill()
+                .args(["run", "--job"])
+                .arg(repo().join("jobs/sample.toml"))
+                .args(["--lake", url, "--run-date", RUN_DATE]),
+            2,
+        );
+        assert!(err.contains("'..'"), "{url}: {err}");
+    }
+    assert!(!lake.path().join("recdistill").exists());
+    assert!(!outside.exists());
+}
+
+#[test]
+fn one_user_with_two_million_events_gives_the_right_split_in_bounded_memory() {
+    use arrow::array::AsArray;
+    let lake = TestLake::with_sample();
+    // User 9_999_999 watches items 1..=50 of the sample's catalogue in turn,
+    // 2M times, a second apart; the last event is the only test event.
+    let n: i64 = 2_000_000;
+    let user = Int64Array::from(vec![9_999_999; n as usize]);
+    let item: Int64Array = (0..n).map(|k| k % 50 + 1).collect();
+    let start = 1_736_000_000_000_000i64;
+    let ts = TimestampMicrosecondArray::from_iter_values((0..n).map(|k| start + k * 1_000_000))
+        .with_timezone("UTC");
+    let heavy = batch(vec![
+        ("user_id", Arc::new(user) as ArrayRef),
+        ("item_id", Arc::new(item)),
+        ("timestamp", Arc::new(ts)),
+        (
+            "rating",
+            Arc::new(arrow::array::Float32Array::from(vec![
+                None::<f32>;
+                n as usize
+            ])),
+        ),
+    ]);
+    let day = lake.path().join("interactions/dt=2025-01-04");
+    std::fs::create_dir_all(&day).unwrap();
+    write_parquet(&day.join("heavy.parquet"), &heavy);
+
+    let mut child = lake
+        .run_job("jobs/sample.toml", &crate::crash::QUICK)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Peak resident memory, sampled until the job ends.
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    while child.try_wait().unwrap().is_none() {
+        if let Ok(status) = std::fs::read_to_string(&status_file)
+            && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:"))
+        {
+            let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            peak_kb = peak_kb.max(kb);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peak_mb = peak_kb / 1024;
+    eprintln!("peak RSS with a 2M-event user: {peak_mb} MiB");
+    assert!(peak_mb < 1500, "peak RSS {peak_mb} MiB");
+
+    // The split: every event kept, the last one the test event, the one
+    // before it validation.
+    let split = read_all(&lake.run_folder("sample").join("features/split.parquet"));
+    let col = |name: &str| split.column(split.schema().index_of(name).unwrap()).clone();
+    let users = arrow::compute::cast(&col("user_id"), &arrow::datatypes::DataType::Int64).unwrap();
+    let users = users.as_primitive::<arrow::datatypes::Int64Type>();
+    let items = arrow::compute::cast(&col("item_id"), &arrow::datatypes::DataType::Int64).unwrap();
+    let items = items.as_primitive::<arrow::datatypes::Int64Type>();
+    let parts = arrow::compute::cast(&col("split"), &arrow::datatypes::DataType::Utf8).unwrap();
+    let parts = parts.as_string::<i32>();
+    let times = arrow::compute::cast(&col("timestamp"), &ts_type()).unwrap();
+    let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    let second = |r: usize| (times.value(r) - start) / 1_000_000;
+    let mut count = 0i64;
+    let mut test_event = None;
+    let mut valid_event = None;
+    let mut train_last = -1;
+    for r in 0..split.num_rows() {
+        if users.value(r) != 9_999_999 {
+            continue;
+        }
+        count += 1;
+        match parts.value(r) {
+            "test" => test_event = Some((second(r), items.value(r))),
+            "valid" => valid_event = Some((second(r), items.value(r))),
+            _ => train_last = train_last.max(second(r)),
+        }
+    }
+    assert_eq!(count, n);
+    assert_eq!(test_event, Some((n - 1, (n - 1) % 50 + 1)));
+    assert_eq!(valid_event, Some((n - 2, (n - 2) % 50 + 1)));
+    assert_eq!(train_last, n - 3);
 }

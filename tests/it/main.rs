@@ -4,9 +4,12 @@
 mod bad_input;
 mod common;
 mod compress;
+mod crash;
 mod distill;
 mod import;
 mod interop;
 mod pipeline;
+mod s3;
+mod s3server;
 mod sql;
 mod teacher;

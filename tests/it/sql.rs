@@ -77,6 +77,22 @@ fn queries_inputs_features_and_results_and_refuses_writes() {
         assert!(err.contains("read-only"), "{statement}: {err}");
     }
     assert!(!std::path::Path::new("/tmp/recdistill-copy-test.parquet").exists());
+
+    // Table functions and paths that would read local files are not tables here.
+    let secret = lake.path().join("secret.csv");
+    std::fs::write(&secret, "user,password\nroot,SENTINEL-file-content\n").unwrap();
+    let secret = secret.display().to_string();
+    for statement in [
+        format!("SELECT * FROM read_csv('{secret}')"),
+        format!("SELECT * FROM read_parquet('{secret}')"),
+        format!("SELECT * FROM read_json('{secret}')"),
+        format!("SELECT * FROM '{secret}'"),
+        format!("SELECT * FROM 'file://{secret}'"),
+        format!("CREATE EXTERNAL TABLE s STORED AS CSV LOCATION '{secret}'"),
+    ] {
+        let err = fails(&mut sql(&lake, &statement, "csv"), 2);
+        assert!(!err.contains("SENTINEL-file-content"), "{statement}: {err}");
+    }
 }
 
 #[test]
