@@ -45,6 +45,8 @@ pub struct GcReport {
     pub unlisted: Vec<String>,
     /// Uncommitted run folders.
     pub uncommitted: Vec<String>,
+    /// Whether they were removed (`--uncommitted`) or kept.
+    pub uncommitted_removed: bool,
     /// Whether anything was deleted.
     pub deleted: bool,
 }
@@ -62,8 +64,13 @@ impl std::fmt::Display for GcReport {
         for object in &self.unlisted {
             writeln!(f, "object not in _SUCCESS {verb}: {object}")?;
         }
+        let uncommitted = if self.uncommitted_removed {
+            "removed"
+        } else {
+            "kept (pass --uncommitted to remove)"
+        };
         for folder in &self.uncommitted {
-            writeln!(f, "uncommitted run {verb}: {folder}")?;
+            writeln!(f, "uncommitted run {uncommitted}: {folder}")?;
         }
         Ok(())
     }
@@ -87,6 +94,7 @@ pub async fn gc(spec: &JobSpec, options: &GcOptions) -> Result<GcReport> {
     };
     let mut report = GcReport {
         deleted: !options.dry_run,
+        uncommitted_removed: options.remove_uncommitted && !options.dry_run,
         ..GcReport::default()
     };
     for job in jobs {
@@ -173,14 +181,10 @@ async fn clean_held(run: &RunFolder, options: &GcOptions, report: &mut GcReport)
                 for rel in &objects {
                     lake.delete(&run.rel(rel)).await?;
                 }
-                report.uncommitted.push(run.display());
-            } else {
-                report.uncommitted.push(format!(
-                    "{} ({} objects; kept: pass --uncommitted to remove)",
-                    run.display(),
-                    objects.len()
-                ));
             }
+            report
+                .uncommitted
+                .push(format!("{} ({} objects)", run.display(), objects.len()));
         }
         None => {}
     }

@@ -494,6 +494,10 @@ fn gc_removes_what_killed_runs_left() {
 
     let report = ok(&mut target.command(&["gc"]));
     assert!(report.contains("half-written file removed"), "{report}");
+    assert!(
+        report.contains("uncommitted run kept (pass --uncommitted to remove)"),
+        "{report}"
+    );
     assert!(!folder.join("models/meanpool/model.safetensors#1").exists());
     assert!(!folder.join("recommendations/stray.parquet").exists());
     assert!(
