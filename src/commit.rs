@@ -311,6 +311,14 @@ pub fn new_run_id() -> String {
     )
 }
 
+/// Whether `rel` (relative to a run folder) is the run's own bookkeeping —
+/// `_SUCCESS`, `_stages/`, `_lease/` — rather than one of its outputs.
+pub fn is_bookkeeping(rel: &str) -> bool {
+    rel == SUCCESS
+        || rel.starts_with(&format!("{STAGES}/"))
+        || rel.starts_with(&format!("{}/", crate::lease::LEASES))
+}
+
 /// Removes `_SUCCESS`: from now on the folder is an uncommitted run.
 pub async fn uncommit(run: &RunFolder) -> Result<()> {
     run.lake.delete(&run.rel(SUCCESS)).await
@@ -409,11 +417,7 @@ pub async fn commit(run: &RunFolder, job: &Job, run_id: &str, stages: &[&str]) -
     let folder = run.lake.path(&run.prefix);
     for object in run.lake.list(&run.prefix).await? {
         let rel = Lake::relative_to(&folder, &object.location);
-        if rel == SUCCESS
-            || rel.starts_with(&format!("{STAGES}/"))
-            || rel.starts_with(&format!("{}/", crate::lease::LEASES))
-            || outputs.contains_key(&rel)
-        {
+        if is_bookkeeping(&rel) || outputs.contains_key(&rel) {
             continue;
         }
         tracing::info!(object = %rel, "removing object no stage of this run wrote");

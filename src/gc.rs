@@ -13,7 +13,7 @@
 
 use chrono::NaiveDate;
 
-use crate::commit::{self, RunFolder, STAGES, SUCCESS};
+use crate::commit::{self, RunFolder};
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::lake::Lake;
@@ -165,9 +165,8 @@ async fn clean_held(run: &RunFolder, options: &GcOptions, report: &mut GcReport)
     match commit::read_manifest(run).await? {
         Some(manifest) => {
             for rel in objects {
-                let listed = rel == SUCCESS
-                    || rel.starts_with(&format!("{STAGES}/"))
-                    || manifest.outputs.iter().any(|o| o.path == rel);
+                let listed =
+                    commit::is_bookkeeping(&rel) || manifest.outputs.iter().any(|o| o.path == rel);
                 if !listed {
                     if !options.dry_run {
                         lake.delete(&run.rel(&rel)).await?;

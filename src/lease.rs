@@ -118,11 +118,9 @@ async fn generations(lake: &Lake, folder: &str) -> Result<Vec<u64>> {
     Ok(found)
 }
 
-/// Reads a lease object; `None` when it vanished (released) or cannot be read.
+/// Reads a lease object; `None` when it vanished (released: the store's
+/// not-found is a data error) or cannot be read.
 async fn read_record(lake: &Lake, rel: &str) -> Result<Option<LeaseRecord>> {
-    if lake.head(rel).await?.is_none() {
-        return Ok(None);
-    }
     match lake.get(rel).await {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(record) => Ok(Some(record)),
