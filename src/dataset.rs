@@ -10,8 +10,8 @@ use arrow::datatypes::{DataType, Int64Type, UInt32Type};
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use crate::engine::{collect_sql, plan_sql};
 use crate::error::{Error, Result};
+use crate::lake::engine::{collect_sql, plan_sql};
 
 /// Which part of the data an event belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

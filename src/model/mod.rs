@@ -1,9 +1,19 @@
 //! Models: how each one scores, and the safetensors artifact every trained
 //! model is saved as (its card — name, kind, role, config — in the metadata).
+//! Scoring and storage only: how a model learns is [`crate::train`], which
+//! this module never imports.
+//!
+//! [`kernels`] are the numeric kernels (matrix products, layer norm,
+//! attention, softmax cross-entropy) the SASRec passes, the stored
+//! matrices and the CPU trainer run on; [`score`] ranks the catalogue with any [`Scorer`] (top-K, target ranks,
+//! HR/NDCG/MRR, latency); [`stored`] holds weight matrices as stored
+//! (f32, int8, int4, sparse, low-rank) and their products.
 
+pub mod kernels;
 pub mod meanpool;
 pub mod popularity;
 pub mod sasrec;
+pub mod score;
 pub mod stored;
 
 use std::collections::HashMap;

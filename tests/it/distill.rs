@@ -57,7 +57,7 @@ fn soft_labels_train_a_chain_whose_students_beat_scratch() {
         hex::encode(Sha256::digest(&weights))
     );
     let labels = read_all(&path);
-    let contract = recdistill::schema::contract("soft_labels").unwrap();
+    let contract = recdistill::lake::schema::contract("soft_labels").unwrap();
     let problems = contract.output_mismatches(&labels.schema(), &DataType::Int64, &DataType::Int64);
     assert!(problems.is_empty(), "{problems:?}");
     assert!(

@@ -88,7 +88,7 @@ fn polars_reads_every_output_and_agrees_with_the_job() {
             ("features", file) => file.trim_end_matches(".parquet").to_string(),
             (folder, _) => folder.to_string(),
         };
-        let contract = recdistill::schema::contract(&table).unwrap();
+        let contract = recdistill::lake::schema::contract(&table).unwrap();
         let problems = contract.output_mismatches(&arrow_batch.schema(), &id, &id);
         assert!(problems.is_empty(), "{rel}: {problems:?}");
         for column in &contract.columns {

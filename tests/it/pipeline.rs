@@ -372,7 +372,7 @@ fn string_ids_keep_their_type_from_input_to_recommendations() {
             .iter()
             .all(|v| v.unwrap().starts_with("item-"))
     );
-    let contract = recdistill::schema::contract("recommendations").unwrap();
+    let contract = recdistill::lake::schema::contract("recommendations").unwrap();
     let utf8 = arrow::datatypes::DataType::Utf8;
     assert!(
         contract

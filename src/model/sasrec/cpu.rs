@@ -4,11 +4,11 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{
+use super::{PAD, SasRec, SasRecConfig, Weights};
+use crate::model::kernels::{
     AttentionShape, View, add_bias, add_column_sums, apply_mask, attention, attention_backward,
     dropout, layer_norm, layer_norm_backward, matmul, par_all,
 };
-use super::{PAD, SasRec, SasRecConfig, Weights};
 
 /// Layer norm epsilon (as PyTorch's default).
 pub const LN_EPS: f32 = 1e-5;

@@ -15,9 +15,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use super::cpu::{LN_EPS, window_into};
-use super::kernels::{AttentionShape, add_bias, attention};
 use super::{PAD, SasRec, SasRecConfig};
 use crate::error::{Error, Result};
+use crate::model::kernels::{AttentionShape, add_bias, attention};
 use crate::model::stored::{Encoded, Layout, Matrix, read_f32};
 use crate::model::{CARD_KEY, ModelCard, Scorer};
 

@@ -5,21 +5,23 @@
 //! position's hidden state · the item's vector. The same code builds the
 //! teacher, the assistant and the student at different sizes.
 //!
-//! Training and scoring on the CPU run hand-written forward and backward
-//! passes over preallocated buffers ([`cpu`]); [`reference`] is the same
-//! model in candle's autograd, used on GPUs and as the oracle the CPU
-//! gradients are tested against.
+//! On the CPU the model runs hand-written forward and backward passes over
+//! preallocated buffers ([`cpu`], on [`crate::model::kernels`]); [`candle`] is the
+//! same model in candle's autograd, trained on GPUs and the oracle the CPU
+//! gradients are tested against. [`infer`] scores every SASRec as stored,
+//! fp32 or compressed; [`shrink`] makes the compressed variants.
 
+pub mod candle;
 pub mod cpu;
 pub mod infer;
-pub mod kernels;
-pub mod reference;
+pub mod shrink;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{LinkSpec, TeacherSpec};
 use crate::error::{Error, Result};
 use crate::model::{ModelArtifact, ModelCard, Scorer};
 
@@ -51,6 +53,35 @@ pub struct SasRecConfig {
 }
 
 impl SasRecConfig {
+    /// The teacher `spec` asks for over `n_items` items, fed content
+    /// vectors of `content_dim` (0 for none).
+    pub fn for_teacher(spec: &TeacherSpec, n_items: usize, content_dim: usize) -> SasRecConfig {
+        SasRecConfig {
+            n_items,
+            d_model: spec.d_model,
+            layers: spec.layers,
+            heads: spec.heads,
+            ffn: spec.ffn,
+            max_len: spec.max_len,
+            dropout: spec.dropout,
+            content_dim,
+        }
+    }
+
+    /// A distillation chain link over `n_items` items (ids only).
+    pub fn for_link(link: &LinkSpec, n_items: usize) -> SasRecConfig {
+        SasRecConfig {
+            n_items,
+            d_model: link.d_model,
+            layers: link.layers,
+            heads: link.heads,
+            ffn: link.ffn,
+            max_len: link.max_len,
+            dropout: link.dropout,
+            content_dim: 0,
+        }
+    }
+
     /// Checks the sizes (a file's card is checked the same way).
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.n_items == 0
@@ -497,7 +528,7 @@ mod tests {
         for content_dim in [0, 4] {
             let m = model(content_dim);
             let got = scores(&m, &HISTORIES);
-            let candle = reference::CandleSasRec::from_model(&m, &Device::Cpu).unwrap();
+            let candle = candle::CandleSasRec::from_model(&m, &Device::Cpu).unwrap();
             let mut inputs = vec![PAD; HISTORIES.len() * 5];
             for (slot, h) in inputs.chunks_mut(5).zip(HISTORIES) {
                 cpu::window_into(h, slot);

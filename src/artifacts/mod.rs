@@ -1,0 +1,8 @@
+//! The files stages write and the stages after them read back: trained
+//! models with their training histories, soft labels, recommendation lists.
+//! What two stages share lives here, below them, so that no stage imports
+//! another.
+
+pub mod models;
+pub mod recommendations;
+pub mod soft_labels;

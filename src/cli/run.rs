@@ -1,0 +1,138 @@
+//! `recdistill run` and `recdistill stage NAME`, and the results table.
+
+use std::io::Write;
+
+use clap::Args;
+
+use super::job::{JobArgs, load_job, run_date};
+use crate::config::Job;
+use crate::error::{Error, Result};
+use crate::lake::Lake;
+use crate::model::score::Speed;
+use crate::stages::evaluate::results::ModelResult;
+use crate::stages::{self, RunContext, Stage, StageOutcome};
+use crate::tools::sample::{self, SampleSpec};
+
+/// `recdistill stage NAME`.
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    /// Stage name.
+    pub name: String,
+    /// The job and run.
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+/// `recdistill run`: the whole job, then a summary and the results table.
+pub async fn run(args: JobArgs) -> Result<()> {
+    let job = load_job(&args)?;
+    let date = run_date(&args.run_date)?;
+    if args.job.is_none() {
+        seed_sample_lake(&job).await?;
+    }
+    let rc = RunContext::new(job, date)?;
+    let summary = stages::run_all(&rc).await?;
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| Error::io("stdout", e);
+    writeln!(
+        out,
+        "run {} of job {} committed to {}",
+        summary.manifest.run_id, summary.manifest.job, summary.folder
+    )
+    .map_err(io)?;
+    writeln!(
+        out,
+        "{} events from {} files; {} output files",
+        summary.ingested.rows,
+        summary.ingested.files,
+        summary.manifest.outputs.len()
+    )
+    .map_err(io)?;
+    results_table(&mut out, &summary.evaluation.results).map_err(io)
+}
+
+/// One line per model: accuracy at 10, size, speed, and whether it is on
+/// the accuracy-vs-bytes frontier.
+fn results_table(out: &mut impl Write, results: &[ModelResult]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<48} {:<10} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
+        "model",
+        "role",
+        "ndcg@10",
+        "hr@10",
+        "mrr@10",
+        "params",
+        "bytes",
+        "p50_ms",
+        "users/s",
+        "frontier"
+    )?;
+    for r in results {
+        let at = |v: &[f64]| {
+            r.metrics
+                .ks
+                .iter()
+                .position(|&k| k == 10)
+                .map(|i| format!("{:.4}", v[i]))
+                .unwrap_or_else(|| "-".into())
+        };
+        let speed = |f: fn(&Speed) -> f64, digits: usize| {
+            r.speed
+                .as_ref()
+                .map_or("-".to_string(), |s| format!("{:.*}", digits, f(s)))
+        };
+        writeln!(
+            out,
+            "{:<48} {:<10} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
+            r.name,
+            r.role,
+            at(&r.metrics.ndcg),
+            at(&r.metrics.hr),
+            at(&r.metrics.mrr),
+            r.params,
+            r.size_bytes,
+            speed(|s| s.latency_ms_p50, 3),
+            speed(|s| s.users_per_s, 0),
+            if r.pareto { "*" } else { "" }
+        )?;
+    }
+    Ok(())
+}
+
+/// The embedded job runs on a local `lake/` folder; fill it with the bundled
+/// sample the first time.
+async fn seed_sample_lake(job: &Job) -> Result<()> {
+    let lake = Lake::open(&job.spec.lake)?;
+    if lake.list(&job.spec.input.interactions).await?.is_empty() {
+        tracing::info!(lake = %lake.url(), "seeding the lake with the bundled sample");
+        sample::write_sample(&lake, &SampleSpec::default()).await?;
+    }
+    Ok(())
+}
+
+/// `recdistill stage NAME`: one stage of a run.
+pub async fn stage(args: StageArgs) -> Result<()> {
+    let stage: Stage = args.name.parse()?;
+    let job = load_job(&args.job)?;
+    let date = run_date(&args.job.run_date)?;
+    let mut rc = RunContext::new(job, date)?;
+    match stages::run_stage(&mut rc, stage).await? {
+        StageOutcome::Validated(ingested) => println!(
+            "input valid: {} events in {} files; fingerprint {}",
+            ingested.rows, ingested.files, ingested.fingerprint.sha256
+        ),
+        StageOutcome::Wrote(written) => {
+            for object in written {
+                println!("{}\t{} bytes", rc.run.url_of(&object.path), object.size);
+            }
+        }
+        StageOutcome::Committed(manifest) => println!(
+            "run {} committed to {} ({} files)",
+            manifest.run_id,
+            rc.run.display(),
+            manifest.outputs.len()
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! `[evaluation]`: the metrics' cut-offs, the recommendation lists and the
+//! timing of every model.
+
+use serde::{Deserialize, Serialize};
+
+/// `[evaluation]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluationSpec {
+    /// Cut-offs for HR/NDCG/MRR@K.
+    pub ks: Vec<u32>,
+    /// Length of each user's recommendation list; 0 means the largest K.
+    pub recommend_k: u32,
+    /// Users scored together in one batch.
+    pub batch_users: usize,
+    /// Users scored one at a time for each model's latency percentiles
+    /// (0: no latency or throughput measured).
+    pub latency_users: usize,
+}
+
+impl Default for EvaluationSpec {
+    fn default() -> Self {
+        EvaluationSpec {
+            ks: vec![5, 10, 20],
+            recommend_k: 0,
+            batch_users: 256,
+            latency_users: 200,
+        }
+    }
+}
+
+impl EvaluationSpec {
+    /// Length of the recommendation lists written.
+    pub fn list_len(&self) -> usize {
+        if self.recommend_k > 0 {
+            self.recommend_k as usize
+        } else {
+            self.ks.iter().copied().max().unwrap_or(10) as usize
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! `[lake]` and `[input]`: where the lake is, how to reach it, and how its
+//! input tables are read and checked.
+
+use serde::{Deserialize, Serialize};
+
+/// `[lake]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeSpec {
+    /// Lake root: a bare path, `file://`, `s3://`, `gs://`, `az://` or `memory://` URL.
+    pub url: String,
+    /// Endpoint of an S3-compatible server (MinIO, Ceph, ...); empty for AWS.
+    pub endpoint: String,
+    /// S3 region; empty to take it from `AWS_REGION` / `AWS_DEFAULT_REGION`.
+    pub region: String,
+    /// Allow plain-HTTP endpoints (local S3-compatible servers).
+    pub allow_http: bool,
+    /// Folder under the lake root where job runs are written.
+    pub output_prefix: String,
+    /// Retries of failed storage requests (5xx, 429, resets): at most this many.
+    pub max_retries: usize,
+    /// Retries stop after this many seconds from the first attempt.
+    pub retry_timeout_s: u64,
+    /// First wait before a retry, in milliseconds; it doubles per retry.
+    pub retry_backoff_ms: u64,
+    /// Longest wait between retries, in milliseconds.
+    pub retry_backoff_max_ms: u64,
+    /// A request that has not completed after this many seconds fails (and
+    /// is retried).
+    pub request_timeout_s: u64,
+    /// Connecting to the store gives up after this many seconds (and is retried).
+    pub connect_timeout_s: u64,
+    /// A run holds its run folder's lease for this long, renewing it every
+    /// quarter; a killed run's folder is free again this long after its
+    /// last renewal.
+    pub lease_s: u64,
+}
+
+impl Default for LakeSpec {
+    fn default() -> Self {
+        LakeSpec {
+            url: "lake".into(),
+            endpoint: String::new(),
+            region: String::new(),
+            allow_http: false,
+            output_prefix: "recdistill".into(),
+            max_retries: 10,
+            retry_timeout_s: 180,
+            retry_backoff_ms: 100,
+            retry_backoff_max_ms: 15_000,
+            request_timeout_s: 30,
+            connect_timeout_s: 5,
+            lease_s: 60,
+        }
+    }
+}
+
+/// `[input]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputSpec {
+    /// Interactions table folder, relative to the lake root.
+    pub interactions: String,
+    /// Items table folder, relative to the lake root; empty when there is none.
+    pub items: String,
+    /// Item content table folder (item_id, embedding), relative to the lake
+    /// root; empty when there is none.
+    pub item_content: String,
+    /// Memory DataFusion may use for queries, in MiB.
+    pub memory_limit_mb: usize,
+    /// DataFusion partitions (parallel streams); 0 means one per core.
+    pub target_partitions: usize,
+    /// Rows per record batch.
+    pub batch_size: usize,
+    /// Events before this instant (RFC 3339) are refused as invalid.
+    pub min_timestamp: String,
+    /// Events at or after this instant (RFC 3339) are refused as invalid.
+    pub max_timestamp: String,
+}
+
+impl Default for InputSpec {
+    fn default() -> Self {
+        InputSpec {
+            interactions: "interactions".into(),
+            items: "items".into(),
+            item_content: String::new(),
+            memory_limit_mb: 2048,
+            target_partitions: 0,
+            batch_size: 8192,
+            min_timestamp: "1990-01-01T00:00:00Z".into(),
+            max_timestamp: "2100-01-01T00:00:00Z".into(),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! `[models]`: the baselines (`popularity`, `meanpool`) and the SASRec
+//! teacher, with the softmax and negative sampling it trains with.
+
+use serde::{Deserialize, Serialize};
+
+use super::features::FeatureSpec;
+use super::lake::InputSpec;
+
+/// `[models]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsSpec {
+    /// `[models.popularity]`
+    pub popularity: PopularitySpec,
+    /// `[models.meanpool]`
+    pub meanpool: MeanPoolSpec,
+    /// `[models.teacher]`
+    pub teacher: TeacherSpec,
+}
+
+/// `[models.teacher]`: the SASRec transformer whose knowledge is distilled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherSpec {
+    /// Train and evaluate it.
+    pub enabled: bool,
+    /// Width of every hidden state.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention heads (must divide d_model).
+    pub heads: usize,
+    /// Width of the feed-forward layer.
+    pub ffn: usize,
+    /// Most recent items the model sees.
+    pub max_len: usize,
+    /// Dropout probability.
+    pub dropout: f32,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Decoupled weight decay (AdamW); 0 is Adam.
+    pub weight_decay: f64,
+    /// Most epochs.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
+    /// `full` softmax over the catalogue, or `sampled` with log-Q correction.
+    pub softmax: Softmax,
+    /// Negatives per step with sampled softmax.
+    pub negatives: usize,
+    /// How negatives are drawn: `popularity` or `uniform`.
+    pub sampling: Sampling,
+    /// Train `teacher`, on item ids alone.
+    pub ids: bool,
+    /// Also train `teacher-content`, fed the item content table.
+    pub content: bool,
+}
+
+impl Default for TeacherSpec {
+    fn default() -> Self {
+        TeacherSpec {
+            enabled: true,
+            d_model: 64,
+            layers: 2,
+            heads: 2,
+            ffn: 64,
+            max_len: 50,
+            dropout: 0.2,
+            batch_size: 128,
+            lr: 0.001,
+            beta1: 0.9,
+            beta2: 0.98,
+            weight_decay: 0.0,
+            epochs: 200,
+            patience: 20,
+            softmax: Softmax::Full,
+            negatives: 1024,
+            sampling: Sampling::Popularity,
+            ids: true,
+            content: false,
+        }
+    }
+}
+
+/// `[models.popularity]`: items ranked by their train-split event counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PopularitySpec {
+    /// Train and evaluate it.
+    pub enabled: bool,
+}
+
+impl Default for PopularitySpec {
+    fn default() -> Self {
+        PopularitySpec { enabled: true }
+    }
+}
+
+/// `[models.meanpool]`: the learned baseline. A user is the mean of the
+/// embeddings of their last `window` items; scores are dot products with a
+/// second (output) item table; trained with full-softmax cross-entropy on
+/// the next item at every position of the train split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeanPoolSpec {
+    /// Train and evaluate it.
+    pub enabled: bool,
+    /// Embedding width.
+    pub d_model: usize,
+    /// How many recent items make up the user.
+    pub window: usize,
+    /// Most epochs.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
+    /// Training examples per step.
+    pub batch_size: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for MeanPoolSpec {
+    fn default() -> Self {
+        MeanPoolSpec {
+            enabled: true,
+            d_model: 64,
+            window: 20,
+            epochs: 30,
+            patience: 3,
+            batch_size: 256,
+            lr: 0.003,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// A job spec with where it came from (to resolve relative paths and to name
+impl ModelsSpec {
+    /// Checks the rules serde cannot express, for the enabled models.
+    pub(super) fn validate(
+        &self,
+        input: &InputSpec,
+        features: &FeatureSpec,
+    ) -> std::result::Result<(), String> {
+        let m = &self.meanpool;
+        if m.enabled {
+            if m.d_model == 0 || m.window == 0 || m.batch_size == 0 || m.epochs == 0 {
+                return Err(
+                    "models.meanpool: d_model, window, batch_size and epochs must be at least 1"
+                        .into(),
+                );
+            }
+            let valid = m.lr.is_finite() && m.lr > 0.0 && m.weight_decay >= 0.0;
+            if !valid {
+                return Err("models.meanpool: lr must be > 0 and weight_decay ≥ 0".into());
+            }
+        }
+        let t = &self.teacher;
+        if t.enabled {
+            check_sasrec(
+                "models.teacher",
+                [
+                    t.d_model,
+                    t.layers,
+                    t.heads,
+                    t.ffn,
+                    t.max_len,
+                    t.batch_size,
+                    t.epochs,
+                ],
+                (t.lr, t.beta1, t.beta2, t.weight_decay, t.dropout),
+            )?;
+            if t.softmax == Softmax::Sampled && t.negatives == 0 {
+                return Err("models.teacher: sampled softmax needs negatives ≥ 1".into());
+            }
+            if !t.ids && !t.content {
+                return Err(
+                    "models.teacher: ids = false and content = false train no teacher; set enabled = false instead".into(),
+                );
+            }
+            if t.content && input.item_content.is_empty() && features.item_content_sql.is_empty() {
+                return Err(
+                    "models.teacher.content = true needs an item content table: set input.item_content or features.item_content_sql".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any model is enabled.
+    pub fn any_enabled(&self) -> bool {
+        self.popularity.enabled || self.meanpool.enabled || self.teacher.enabled
+    }
+}
+
+/// Which softmax the loss uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Softmax {
+    /// Over the whole catalogue.
+    Full,
+    /// Over the batch's targets and sampled negatives, with log-Q correction.
+    Sampled,
+}
+
+/// How negatives are drawn for sampled softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// In proportion to train-split popularity (plus one).
+    Popularity,
+    /// Uniformly.
+    Uniform,
+}
+
+/// The size and optimizer rules every SASRec section obeys: `sizes` are
+/// d_model, layers, heads, ffn, max_len, batch_size, epochs; `optimizer` is
+/// lr, beta1, beta2, weight_decay, dropout.
+pub(super) fn check_sasrec(
+    section: &str,
+    sizes: [usize; 7],
+    optimizer: (f64, f64, f64, f64, f32),
+) -> std::result::Result<(), String> {
+    if sizes.contains(&0) {
+        return Err(format!(
+            "{section}: d_model, layers, heads, ffn, max_len, batch_size and epochs must be at least 1"
+        ));
+    }
+    let (d_model, heads) = (sizes[0], sizes[2]);
+    if !d_model.is_multiple_of(heads) {
+        return Err(format!(
+            "{section}: d_model {d_model} must be a multiple of heads {heads}"
+        ));
+    }
+    let (lr, beta1, beta2, weight_decay, dropout) = optimizer;
+    let valid = lr.is_finite()
+        && lr > 0.0
+        && (0.0..1.0).contains(&beta1)
+        && (0.0..1.0).contains(&beta2)
+        && weight_decay >= 0.0
+        && (0.0..1.0).contains(&dropout);
+    if !valid {
+        return Err(format!(
+            "{section}: lr must be > 0, beta1 and beta2 and dropout in [0, 1), weight_decay ≥ 0"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! DataFusion, set up once per process: memory limit, partitions and batch
+//! size from the job, and the read-only rules of ad hoc SQL.
+
+use std::sync::Arc;
+
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use crate::config::InputSpec;
+use crate::error::{Error, Result};
+
+/// Cores DataFusion may use: the job's `target_partitions`, or every core.
+pub fn partitions(input: &InputSpec) -> usize {
+    if input.target_partitions > 0 {
+        input.target_partitions
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    }
+}
+
+/// A session with the job's limits. Memory-hungry operators (sorts, joins,
+/// aggregations) fail cleanly rather than take more than `memory_limit_mb`.
+pub fn session(input: &InputSpec) -> Result<SessionContext> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(input.memory_limit_mb * 1024 * 1024, 1.0)
+        .build_arc()
+        .map_err(|e| Error::from_datafusion("setting up DataFusion", e))?;
+    let config = SessionConfig::new()
+        .with_target_partitions(partitions(input))
+        .with_batch_size(input.batch_size)
+        .with_information_schema(true);
+    Ok(SessionContext::new_with_config_rt(
+        config,
+        Arc::clone(&runtime),
+    ))
+}
+
+/// Checks that `sql` is one read-only query before DataFusion plans it:
+/// `SELECT`, `WITH`, `VALUES`, `EXPLAIN` and `SHOW`/`DESCRIBE` pass; DDL,
+/// DML, `COPY`, `SET` and the rest are refused with a clear message.
+/// (DataFusion's `SQLOptions` refuse the same plans again after planning.)
+pub fn check_read_only(sql: &str) -> Result<()> {
+    let statements = Parser::parse_sql(&GenericDialect {}, sql)
+        .map_err(|e| Error::config(format!("SQL syntax: {e}")))?;
+    if statements.len() != 1 {
+        return Err(Error::config(format!(
+            "expected one statement, got {}",
+            statements.len()
+        )));
+    }
+    match &statements[0] {
+        Statement::Explain { statement, .. } if !matches!(**statement, Statement::Query(_)) => Err(
+            Error::config("recdistill sql is read-only: EXPLAIN is allowed for queries only"),
+        ),
+        Statement::Query(_)
+        | Statement::Explain { .. }
+        | Statement::ExplainTable { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. } => Ok(()),
+        other => {
+            let text = other.to_string();
+            let verb = text
+                .split_whitespace()
+                .next()
+                .unwrap_or("this")
+                .to_uppercase();
+            Err(Error::config(format!(
+                "recdistill sql is read-only: {verb} statements are refused (only SELECT / WITH / VALUES / EXPLAIN / SHOW)"
+            )))
+        }
+    }
+}
+
+/// The options ad hoc queries run under: no DDL, no DML (including COPY), no
+/// statements such as SET.
+pub fn read_only_options() -> datafusion::execution::context::SQLOptions {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// Named SQL parameters (`$name`) and their values.
+pub type SqlParams = Vec<(String, ScalarValue)>;
+
+/// Plans `sql` with those of `params` it mentions (`$name`) bound.
+pub async fn plan_sql(
+    ctx: &SessionContext,
+    sql: &str,
+    params: &[(String, ScalarValue)],
+    what: &str,
+) -> Result<datafusion::dataframe::DataFrame> {
+    let df = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| Error::from_datafusion(what, e))?;
+    let used: SqlParams = params
+        .iter()
+        .filter(|(name, _)| sql.contains(&format!("${name}")))
+        .cloned()
+        .collect();
+    if used.is_empty() {
+        Ok(df)
+    } else {
+        df.with_param_values(used)
+            .map_err(|e| Error::from_datafusion(what, e))
+    }
+}
+
+/// Runs `sql` (see [`plan_sql`]) and collects the result.
+pub async fn collect_sql(
+    ctx: &SessionContext,
+    sql: &str,
+    params: &[(String, ScalarValue)],
+    what: &str,
+) -> Result<Vec<arrow::array::RecordBatch>> {
+    plan_sql(ctx, sql, params, what)
+        .await?
+        .collect()
+        .await
+        .map_err(|e| Error::from_datafusion(what, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_check() {
+        for ok in [
+            "SELECT 1",
+            "WITH a AS (SELECT 1) SELECT * FROM a",
+            "VALUES (1)",
+            "EXPLAIN SELECT 1",
+            "SHOW TABLES",
+        ] {
+            check_read_only(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "CREATE TABLE t AS SELECT 1",
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '/etc'",
+            "INSERT INTO t VALUES (1)",
+            "DELETE FROM t",
+            "COPY (SELECT 1) TO '/tmp/x.parquet'",
+            "DROP TABLE split",
+            "SET datafusion.execution.batch_size = 1",
+            "SELECT 1; DROP TABLE split",
+            "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
+        ] {
+            let err = check_read_only(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! Shrinking a trained SASRec model into a compressed variant: the
+//! content projection folded into the item table, feed-forward units
+//! pruned (structured), the item table projected onto its top singular
+//! subspace (low rank), small weights zeroed (unstructured), and the result
+//! encoded as stored matrices (factors, sparse rows, int8/int4).
+//!
+//! The steps run in a fixed order: [`shrink`] (structured, low rank,
+//! unstructured), an optional recovery fine-tune done by the compress stage
+//! (with [`constrain`] after every optimizer step, so the recovered model
+//! still compresses exactly), then [`encode`].
+
+use nalgebra::DMatrix;
+
+use super::infer::StoredSasRec;
+use super::{SasRec, SasRecConfig, Weights};
+use crate::config::{CompressSpec, Quantization, RankChoice, Variant};
+use crate::model::stored::Matrix;
+
+/// A variant's model after its shape steps, before encoding.
+#[derive(Debug, Clone)]
+pub struct Shrunk {
+    /// The model, pruned and projected (still dense `f32`).
+    pub model: SasRec,
+    /// The rank the low-rank step chose.
+    pub rank: Option<usize>,
+    /// Low rank: `V_r V_rᵀ`, the projector onto the item table's subspace.
+    pub basis: Option<Vec<f32>>,
+    /// Unstructured pruning: per pruned matrix, which weights are kept.
+    pub masks: Option<Vec<Vec<bool>>>,
+    /// What each step did, for the artifact's provenance.
+    pub steps: Vec<String>,
+}
+
+/// The shape steps of `variant` on `source` (content already folded):
+/// structured pruning of feed-forward units, low-rank projection of the
+/// item table, then unstructured magnitude pruning in `prune_scope`.
+pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Shrunk {
+    let mut model = source.clone();
+    let mut steps = Vec::new();
+    let d = model.config.d_model;
+    if let Some(f) = variant.structured {
+        let before = model.config.ffn;
+        model = prune_ffn_units(&model, f);
+        steps.push(format!(
+            "feed-forward units {before} → {} per layer (lowest ‖w1 column‖·‖w2 row‖ removed)",
+            model.config.ffn
+        ));
+    }
+    let mut basis = None;
+    let mut rank = None;
+    if let Some(choice) = variant.lowrank {
+        let svd = Svd::of(&model.weights.item, model.config.n_items, d);
+        let r = svd.rank_for(choice, d);
+        let energy = svd.energy(r);
+        let p = svd.projector(r);
+        project_rows(&mut model.weights.item, &p, d);
+        basis = Some(p);
+        rank = Some(r);
+        steps.push(format!(
+            "item table rank {} → {r}, spectral energy kept {energy:.4}",
+            d.min(model.config.n_items)
+        ));
+    }
+    let mut masks = None;
+    if let Some(s) = variant.unstructured {
+        let m = prune_magnitude(&mut model.weights, s, prune_scope);
+        let (zero, total) = m.iter().flatten().fold((0usize, 0usize), |(z, t), &keep| {
+            (z + usize::from(!keep), t + 1)
+        });
+        steps.push(format!(
+            "unstructured magnitude pruning ({prune_scope} scope): {zero} of {total} matrix weights removed ({:.4})",
+            zero as f64 / total.max(1) as f64
+        ));
+        masks = Some(m);
+    }
+    Shrunk {
+        model,
+        rank,
+        basis,
+        masks,
+        steps,
+    }
+}
+
+/// Puts the compression constraints back after an optimizer step: the
+/// item table onto its subspace (`basis`), pruned weights to zero (`masks`).
+pub fn constrain(model: &mut SasRec, basis: Option<&[f32]>, masks: Option<&[Vec<bool>]>) {
+    if let Some(p) = basis {
+        project_rows(&mut model.weights.item, p, model.config.d_model);
+    }
+    if let Some(masks) = masks {
+        for (t, mask) in matrices_mut(&mut model.weights).into_iter().zip(masks) {
+            for (v, &keep) in t.iter_mut().zip(mask) {
+                if !keep {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Encodes a shrunk (and possibly recovered) model as `variant` stores it:
+/// the item table as rank-`rank` factors, pruned matrices as sparse rows,
+/// every matrix quantized (`int4` in groups of `int4_group`).
+pub fn encode(
+    model: &SasRec,
+    variant: &Variant,
+    rank: Option<usize>,
+    int4_group: usize,
+) -> StoredSasRec {
+    let d = model.config.d_model;
+    let mut stored = StoredSasRec::from_dense(model);
+    if let Some(r) = rank {
+        let (n, table) = (model.config.n_items, &model.weights.item);
+        stored.item = Svd::of(table, n, d).factors(r);
+    }
+    if variant.unstructured.is_some() {
+        let int8 = variant.quantization == Some(Quantization::Int8);
+        for m in stored.matrices_mut() {
+            let (rows, cols) = (m.rows(), m.cols());
+            *m = Matrix::sparsify(rows, cols, &m.to_dense(), int8);
+        }
+    } else if let Some(q) = variant.quantization {
+        for m in stored.matrices_mut() {
+            *m = quantize(m, q, int4_group);
+        }
+    }
+    stored
+}
+
+/// `variant` of `source` without recovery (benchmarks; the compress stage
+/// recovers pruned and low-rank variants between the two steps).
+pub fn encode_variant(source: &SasRec, variant: &Variant, spec: &CompressSpec) -> StoredSasRec {
+    let shrunk = shrink(&fold_content(source), variant, &spec.prune_scope);
+    encode(&shrunk.model, variant, shrunk.rank, spec.int4_group)
+}
+
+/// The model with its content projection folded into the id table (the
+/// item table it scores with), so compression sees one `n_items × d` table.
+pub fn fold_content(model: &SasRec) -> SasRec {
+    if model.config.content_dim == 0 {
+        return model.clone();
+    }
+    let config = SasRecConfig {
+        content_dim: 0,
+        ..model.config
+    };
+    let mut weights = model.weights.clone();
+    weights.item = model.item_table();
+    weights.content_w.clear();
+    weights.content_b.clear();
+    SasRec {
+        config,
+        weights,
+        content: Vec::new(),
+    }
+}
+
+fn quantize(m: &Matrix, q: Quantization, group: usize) -> Matrix {
+    match m {
+        Matrix::LowRank { u, v } => Matrix::LowRank {
+            u: Box::new(quantize(u, q, group)),
+            v: Box::new(quantize(v, q, group)),
+        },
+        _ => {
+            let (rows, cols, data) = (m.rows(), m.cols(), m.to_dense());
+            match q {
+                Quantization::Int8 => Matrix::quantize_int8(rows, cols, &data),
+                Quantization::Int4 => Matrix::quantize_int4(rows, cols, group.min(cols), &data),
+            }
+        }
+    }
+}
+
+/// Removes the `fraction` of feed-forward units with the smallest
+/// `‖w1[:, u]‖ · ‖w2[u, :]‖` in every layer (the same count per layer, at
+/// least one kept): smaller dense `w1`, `b1`, `w2`.
+pub fn prune_ffn_units(model: &SasRec, fraction: f32) -> SasRec {
+    let c = model.config;
+    let (d, f) = (c.d_model, c.ffn);
+    let keep = (((1.0 - fraction) * f as f32).round() as usize).clamp(1, f);
+    let config = SasRecConfig { ffn: keep, ..c };
+    let mut weights = model.weights.clone();
+    for layer in &mut weights.layers {
+        let norm = |u: usize| {
+            let a: f32 = (0..d).map(|k| layer.w1[k * f + u].powi(2)).sum();
+            let b: f32 = layer.w2[u * d..(u + 1) * d].iter().map(|v| v * v).sum();
+            a.sqrt() * b.sqrt()
+        };
+        let mut units: Vec<usize> = (0..f).collect();
+        units.sort_by(|&a, &b| norm(b).total_cmp(&norm(a)).then(a.cmp(&b)));
+        let mut kept = units[..keep].to_vec();
+        kept.sort_unstable();
+        let mut w1 = Vec::with_capacity(d * keep);
+        for k in 0..d {
+            w1.extend(kept.iter().map(|&u| layer.w1[k * f + u]));
+        }
+        let b1 = kept.iter().map(|&u| layer.b1[u]).collect();
+        let w2 = kept
+            .iter()
+            .flat_map(|&u| layer.w2[u * d..(u + 1) * d].iter().copied())
+            .collect();
+        layer.w1 = w1;
+        layer.b1 = b1;
+        layer.w2 = w2;
+    }
+    SasRec {
+        config,
+        weights,
+        content: model.content.clone(),
+    }
+}
+
+/// The matrices of the dense weights that pruning applies to.
+fn matrices_mut(w: &mut Weights) -> Vec<&mut Vec<f32>> {
+    let mut out = vec![&mut w.item, &mut w.pos];
+    for l in &mut w.layers {
+        out.extend([&mut l.wqkv, &mut l.wo, &mut l.w1, &mut l.w2]);
+    }
+    out
+}
+
+/// Zeroes the `sparsity` share of smallest-magnitude weights of each
+/// matrix (`layer` scope) or of all matrices together (`global`); returns
+/// the kept masks.
+pub fn prune_magnitude(w: &mut Weights, sparsity: f32, scope: &str) -> Vec<Vec<bool>> {
+    let threshold = |values: &mut Vec<f32>| -> f32 {
+        let cut = ((sparsity as f64) * values.len() as f64).round() as usize;
+        if cut == 0 {
+            return -1.0;
+        }
+        values.sort_by(f32::total_cmp);
+        values[cut.min(values.len()) - 1]
+    };
+    let mut tensors = matrices_mut(w);
+    let global = if scope == "global" {
+        let mut all: Vec<f32> = tensors
+            .iter()
+            .flat_map(|t| t.iter().map(|v| v.abs()))
+            .collect();
+        Some(threshold(&mut all))
+    } else {
+        None
+    };
+    let mut masks = Vec::with_capacity(tensors.len());
+    for t in &mut tensors {
+        let cut = global.unwrap_or_else(|| threshold(&mut t.iter().map(|v| v.abs()).collect()));
+        // Ties at the threshold: keep the count exact by removing in order.
+        let mut to_remove = if global.is_some() {
+            usize::MAX
+        } else {
+            ((sparsity as f64) * t.len() as f64).round() as usize
+        };
+        let mut mask = vec![true; t.len()];
+        for (v, keep) in t.iter_mut().zip(mask.iter_mut()) {
+            if v.abs() < cut || (v.abs() == cut && to_remove > 0) {
+                *v = 0.0;
+                *keep = false;
+            }
+            if !*keep {
+                to_remove = to_remove.saturating_sub(1);
+            }
+        }
+        masks.push(mask);
+    }
+    masks
+}
+
+/// `rows ← rows · P` for a row-major matrix with `d` columns.
+fn project_rows(table: &mut [f32], p: &[f32], d: usize) {
+    let mut tmp = vec![0.0f32; d];
+    for row in table.chunks_exact_mut(d) {
+        for (j, t) in tmp.iter_mut().enumerate() {
+            *t = (0..d).map(|k| row[k] * p[k * d + j]).sum();
+        }
+        row.copy_from_slice(&tmp);
+    }
+}
+
+/// A thin SVD `A = U Σ Vᵀ` of a row-major `rows × cols` matrix, singular
+/// values in decreasing order.
+pub struct Svd {
+    rows: usize,
+    cols: usize,
+    /// Singular values, decreasing.
+    pub sigma: Vec<f64>,
+    u: DMatrix<f64>,
+    v_t: DMatrix<f64>,
+}
+
+impl Svd {
+    /// The decomposition (in f64).
+    pub fn of(a: &[f32], rows: usize, cols: usize) -> Svd {
+        let m = DMatrix::from_row_iterator(rows, cols, a.iter().map(|&v| f64::from(v)));
+        let svd = m.svd(true, true);
+        Svd {
+            rows,
+            cols,
+            sigma: svd.singular_values.iter().copied().collect(),
+            u: svd.u.expect("U was asked for"),
+            v_t: svd.v_t.expect("Vᵀ was asked for"),
+        }
+    }
+
+    /// Share of Σσ² held by the first `r` singular values.
+    pub fn energy(&self, r: usize) -> f64 {
+        let total: f64 = self.sigma.iter().map(|s| s * s).sum();
+        if total == 0.0 {
+            return 1.0;
+        }
+        self.sigma.iter().take(r).map(|s| s * s).sum::<f64>() / total
+    }
+
+    /// The rank `choice` picks (1 ..= min(rows, cols)).
+    pub fn rank_for(&self, choice: RankChoice, d: usize) -> usize {
+        let most = self.sigma.len().max(1);
+        let r = match choice {
+            RankChoice::Fixed(r) => r,
+            RankChoice::Ratio(x) => (x * d as f32).round() as usize,
+            RankChoice::Energy(e) => (1..=most)
+                .find(|&r| self.energy(r) >= f64::from(e) - 1e-12)
+                .unwrap_or(most),
+        };
+        r.clamp(1, most)
+    }
+
+    /// `V_r V_rᵀ` (`cols × cols`, row-major): projects rows onto the top-`r`
+    /// right singular subspace.
+    pub fn projector(&self, r: usize) -> Vec<f32> {
+        let c = self.cols;
+        let mut p = vec![0.0f32; c * c];
+        for i in 0..c {
+            for j in 0..c {
+                p[i * c + j] = (0..r)
+                    .map(|t| self.v_t[(t, i)] * self.v_t[(t, j)])
+                    .sum::<f64>() as f32;
+            }
+        }
+        p
+    }
+
+    /// The rank-`r` factors as a stored matrix: `U_r Σ_r` (`rows × r`) and
+    /// `V_rᵀ` (`r × cols`).
+    pub fn factors(&self, r: usize) -> Matrix {
+        let mut u = Vec::with_capacity(self.rows * r);
+        for i in 0..self.rows {
+            u.extend((0..r).map(|t| (self.u[(i, t)] * self.sigma[t]) as f32));
+        }
+        let mut v = Vec::with_capacity(r * self.cols);
+        for t in 0..r {
+            v.extend((0..self.cols).map(|j| self.v_t[(t, j)] as f32));
+        }
+        Matrix::LowRank {
+            u: Box::new(Matrix::dense(self.rows, r, u)),
+            v: Box::new(Matrix::dense(r, self.cols, v)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::sasrec::tests_support::random_model;
+
+    #[test]
+    fn svd_reconstruction_error_is_the_discarded_singular_values() {
+        let (rows, cols) = (40, 12);
+        let a: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let svd = Svd::of(&a, rows, cols);
+        assert!(svd.sigma.windows(2).all(|w| w[0] >= w[1]));
+        for r in [1, 4, 6, 12] {
+            let approx = svd.factors(r).to_dense();
+            let err: f64 = a
+                .iter()
+                .zip(&approx)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum();
+            let discarded: f64 = svd.sigma[r..].iter().map(|s| s * s).sum();
+            assert!(
+                (err - discarded).abs() <= 1e-4 * discarded.max(1.0),
+                "rank {r}: ‖A − A_r‖² {err} vs Σ discarded σ² {discarded}"
+            );
+            // Projecting onto the top-r subspace is the same approximation.
+            let mut projected = a.clone();
+            project_rows(&mut projected, &svd.projector(r), cols);
+            for (p, q) in projected.iter().zip(&approx) {
+                assert!((p - q).abs() < 1e-4);
+            }
+        }
+        assert_eq!(svd.rank_for(RankChoice::Ratio(0.5), cols), 6);
+        assert_eq!(svd.rank_for(RankChoice::Fixed(99), cols), 12);
+        let r = svd.rank_for(RankChoice::Energy(0.9), cols);
+        assert!(svd.energy(r) >= 0.9 && svd.energy(r - 1) < 0.9);
+    }
+
+    #[test]
+    fn magnitude_pruning_hits_the_sparsity_and_the_file_shrinks() {
+        let m = random_model(2, 0);
+        for scope in ["layer", "global"] {
+            let mut w = m.weights.clone();
+            let masks = prune_magnitude(&mut w, 0.6, scope);
+            let mut pruned = m.clone();
+            pruned.weights = w;
+            let total: usize = masks.iter().map(Vec::len).sum();
+            let removed: usize = masks.iter().flatten().filter(|k| !**k).count();
+            let share = removed as f64 / total as f64;
+            assert!((share - 0.6).abs() < 0.01, "{scope}: {share}");
+            if scope == "layer" {
+                for mask in &masks {
+                    let r = mask.iter().filter(|k| !**k).count() as f64 / mask.len() as f64;
+                    assert!((r - 0.6).abs() <= 1.0 / mask.len() as f64 + 1e-9, "{r}");
+                }
+            }
+            // The kept weights are the largest ones.
+            let kept_min = masks
+                .iter()
+                .zip(matrices_mut(&mut m.weights.clone()))
+                .flat_map(|(mask, t)| {
+                    mask.iter()
+                        .zip(t.iter())
+                        .filter(|(k, _)| **k)
+                        .map(|(_, v)| v.abs())
+                        .collect::<Vec<_>>()
+                })
+                .fold(f32::INFINITY, f32::min);
+            if scope == "global" {
+                let removed_max = masks
+                    .iter()
+                    .zip(matrices_mut(&mut m.weights.clone()))
+                    .flat_map(|(mask, t)| {
+                        mask.iter()
+                            .zip(t.iter())
+                            .filter(|(k, _)| !**k)
+                            .map(|(_, v)| v.abs())
+                            .collect::<Vec<_>>()
+                    })
+                    .fold(0.0f32, f32::max);
+                assert!(removed_max <= kept_min);
+            }
+            // Stored sparsely, the matrices take 6 bytes per kept value (+ row offsets).
+            let dense = StoredSasRec::from_dense(&m);
+            let mut sparse = StoredSasRec::from_dense(&pruned);
+            for mat in sparse.matrices_mut() {
+                *mat = Matrix::sparsify(mat.rows(), mat.cols(), &mat.to_dense(), false);
+            }
+            let bytes = |s: &StoredSasRec| -> u64 {
+                s.matrices().iter().map(|(_, m)| m.stored_bytes()).sum()
+            };
+            let kept = (total - removed) as u64;
+            let offsets: u64 = sparse
+                .matrices()
+                .iter()
+                .map(|(_, m)| 4 * (m.rows() as u64 + 1))
+                .sum();
+            assert_eq!(bytes(&sparse), 6 * kept + offsets);
+            assert!(bytes(&sparse) < bytes(&dense));
+        }
+    }
+
+    #[test]
+    fn structured_pruning_keeps_the_strongest_units_and_the_function_of_the_rest() {
+        let mut m = random_model(1, 0);
+        // Silence unit 3 entirely: removing it must not change any score.
+        let (d, f) = (m.config.d_model, m.config.ffn);
+        m.weights.layers[0].w2[3 * d..4 * d].fill(0.0);
+        let pruned = prune_ffn_units(&m, 1.0 / f as f32);
+        assert_eq!(pruned.config.ffn, f - 1);
+        let histories: Vec<&[u32]> = vec![&[1, 2, 3], &[4], &[5, 6, 7, 8, 9, 10]];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        crate::model::Scorer::score(&m, &histories, &mut a).unwrap();
+        crate::model::Scorer::score(&pruned, &histories, &mut b).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        let half = prune_ffn_units(&m, 0.5);
+        assert_eq!(half.config.ffn, f / 2);
+        assert_eq!(half.weights.layers[0].w1.len(), d * f / 2);
+    }
+}

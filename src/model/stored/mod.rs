@@ -1,0 +1,990 @@
+//! Weight matrices as stored and scored: dense `f32`, `int8` with one scale
+//! per output row, `int4` packed two per byte with one scale per group of a
+//! row, sparse rows (CSR with 16-bit column indices, `f32` or `int8`
+//! values), and low-rank factor pairs — each scheme composable with the
+//! others where it makes sense (`lowrank` factors may be quantized, sparse
+//! values may be `int8`).
+//!
+//! Every matrix is output-major, as `torch.nn.Linear` stores it: row `j`
+//! holds the weights of output `j`, so the product is always
+//! `out[i, j] = Σ_k x[i, k] · M[j, k]` — a user's hidden state against the
+//! item table, or a layer's input against its weights. The integer schemes
+//! compute it on the stored integers (the input row is quantized to `int8`
+//! on the fly and integer dot products accumulate in `i32`); nothing is
+//! expanded to `f32` at load time.
+//!
+//! [`Matrix::encode`] writes a matrix as safetensors tensors under a name
+//! prefix and describes it by a [`Layout`] (kept in the file's metadata);
+//! [`Matrix::decode`] rebuilds it from a layout and the file's tensors,
+//! refusing anything inconsistent: wrong dtypes or shapes, sizes that do
+//! not multiply out, unsorted or out-of-range sparse indices, non-finite
+//! values, negative scales.
+
+use half::f16;
+use rayon::prelude::*;
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+pub mod codec;
+pub mod simd;
+
+pub use codec::read_f32;
+
+use super::kernels::{View, matmul};
+use simd::{dots_into, int8_product, quantize_activations};
+
+/// Largest int8 magnitude used (±127: −128 is never produced, so the
+/// `maddubs` kernel cannot saturate).
+const I8_MAX: f32 = 127.0;
+/// Largest int4 magnitude used (±7).
+const I4_MAX: f32 = 7.0;
+/// Adding and subtracting 1.5 · 2²³ rounds an `f32` below 2²² to the nearest integer.
+const ROUNDER: f32 = 12_582_912.0;
+/// Products below this many multiply–adds run on the calling thread.
+const PARALLEL_WORK: usize = 1 << 17;
+
+/// How a matrix is stored: the scheme and its sizes, recursively for
+/// low-rank factors. Kept in the artifact's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Layout {
+    /// Dense `f32`.
+    F32 {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+    },
+    /// `int8` values, one `f16` scale per row.
+    Int8 {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+    },
+    /// `int4` values packed two per byte, one `f16` scale per `group` values of a row.
+    Int4 {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Values sharing a scale.
+        group: usize,
+    },
+    /// Compressed sparse rows: the kept values of each row and their columns.
+    Sparse {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Values kept.
+        nnz: usize,
+        /// `f32` values, or `int8` with one scale per row.
+        int8: bool,
+    },
+    /// `M ≈ U · V` with `U` rows × rank and `V` rank × cols.
+    LowRank {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Inner dimension.
+        rank: usize,
+        /// The left factor's layout.
+        u: Box<Layout>,
+        /// The right factor's layout.
+        v: Box<Layout>,
+    },
+}
+
+impl Layout {
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match *self {
+            Layout::F32 { rows, cols }
+            | Layout::Int8 { rows, cols }
+            | Layout::Int4 { rows, cols, .. }
+            | Layout::Sparse { rows, cols, .. }
+            | Layout::LowRank { rows, cols, .. } => (rows, cols),
+        }
+    }
+
+    /// The scheme's name as `inspect` prints it (`lowrank(int8·int8)`).
+    pub fn scheme(&self) -> String {
+        match self {
+            Layout::F32 { .. } => "f32".into(),
+            Layout::Int8 { .. } => "int8-row".into(),
+            Layout::Int4 { group, .. } => format!("int4-g{group}"),
+            Layout::Sparse { int8: false, .. } => "sparse-f32".into(),
+            Layout::Sparse { int8: true, .. } => "sparse-int8".into(),
+            Layout::LowRank { rank, u, v, .. } => {
+                format!("lowrank-r{rank}({}·{})", u.scheme(), v.scheme())
+            }
+        }
+    }
+}
+
+/// The values of a sparse matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SparseValues {
+    /// As trained.
+    F32(Vec<f32>),
+    /// `int8`, one scale per row.
+    Int8 {
+        /// Quantized values, in the order of the column indices.
+        q: Vec<i8>,
+        /// Per row.
+        scale: Vec<f32>,
+    },
+}
+
+/// An output-major weight matrix in one of the stored schemes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Matrix {
+    /// Dense `rows × cols`.
+    F32 {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Row-major values.
+        data: Vec<f32>,
+    },
+    /// `int8` with a scale per row: `M[j, k] = scale[j] · q[j, k]`.
+    Int8 {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Row-major quantized values.
+        q: Vec<i8>,
+        /// Per row.
+        scale: Vec<f32>,
+    },
+    /// `int4` in `[-8, 7]`, stored as `q + 8`, low nibble first; each row
+    /// padded to whole bytes; a scale per group of `group` values.
+    Int4 {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Values per scale.
+        group: usize,
+        /// `rows × ⌈cols / 2⌉` bytes.
+        packed: Vec<u8>,
+        /// `rows × ⌈cols / group⌉` scales.
+        scale: Vec<f32>,
+    },
+    /// Compressed sparse rows.
+    Sparse {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// `rows + 1` offsets into `indices` and the values.
+        indptr: Vec<u32>,
+        /// Column of each kept value, increasing within a row.
+        indices: Vec<u16>,
+        /// The kept values.
+        values: SparseValues,
+    },
+    /// `U · V`.
+    LowRank {
+        /// `rows × rank`.
+        u: Box<Matrix>,
+        /// `rank × cols`.
+        v: Box<Matrix>,
+    },
+}
+
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+pub type Encoded = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Rounds a positive scale up to the next `f16` (so `|x| / scale` never
+/// exceeds the integer range once the scale is stored as `f16`).
+fn f16_scale(max_abs: f32, levels: f32) -> f32 {
+    if max_abs <= 0.0 || !max_abs.is_finite() {
+        return 0.0;
+    }
+    let s = max_abs / levels;
+    let mut h = f16::from_f32(s);
+    if h.to_f32() < s {
+        h = f16::from_bits(h.to_bits() + 1);
+    }
+    h.to_f32()
+}
+
+/// Quantizes `values` symmetrically to `±levels` into `out` with one scale
+/// (max |v| / levels, rounded up to `f16`), which it returns.
+fn quantize_span(values: &[f32], levels: f32, out: &mut [i8]) -> f32 {
+    let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = f16_scale(max, levels);
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = if scale == 0.0 {
+            0
+        } else {
+            (v / scale).round().clamp(-levels, levels) as i8
+        };
+    }
+    scale
+}
+
+impl Matrix {
+    /// A dense matrix from row-major values.
+    pub fn dense(rows: usize, cols: usize, data: Vec<f32>) -> Matrix {
+        assert_eq!(data.len(), rows * cols, "dense matrix size");
+        Matrix::F32 { rows, cols, data }
+    }
+
+    /// The transpose of a row-major `rows × cols` matrix, as a dense
+    /// output-major matrix (`cols` outputs): how an input-major `x · W`
+    /// weight becomes stored.
+    pub fn from_input_major(rows: usize, cols: usize, w: &[f32]) -> Matrix {
+        let mut data = vec![0.0; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                data[c * rows + r] = w[r * cols + c];
+            }
+        }
+        Matrix::dense(cols, rows, data)
+    }
+
+    /// `int8` with a scale per row (symmetric, round to nearest): every
+    /// value is within half a scale step of the original.
+    pub fn quantize_int8(rows: usize, cols: usize, data: &[f32]) -> Matrix {
+        let (q, scale) = quantize_rows_int8(data, cols);
+        debug_assert_eq!(scale.len(), rows);
+        Matrix::Int8 {
+            rows,
+            cols,
+            q,
+            scale,
+        }
+    }
+
+    /// `int4` with a scale per `group` values of a row (symmetric, ±7).
+    pub fn quantize_int4(rows: usize, cols: usize, group: usize, data: &[f32]) -> Matrix {
+        // A group never spans more than a row.
+        let group = group.clamp(1, cols.max(1));
+        let groups = cols.div_ceil(group);
+        let width = cols.div_ceil(2);
+        let mut packed = vec![0u8; rows * width];
+        let mut scale = vec![0.0f32; rows * groups];
+        let mut values = vec![0i8; group];
+        for r in 0..rows {
+            let row = &data[r * cols..(r + 1) * cols];
+            let bytes = &mut packed[r * width..(r + 1) * width];
+            for g in 0..groups {
+                let span = g * group..((g + 1) * group).min(cols);
+                let q = &mut values[..span.len()];
+                scale[r * groups + g] = quantize_span(&row[span.clone()], I4_MAX, q);
+                for (c, &v) in span.zip(q.iter()) {
+                    let nibble = (v + 8) as u8;
+                    bytes[c / 2] |= if c.is_multiple_of(2) {
+                        nibble
+                    } else {
+                        nibble << 4
+                    };
+                }
+            }
+            if cols % 2 == 1 {
+                // The padding nibble decodes to 0.
+                bytes[width - 1] |= 8 << 4;
+            }
+        }
+        Matrix::Int4 {
+            rows,
+            cols,
+            group,
+            packed,
+            scale,
+        }
+    }
+
+    /// Keeps the non-zero values of a dense row-major matrix as sparse rows,
+    /// `int8`-quantized per row when asked. Panics beyond 65,536 columns
+    /// (callers check [`Matrix::sparse_fits`]).
+    pub fn sparsify(rows: usize, cols: usize, data: &[f32], int8: bool) -> Matrix {
+        assert!(
+            Matrix::sparse_fits(cols),
+            "too many columns for u16 indices"
+        );
+        let mut indptr = Vec::with_capacity(rows + 1);
+        let mut indices = Vec::new();
+        let mut values = Vec::new();
+        indptr.push(0u32);
+        for r in 0..rows {
+            for (c, &v) in data[r * cols..(r + 1) * cols].iter().enumerate() {
+                if v != 0.0 {
+                    indices.push(c as u16);
+                    values.push(v);
+                }
+            }
+            indptr.push(indices.len() as u32);
+        }
+        let values = if int8 {
+            let mut q = vec![0i8; values.len()];
+            let scale = (0..rows)
+                .map(|r| {
+                    let span = indptr[r] as usize..indptr[r + 1] as usize;
+                    quantize_span(&values[span.clone()], I8_MAX, &mut q[span])
+                })
+                .collect();
+            SparseValues::Int8 { q, scale }
+        } else {
+            SparseValues::F32(values)
+        };
+        Matrix::Sparse {
+            rows,
+            cols,
+            indptr,
+            indices,
+            values,
+        }
+    }
+
+    /// Whether a matrix with `cols` columns can be stored sparsely.
+    pub fn sparse_fits(cols: usize) -> bool {
+        cols <= u16::MAX as usize + 1
+    }
+
+    /// Outputs.
+    pub fn rows(&self) -> usize {
+        match self {
+            Matrix::F32 { rows, .. }
+            | Matrix::Int8 { rows, .. }
+            | Matrix::Int4 { rows, .. }
+            | Matrix::Sparse { rows, .. } => *rows,
+            Matrix::LowRank { u, .. } => u.rows(),
+        }
+    }
+
+    /// Inputs.
+    pub fn cols(&self) -> usize {
+        match self {
+            Matrix::F32 { cols, .. }
+            | Matrix::Int8 { cols, .. }
+            | Matrix::Int4 { cols, .. }
+            | Matrix::Sparse { cols, .. } => *cols,
+            Matrix::LowRank { v, .. } => v.cols(),
+        }
+    }
+
+    /// Weights stored (kept values; scales and indices not counted).
+    pub fn params(&self) -> u64 {
+        match self {
+            Matrix::F32 { data, .. } => data.len() as u64,
+            Matrix::Int8 { q, .. } => q.len() as u64,
+            Matrix::Int4 { rows, cols, .. } => (rows * cols) as u64,
+            Matrix::Sparse { indices, .. } => indices.len() as u64,
+            Matrix::LowRank { u, v } => u.params() + v.params(),
+        }
+    }
+
+    /// Bytes of the stored tensors (values, scales, indices).
+    pub fn stored_bytes(&self) -> u64 {
+        self.encode("m").iter().map(|t| t.3.len() as u64).sum()
+    }
+
+    /// The layout describing how it is stored.
+    pub fn layout(&self) -> Layout {
+        match self {
+            Matrix::F32 { rows, cols, .. } => Layout::F32 {
+                rows: *rows,
+                cols: *cols,
+            },
+            Matrix::Int8 { rows, cols, .. } => Layout::Int8 {
+                rows: *rows,
+                cols: *cols,
+            },
+            Matrix::Int4 {
+                rows, cols, group, ..
+            } => Layout::Int4 {
+                rows: *rows,
+                cols: *cols,
+                group: *group,
+            },
+            Matrix::Sparse {
+                rows,
+                cols,
+                indices,
+                values,
+                ..
+            } => Layout::Sparse {
+                rows: *rows,
+                cols: *cols,
+                nnz: indices.len(),
+                int8: matches!(values, SparseValues::Int8 { .. }),
+            },
+            Matrix::LowRank { u, v } => {
+                let (rows, rank) = u.layout().shape();
+                Layout::LowRank {
+                    rows,
+                    cols: v.layout().shape().1,
+                    rank,
+                    u: Box::new(u.layout()),
+                    v: Box::new(v.layout()),
+                }
+            }
+        }
+    }
+
+    /// Every value as `f32` (tests, SVD of a stored factor, inspection).
+    pub fn to_dense(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = vec![0.0; rows * cols];
+        for (j, row) in out.chunks_mut(cols.max(1)).enumerate().take(rows) {
+            self.row_into(j, row);
+        }
+        out
+    }
+
+    /// Writes row `j` (an item's embedding, say) as `f32` into `out` (`cols` values).
+    pub fn row_into(&self, j: usize, out: &mut [f32]) {
+        match self {
+            Matrix::F32 { cols, data, .. } => out.copy_from_slice(&data[j * cols..(j + 1) * cols]),
+            Matrix::Int8 { cols, q, scale, .. } => {
+                let s = scale[j];
+                for (o, &v) in out.iter_mut().zip(&q[j * cols..(j + 1) * cols]) {
+                    *o = s * f32::from(v);
+                }
+            }
+            Matrix::Int4 {
+                cols,
+                group,
+                packed,
+                scale,
+                ..
+            } => {
+                for (k, o) in out.iter_mut().enumerate().take(*cols) {
+                    *o = int4_at(*cols, *group, packed, scale, j, k);
+                }
+            }
+            Matrix::Sparse {
+                indptr,
+                indices,
+                values,
+                ..
+            } => {
+                out.fill(0.0);
+                let span = indptr[j] as usize..indptr[j + 1] as usize;
+                match values {
+                    SparseValues::F32(v) => {
+                        for p in span {
+                            out[indices[p] as usize] = v[p];
+                        }
+                    }
+                    SparseValues::Int8 { q, scale } => {
+                        for p in span {
+                            out[indices[p] as usize] = scale[j] * f32::from(q[p]);
+                        }
+                    }
+                }
+            }
+            Matrix::LowRank { u, v } => {
+                // Row j of U·V = Σ_t U[j, t] · V[t, :], without allocating.
+                out.fill(0.0);
+                for t in 0..u.cols() {
+                    let c = u.get(j, t);
+                    if c != 0.0 {
+                        v.add_row_scaled(t, c, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The value at `(j, k)` (dense and quantized schemes; 0 for others).
+    fn get(&self, j: usize, k: usize) -> f32 {
+        match self {
+            Matrix::F32 { cols, data, .. } => data[j * cols + k],
+            Matrix::Int8 { cols, q, scale, .. } => scale[j] * f32::from(q[j * cols + k]),
+            Matrix::Int4 {
+                cols,
+                group,
+                packed,
+                scale,
+                ..
+            } => int4_at(*cols, *group, packed, scale, j, k),
+            Matrix::Sparse { .. } | Matrix::LowRank { .. } => {
+                let mut row = vec![0.0; self.cols()];
+                self.row_into(j, &mut row);
+                row[k]
+            }
+        }
+    }
+
+    /// `out += c · row j`.
+    fn add_row_scaled(&self, j: usize, c: f32, out: &mut [f32]) {
+        match self {
+            Matrix::F32 { cols, data, .. } => {
+                for (o, v) in out.iter_mut().zip(&data[j * cols..(j + 1) * cols]) {
+                    *o += c * v;
+                }
+            }
+            Matrix::Int8 { cols, q, scale, .. } => {
+                let s = c * scale[j];
+                for (o, &v) in out.iter_mut().zip(&q[j * cols..(j + 1) * cols]) {
+                    *o += s * f32::from(v);
+                }
+            }
+            _ => {
+                let mut row = vec![0.0; self.cols()];
+                self.row_into(j, &mut row);
+                for (o, v) in out.iter_mut().zip(&row) {
+                    *o += c * v;
+                }
+            }
+        }
+    }
+
+    /// `out[i · ldo + j] = Σ_k x[i · cols + k] · M[j, k]` for the `n` rows
+    /// of `x`: overwrites `rows` values of each of `n` output rows.
+    pub fn apply(&self, x: &[f32], n: usize, out: &mut [f32], ldo: usize) {
+        let (rows, cols) = (self.rows(), self.cols());
+        assert!(x.len() >= n * cols, "input smaller than n × cols");
+        assert!(
+            n == 0 || (n - 1) * ldo + rows <= out.len(),
+            "output too small"
+        );
+        if n == 0 || rows == 0 {
+            return;
+        }
+        let work = n * rows * cols;
+        match self {
+            Matrix::F32 { data, .. } => {
+                let par = if work >= PARALLEL_WORK {
+                    super::kernels::par_all()
+                } else {
+                    gemm::Parallelism::None
+                };
+                matmul(
+                    out,
+                    ldo,
+                    View::rm(&x[..n * cols], n, cols),
+                    View::rm(data, rows, cols).t(),
+                    false,
+                    1.0,
+                    par,
+                );
+            }
+            Matrix::Int8 { q, scale, .. } => {
+                let (xq, xs) = quantize_activations(&x[..n * cols], cols);
+                for_user_blocks(out, ldo, n, work, |first, count, o| {
+                    let xq = &xq[first * cols..(first + count) * cols];
+                    int8_product(xq, &xs[first..first + count], cols, q, scale, o, ldo);
+                });
+            }
+            Matrix::Int4 {
+                group,
+                packed,
+                scale,
+                ..
+            } if *group >= cols => {
+                // One scale per row: the packed rows are widened to int8 in a
+                // scratch buffer per call and run through the int8 product.
+                let width = cols.div_ceil(2);
+                let mut unpacked = vec![0i8; rows * cols];
+                for (row, bytes) in unpacked
+                    .chunks_exact_mut(cols)
+                    .zip(packed.chunks_exact(width))
+                {
+                    for (c, u) in row.iter_mut().enumerate() {
+                        *u = nibble(bytes, c);
+                    }
+                }
+                let (xq, xs) = quantize_activations(&x[..n * cols], cols);
+                for_user_blocks(out, ldo, n, work, |first, count, o| {
+                    let xq = &xq[first * cols..(first + count) * cols];
+                    int8_product(
+                        xq,
+                        &xs[first..first + count],
+                        cols,
+                        &unpacked,
+                        scale,
+                        o,
+                        ldo,
+                    );
+                });
+            }
+            Matrix::Int4 {
+                group,
+                packed,
+                scale,
+                ..
+            } => {
+                let (xq, xs) = quantize_activations(&x[..n * cols], cols);
+                let (width, groups) = (cols.div_ceil(2), cols.div_ceil(*group));
+                for_user_blocks(out, ldo, n, work, |first, count, o| {
+                    let xq = &xq[first * cols..(first + count) * cols];
+                    let mut dots = vec![0i32; count];
+                    let mut acc = vec![0f32; count];
+                    let mut unpacked = vec![0i8; cols];
+                    for j in 0..rows {
+                        // Each stored row is unpacked once per block of users.
+                        let bytes = &packed[j * width..(j + 1) * width];
+                        for (c, u) in unpacked.iter_mut().enumerate() {
+                            *u = nibble(bytes, c);
+                        }
+                        acc.fill(0.0);
+                        for g in 0..groups {
+                            let span = g * group..((g + 1) * group).min(cols);
+                            let s = scale[j * groups + g];
+                            dots_into(xq, count, cols, span.start, &unpacked[span], &mut dots);
+                            for (a, d) in acc.iter_mut().zip(&dots) {
+                                *a += s * *d as f32;
+                            }
+                        }
+                        for (i, a) in acc.iter().enumerate() {
+                            o[i * ldo + j] = xs[first + i] * a;
+                        }
+                    }
+                });
+            }
+            Matrix::Sparse {
+                indptr,
+                indices,
+                values,
+                ..
+            } => {
+                for_user_blocks(out, ldo, n, work, |first, count, o| {
+                    for i in 0..count {
+                        let xi = &x[(first + i) * cols..(first + i + 1) * cols];
+                        for (j, o) in o[i * ldo..i * ldo + rows].iter_mut().enumerate() {
+                            let span = indptr[j] as usize..indptr[j + 1] as usize;
+                            let idx = &indices[span.clone()];
+                            *o = match values {
+                                SparseValues::F32(v) => idx
+                                    .iter()
+                                    .zip(&v[span])
+                                    .map(|(&c, &w)| w * xi[c as usize])
+                                    .sum(),
+                                SparseValues::Int8 { q, scale } => {
+                                    scale[j]
+                                        * idx
+                                            .iter()
+                                            .zip(&q[span])
+                                            .map(|(&c, &w)| f32::from(w) * xi[c as usize])
+                                            .sum::<f32>()
+                                }
+                            };
+                        }
+                    }
+                });
+            }
+            Matrix::LowRank { u, v } => {
+                let rank = v.rows();
+                let mut inner = vec![0.0; n * rank];
+                v.apply(x, n, &mut inner, rank);
+                u.apply(&inner, n, out, ldo);
+            }
+        }
+    }
+}
+
+/// −128 never comes out of quantization; a file holding it is read as −127
+/// (keeps the integer kernel free of saturation).
+fn clamp_i8(mut q: Vec<i8>) -> Vec<i8> {
+    for v in &mut q {
+        if *v == i8::MIN {
+            *v = -127;
+        }
+    }
+    q
+}
+
+/// Element `(j, k)` of an `int4` matrix.
+fn int4_at(cols: usize, group: usize, packed: &[u8], scale: &[f32], j: usize, k: usize) -> f32 {
+    let width = cols.div_ceil(2);
+    scale[j * cols.div_ceil(group) + k / group] * f32::from(nibble(&packed[j * width..], k))
+}
+
+fn nibble(bytes: &[u8], c: usize) -> i8 {
+    let b = bytes[c / 2];
+    let n = if c.is_multiple_of(2) {
+        b & 0x0f
+    } else {
+        b >> 4
+    };
+    n as i8 - 8
+}
+
+/// Quantizes each `cols`-wide row of `x` to `int8` with its own scale
+/// (`f16`-representable, rounded up): `x ≈ scale · q`.
+pub fn quantize_rows_int8(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let rows = x.len().checked_div(cols).unwrap_or(0);
+    let mut q = vec![0i8; rows * cols];
+    let mut scale = vec![0.0f32; rows];
+    for ((row, qrow), s) in x
+        .chunks_exact(cols.max(1))
+        .zip(q.chunks_exact_mut(cols.max(1)))
+        .zip(scale.iter_mut())
+    {
+        *s = quantize_span(row, I8_MAX, qrow);
+    }
+    (q, scale)
+}
+
+/// Runs `f(first, count, out_from_row_first)` over blocks of the `n`
+/// input rows, in parallel when the product is large; each block writes
+/// its own output rows.
+fn for_user_blocks(
+    out: &mut [f32],
+    ldo: usize,
+    n: usize,
+    work: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    let block = if work >= PARALLEL_WORK && n > 1 {
+        n.div_ceil(threads * 2).max(1)
+    } else {
+        n
+    };
+    let end = (n - 1) * ldo + (out.len() - (n - 1) * ldo).min(ldo);
+    let used = &mut out[..end];
+    used.par_chunks_mut(block * ldo)
+        .enumerate()
+        .for_each(|(b, o)| {
+            let first = b * block;
+            f(first, block.min(n - first), o)
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn dense_apply(m: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n * rows];
+        for i in 0..n {
+            for j in 0..rows {
+                out[i * rows + j] = (0..cols).map(|k| x[i * cols + k] * m[j * cols + k]).sum();
+            }
+        }
+        out
+    }
+
+    fn round_trip(m: &Matrix) -> Matrix {
+        let encoded = m.encode("w");
+        let mut tensors: HashMap<String, (Dtype, Vec<usize>, &[u8])> = encoded
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), (*d, s.clone(), b.as_slice())))
+            .collect();
+        let back = Matrix::decode("w", &m.layout(), &mut tensors).unwrap();
+        assert!(tensors.is_empty(), "unused tensors: {:?}", tensors.keys());
+        back
+    }
+
+    #[test]
+    fn int8_error_is_within_half_a_step_per_row() {
+        let (rows, cols) = (37, 45);
+        let w = random(rows * cols, 1);
+        let m = Matrix::quantize_int8(rows, cols, &w);
+        let Matrix::Int8 { scale, .. } = &m else {
+            panic!()
+        };
+        let back = m.to_dense();
+        for j in 0..rows {
+            let max = w[j * cols..(j + 1) * cols]
+                .iter()
+                .fold(0.0f32, |a, v| a.max(v.abs()));
+            assert!(scale[j] >= max / 127.0 && scale[j] <= max / 127.0 * 1.001);
+            for k in 0..cols {
+                let err = (w[j * cols + k] - back[j * cols + k]).abs();
+                assert!(
+                    err <= scale[j] / 2.0 + 1e-7,
+                    "row {j}: {err} > {}",
+                    scale[j] / 2.0
+                );
+            }
+        }
+        assert_eq!(round_trip(&m), m);
+        // One byte per value plus a 2-byte scale per row.
+        assert_eq!(m.stored_bytes(), (rows * cols + 2 * rows) as u64);
+    }
+
+    #[test]
+    fn int4_error_is_within_half_a_step_per_group() {
+        let (rows, cols, group) = (9, 45, 16);
+        let w = random(rows * cols, 2);
+        let m = Matrix::quantize_int4(rows, cols, group, &w);
+        let Matrix::Int4 { scale, .. } = &m else {
+            panic!()
+        };
+        let back = m.to_dense();
+        let groups = cols.div_ceil(group);
+        for j in 0..rows {
+            for k in 0..cols {
+                let s = scale[j * groups + k / group];
+                let err = (w[j * cols + k] - back[j * cols + k]).abs();
+                assert!(err <= s / 2.0 + 1e-7, "({j}, {k}): {err} > {}", s / 2.0);
+            }
+        }
+        assert_eq!(round_trip(&m), m);
+        // Half a byte per value (rows padded to whole bytes), 2 bytes per group scale.
+        assert_eq!(
+            m.stored_bytes(),
+            (rows * cols.div_ceil(2) + 2 * rows * groups) as u64
+        );
+    }
+
+    #[test]
+    fn products_on_stored_values_equal_dequantized_products() {
+        // Column counts exercising the 32-wide steps, the 16-wide step and the scalar tail.
+        for cols in [70, 48, 16, 5] {
+            let n = 5;
+            let x = random(n * cols, 3);
+            let w = random(33 * cols, 4);
+            let mut sparse_w = w.clone();
+            for (i, v) in sparse_w.iter_mut().enumerate() {
+                if i % 3 != 0 {
+                    *v = 0.0;
+                }
+            }
+            let u = random(33 * 6, 5);
+            let v = random(6 * cols, 6);
+            let cases = vec![
+                Matrix::dense(33, cols, w.clone()),
+                Matrix::quantize_int8(33, cols, &w),
+                Matrix::quantize_int4(33, cols, 32, &w),
+                Matrix::sparsify(33, cols, &sparse_w, false),
+                Matrix::sparsify(33, cols, &sparse_w, true),
+                Matrix::LowRank {
+                    u: Box::new(Matrix::dense(33, 6, u.clone())),
+                    v: Box::new(Matrix::dense(6, cols, v.clone())),
+                },
+            ];
+            for m in cases {
+                let dense = m.to_dense();
+                let want = dense_apply(&dense, 33, cols, &x, n);
+                // Written into a wider output (a column block of qkv, say).
+                let ldo = 40;
+                let mut got = vec![f32::NAN; n * ldo];
+                m.apply(&x, n, &mut got, ldo);
+                // Input quantization: each x is within half a step of its row's max / 127.
+                for i in 0..n {
+                    let xmax = x[i * cols..(i + 1) * cols]
+                        .iter()
+                        .fold(0.0f32, |a, v| a.max(v.abs()));
+                    for j in 0..33 {
+                        let row_l1: f32 = dense[j * cols..(j + 1) * cols]
+                            .iter()
+                            .map(|v| v.abs())
+                            .sum();
+                        let bound = xmax / 127.0 / 2.0 * row_l1 * 1.01 + 1e-4;
+                        let (g, w) = (got[i * ldo + j], want[i * 33 + j]);
+                        assert!((g - w).abs() <= bound, "{:?}: {g} vs {w}", m.layout());
+                    }
+                    assert!(got[i * ldo + 33..(i + 1) * ldo].iter().all(|v| v.is_nan()));
+                }
+                assert_eq!(round_trip(&m), m);
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_files_hold_only_the_kept_values() {
+        let (rows, cols) = (20, 40);
+        let mut w = random(rows * cols, 8);
+        for (i, v) in w.iter_mut().enumerate() {
+            if i % 4 != 0 {
+                *v = 0.0;
+            }
+        }
+        let nnz = rows * cols / 4;
+        let m = Matrix::sparsify(rows, cols, &w, false);
+        assert_eq!(m.params(), nnz as u64);
+        assert_eq!(m.to_dense(), w);
+        // 4 bytes per offset, 2 per index, 4 per value.
+        assert_eq!(m.stored_bytes(), (4 * (rows + 1) + 6 * nnz) as u64);
+        let q = Matrix::sparsify(rows, cols, &w, true);
+        assert_eq!(
+            q.stored_bytes(),
+            (4 * (rows + 1) + 3 * nnz + 2 * rows) as u64
+        );
+    }
+
+    #[test]
+    fn inconsistent_layouts_are_refused() {
+        let m = Matrix::sparsify(
+            3,
+            4,
+            &[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0],
+            false,
+        );
+        let encoded = m.encode("w");
+        let tensors = |e: &[Encoded]| -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+            e.iter()
+                .map(|(n, d, s, b)| (n.clone(), (*d, s.clone(), b.clone())))
+                .collect()
+        };
+        let decode = |t: &HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>, layout: &Layout| {
+            let mut view: HashMap<String, (Dtype, Vec<usize>, &[u8])> = t
+                .iter()
+                .map(|(n, (d, s, b))| (n.clone(), (*d, s.clone(), b.as_slice())))
+                .collect();
+            Matrix::decode("w", layout, &mut view)
+        };
+        let good = tensors(&encoded);
+        assert!(decode(&good, &m.layout()).is_ok());
+        // An index past the last column.
+        let mut bad = good.clone();
+        bad.get_mut("w.indices").unwrap().2[0] = 9;
+        assert!(decode(&bad, &m.layout()).unwrap_err().contains("indices"));
+        // Offsets that run past the values.
+        let mut bad = good.clone();
+        bad.get_mut("w.indptr").unwrap().2[4] = 200;
+        assert!(decode(&bad, &m.layout()).is_err());
+        // A layout claiming another shape, a huge one, a nested factorization.
+        assert!(
+            decode(
+                &good,
+                &Layout::Sparse {
+                    rows: 4,
+                    cols: 4,
+                    nnz: 4,
+                    int8: false
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            decode(
+                &good,
+                &Layout::F32 {
+                    rows: usize::MAX,
+                    cols: 2
+                }
+            )
+            .is_err()
+        );
+        let nested = Layout::LowRank {
+            rows: 3,
+            cols: 4,
+            rank: 1,
+            u: Box::new(Layout::Sparse {
+                rows: 3,
+                cols: 1,
+                nnz: 1,
+                int8: false,
+            }),
+            v: Box::new(Layout::F32 { rows: 1, cols: 4 }),
+        };
+        assert!(decode(&good, &nested).is_err());
+        // Negative or NaN scales.
+        let q = Matrix::quantize_int8(2, 2, &[1.0, 2.0, 3.0, 4.0]);
+        let mut t = tensors(&q.encode("w"));
+        t.get_mut("w.scale").unwrap().2[..2].copy_from_slice(&f16::NAN.to_le_bytes());
+        assert!(decode(&t, &q.layout()).unwrap_err().contains("scales"));
+    }
+}

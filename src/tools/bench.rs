@@ -1,0 +1,366 @@
+//! Benchmarks behind `recdistill bench`: numbers for `docs/benchmarks.md`,
+//! never pass/fail tests.
+//!
+//! - `teacher`: median epoch time of the teacher on a job's data, next to
+//!   the PyTorch peer (`sasrec_torch.py`) with the same config, same machine,
+//!   same sitting.
+//! - `softmax`: time of one training step at two catalogue sizes with the
+//!   same batch, showing that with sampled softmax the catalogue size does
+//!   not slow a step (embedding gradients and Adam touch only the batch's rows).
+//! - `soft-labels`: soft-label generation for a synthetic population of
+//!   users, scoring alone and scoring while streaming the Parquet file to a
+//!   lake, with the process's peak memory: it must not grow with the users.
+//! - `compress`: scoring speed of the job's student and its compressed
+//!   variants at several catalogue sizes, timed as the evaluate stage times
+//!   models.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use chrono::NaiveDate;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::{Job, LakeSpec, Softmax};
+use crate::dataset::{self, Dataset};
+use crate::error::{Error, Result};
+use crate::lake::{Lake, engine};
+use crate::model::sasrec::{PAD, SasRec, SasRecConfig};
+use crate::run::RunFolder;
+use crate::stages::{features, ingest};
+use crate::train::cpu::Trainer;
+use crate::train::{TrainSettings, fill_window, fit_on_device, thread_pool, train_sequences};
+
+/// Where to find the PyTorch peer.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Python interpreter with torch installed.
+    pub python: PathBuf,
+    /// `sasrec_torch.py`.
+    pub script: PathBuf,
+    /// The RecBole `.inter` file of the same data.
+    pub inter: PathBuf,
+}
+
+/// Median of `values` (0 for none).
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Builds `job`'s dataset from its lake, writing the feature tables to a
+/// throwaway in-memory lake (the job's lake is only read).
+pub async fn load_job_dataset(job: &Job) -> Result<Dataset> {
+    let lake = Lake::open(&job.spec.lake)?;
+    let ctx = engine::session(&job.spec.input)?;
+    lake.register(&ctx);
+    ingest::ingest(job, &lake, &ctx).await?;
+    let scratch = Lake::open(&LakeSpec {
+        url: format!("memory://bench-{}", std::process::id()),
+        ..Default::default()
+    })?;
+    scratch.register(&ctx);
+    let date = NaiveDate::from_ymd_opt(2000, 1, 1).ok_or_else(|| Error::internal("date"))?;
+    let run = RunFolder::new(scratch, "bench", &job.spec.name, date);
+    features::build_features(job, &run, &ctx).await?;
+    dataset::load_dataset(&ctx).await
+}
+
+/// Trains the job's teacher for `epochs` epochs and, with a peer, runs it
+/// with the same config; prints both median epoch times and their ratio.
+pub async fn teacher(job: &Job, epochs: usize, peer: Option<Peer>) -> Result<String> {
+    let spec = job.spec.models.teacher.clone();
+    let data = load_job_dataset(job).await?;
+    let config = SasRecConfig::for_teacher(&spec, data.n_items(), 0);
+    let mut settings = TrainSettings::for_teacher(&spec, job.spec.seed, "bench teacher");
+    settings.epochs = epochs;
+    settings.patience = epochs;
+    let (device, threads) = (job.spec.device.clone(), job.spec.threads);
+    let log = tokio::task::spawn_blocking(move || {
+        fit_on_device(config, Vec::new(), &data, &settings, &device, threads).map(|(_, log)| log)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("bench failed: {e}")))??;
+    let mut seconds: Vec<f64> = log.iter().map(|e| e.seconds).collect();
+    let ours = median(&mut seconds);
+    let threads = if job.spec.threads == 0 {
+        rayon::current_num_threads()
+    } else {
+        job.spec.threads
+    };
+    let mut report = format!(
+        "teacher d_model={} layers={} heads={} ffn={} max_len={} batch={} on {} ({threads} threads)\n\
+         recdistill: median epoch {ours:.3} s over {epochs} epochs; valid NDCG@10 after the last {:.4}\n",
+        spec.d_model,
+        spec.layers,
+        spec.heads,
+        spec.ffn,
+        spec.max_len,
+        spec.batch_size,
+        job.spec.device,
+        log.last().map_or(0.0, |e| e.valid_ndcg_10),
+    );
+    if let Some(peer) = peer {
+        let output = Command::new(&peer.python)
+            .arg(&peer.script)
+            .arg(&peer.inter)
+            .args(["--d", &spec.d_model.to_string()])
+            .args(["--layers", &spec.layers.to_string()])
+            .args(["--heads", &spec.heads.to_string()])
+            .args(["--maxlen", &spec.max_len.to_string()])
+            .args(["--batch", &spec.batch_size.to_string()])
+            .args(["--lr", &spec.lr.to_string()])
+            .args(["--dropout", &spec.dropout.to_string()])
+            .args(["--epochs", &epochs.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--seed", &job.spec.seed.to_string()])
+            .output()
+            .map_err(|e| Error::config(format!("cannot run {}: {e}", peer.python.display())))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'));
+        let parsed: Option<serde_json::Value> = line.and_then(|l| serde_json::from_str(l).ok());
+        let theirs = parsed
+            .as_ref()
+            .and_then(|v| v["median_epoch_s"].as_f64())
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "the peer printed no JSON line with median_epoch_s (exit {:?}):\n{}\n{}",
+                    output.status.code(),
+                    stdout,
+                    String::from_utf8_lossy(&output.stderr)
+                ))
+            })?;
+        report.push_str(&format!(
+            "pytorch peer: median epoch {theirs:.3} s over {epochs} epochs\nratio recdistill / pytorch: {:.2}\n",
+            ours / theirs
+        ));
+    }
+    Ok(report)
+}
+
+/// A synthetic training set over a catalogue of `n_items`: `users`
+/// sequences of `len` + 1 items drawn from a Zipf-like popularity over the
+/// first `draw_from` items (the same sequences whatever `n_items`).
+fn synthetic(n_items: usize, draw_from: usize, users: usize, len: usize, seed: u64) -> Dataset {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let sequences: Vec<Vec<u32>> = (0..users)
+        .map(|_| {
+            (0..=len)
+                .map(|_| {
+                    let u: f64 = rng.random();
+                    ((draw_from as f64).powf(u) - 1.0) as u32 % draw_from as u32
+                })
+                .collect()
+        })
+        .collect();
+    Dataset::from_train_sequences(n_items, &sequences)
+}
+
+/// Median milliseconds of one training step at each catalogue size, with
+/// `job`'s teacher settings and `softmax`; the batch is the same at every
+/// size (items of the smallest catalogue).
+pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize) -> Result<String> {
+    let spec = &job.spec.models.teacher;
+    let mut report = format!(
+        "one training step, batch {} × max_len {}, d_model {}, {} layers, softmax {:?}{}\n{:>12} {:>14} {:>16} {:>14}\n",
+        spec.batch_size,
+        spec.max_len,
+        spec.d_model,
+        spec.layers,
+        softmax,
+        if softmax == Softmax::Sampled {
+            format!(" with {} negatives", spec.negatives)
+        } else {
+            String::new()
+        },
+        "items",
+        "median ms",
+        "softmax classes",
+        "item params"
+    );
+    let pool = thread_pool(job.spec.threads)?;
+    for &n_items in sizes {
+        let smallest = sizes.iter().copied().min().unwrap_or(n_items);
+        let data = synthetic(
+            n_items,
+            smallest,
+            spec.batch_size,
+            spec.max_len,
+            job.spec.seed,
+        );
+        let config = SasRecConfig::for_teacher(spec, n_items, 0);
+        let mut settings = TrainSettings::for_teacher(spec, job.spec.seed, "bench");
+        settings.softmax = softmax;
+        let mut model = SasRec::new(config, Vec::new(), job.spec.seed)?;
+        let sequences = train_sequences(&data)?;
+        let b = sequences.len().min(spec.batch_size);
+        let mut inputs = vec![PAD; b * spec.max_len];
+        let mut targets = vec![PAD; b * spec.max_len];
+        for (slot, (_, seq)) in sequences.iter().take(b).enumerate() {
+            let span = slot * spec.max_len..(slot + 1) * spec.max_len;
+            fill_window(seq, &mut inputs[span.clone()], &mut targets[span]);
+        }
+        let (mut times, classes) = pool.install(|| -> Result<(Vec<f64>, usize)> {
+            let mut trainer = Trainer::new(&model, &data, &settings)?;
+            let mut times = Vec::new();
+            for s in 0..steps + 1 {
+                let started = Instant::now();
+                trainer.step(&mut model, &inputs, &targets, &[], b, s as u64)?;
+                // The first step pays for page faults of fresh buffers.
+                if s > 0 {
+                    times.push(started.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok((times, trainer.classes()))
+        })?;
+        report.push_str(&format!(
+            "{n_items:>12} {:>14.1} {classes:>16} {:>14}\n",
+            median(&mut times),
+            n_items * spec.d_model
+        ));
+    }
+    Ok(report)
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Soft labels of a randomly initialized model of `job`'s teacher size
+/// (scoring costs the same as a trained one's) for `users` synthetic users
+/// of `len` + 1 items over `n_items`: first scored alone (batches dropped),
+/// then scored and streamed to `soft_labels/bench.parquet` under `out`.
+pub async fn soft_labels(
+    job: &Job,
+    users: usize,
+    n_items: usize,
+    len: usize,
+    out: &str,
+) -> Result<String> {
+    use crate::artifacts::soft_labels::{
+        SoftLabelSettings, label_users, soft_labels_schema, write_soft_labels,
+    };
+    let spec = &job.spec.models.teacher;
+    let data = std::sync::Arc::new(synthetic(n_items, n_items, users, len, job.spec.seed));
+    let model = SasRec::new(
+        SasRecConfig::for_teacher(spec, n_items, 0),
+        Vec::new(),
+        job.spec.seed,
+    )?;
+    let settings = SoftLabelSettings::for_source(&job.spec.distill);
+    let schema = soft_labels_schema(data.user_ids.data_type(), data.item_ids.data_type());
+    let pool = thread_pool(job.spec.threads)?;
+    let started = Instant::now();
+    let scored = {
+        let (model, data) = (model.clone(), std::sync::Arc::clone(&data));
+        tokio::task::spawn_blocking(move || {
+            pool.install(|| label_users(&model, "bench", &data, &settings, &schema, |_| Ok(())))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("bench failed: {e}")))??
+    };
+    let score_s = started.elapsed().as_secs_f64();
+    let after_scoring = peak_rss_mib().unwrap_or(0.0);
+
+    let lake = Lake::open(&LakeSpec {
+        url: out.to_string(),
+        ..Default::default()
+    })?;
+    let run = RunFolder::new(lake, "bench", "soft-labels", NaiveDate::default());
+    let artifact = model.to_artifact("bench", "teacher", "supervised", "ce", None)?;
+    let started = Instant::now();
+    let (written, rows) =
+        write_soft_labels(&run, data, &artifact, settings, job.spec.threads).await?;
+    let write_s = started.elapsed().as_secs_f64();
+    let peak = peak_rss_mib().unwrap_or(0.0);
+    Ok(format!(
+        "soft labels: {users} users × {len} positions, {n_items} items, d_model {}, {} layers, K {}\n\
+         scoring only:      {scored} rows in {score_s:.2} s ({:.0} rows/s), peak RSS {after_scoring:.0} MiB\n\
+         scoring + writing: {rows} rows in {write_s:.2} s ({:.0} rows/s), {:.1} MiB written, peak RSS {peak:.0} MiB\n",
+        spec.d_model,
+        spec.layers,
+        settings.k.min(n_items),
+        scored as f64 / score_s,
+        rows as f64 / write_s,
+        written.size as f64 / (1024.0 * 1024.0),
+    ))
+}
+
+/// Scoring speed of the job's student and its compressed variants (random
+/// weights: the cost does not depend on them) at each catalogue size:
+/// `users` synthetic users with `len` items each, timed like the evaluate
+/// stage times models (one user at a time, then batches).
+pub fn compressed_scoring(
+    job: &Job,
+    sizes: &[usize],
+    users: usize,
+    len: usize,
+    variants: &[String],
+) -> Result<String> {
+    use crate::config::Variant;
+    use crate::dataset::Target;
+    use crate::model::sasrec::infer::StoredSasRec;
+    use crate::model::sasrec::shrink::encode_variant;
+    use crate::model::score::measure_speed;
+    let link = &job.spec.distill.student;
+    let batch = job.spec.evaluation.batch_users;
+    let parsed: Vec<Variant> = variants.iter().map(|v| v.parse()).collect::<Result<_>>()?;
+    let mut report = format!(
+        "scoring as stored: student d_model {}, {} layers, ffn {}, max_len {}; {users} users × {len} items, batches of {batch}, {} threads\n{:>9} {:<28} {:>11} {:>9} {:>9} {:>10} {:>8}\n",
+        link.d_model,
+        link.layers,
+        link.ffn,
+        link.max_len,
+        rayon::current_num_threads(),
+        "items",
+        "variant",
+        "bytes",
+        "p50_ms",
+        "p99_ms",
+        "users/s",
+        "speedup"
+    );
+    for &n_items in sizes {
+        let data = synthetic(n_items, n_items, users, len, job.spec.seed);
+        let targets: Vec<Target> = (0..users)
+            .map(|u| Target {
+                user: u as u32,
+                position: len,
+                item: data.user_items(u)[len],
+            })
+            .collect();
+        let config = SasRecConfig::for_link(link, n_items);
+        let model = SasRec::new(config, Vec::new(), job.spec.seed)?;
+        let mut models = vec![("fp32".to_string(), StoredSasRec::from_dense(&model))];
+        for v in &parsed {
+            models.push((v.to_string(), encode_variant(&model, v, &job.spec.compress)));
+        }
+        let mut base = None;
+        for (name, stored) in &models {
+            let card = model
+                .to_artifact("bench", "student", "scratch", "ce", None)?
+                .card;
+            let bytes = crate::model::ModelArtifact::from_stored(card, stored, None)?
+                .bytes
+                .len();
+            let speed = measure_speed(stored, &data, &targets, batch, 10, 500)?;
+            let ratio = speed.users_per_s / *base.get_or_insert(speed.users_per_s);
+            report.push_str(&format!(
+                "{n_items:>9} {name:<28} {bytes:>11} {:>9.3} {:>9.3} {:>10.0} {ratio:>7.2}×\n",
+                speed.latency_ms_p50, speed.latency_ms_p99, speed.users_per_s
+            ));
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,298 @@
+//! `recdistill sql`: read-only ad hoc SQL over the lake's input tables and the
+//! latest committed run of a job.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use clap::ValueEnum;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::prelude::SessionContext;
+
+use crate::config::{JobSpec, check_segment};
+use crate::error::{Error, Result};
+use crate::lake::{Lake, engine};
+use crate::run::RunFolder;
+use crate::run::commit::{self, Manifest};
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// One JSON object per row (newline-delimited JSON).
+    Json,
+    /// A Parquet file (to `--out`, or stdout).
+    Parquet,
+}
+
+/// What the session can query.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// Registered table names.
+    pub tables: Vec<String>,
+    /// The run whose tables are registered, if any.
+    pub run: Option<String>,
+    /// Jobs found in the lake when none was chosen.
+    pub jobs: Vec<String>,
+}
+
+/// Opens a session over the lake: `interactions`, `items` and, for `job`
+/// (or the only job in the lake), the tables of its latest committed run
+/// (or of `run_date`'s run).
+pub async fn open(
+    spec: &JobSpec,
+    job: Option<&str>,
+    run_date: Option<chrono::NaiveDate>,
+) -> Result<(SessionContext, Catalog)> {
+    let lake = Lake::open(&spec.lake)?;
+    let ctx = engine::session(&spec.input)?;
+    lake.register(&ctx);
+    let mut catalog = Catalog::default();
+    for (name, folder) in [
+        ("interactions", &spec.input.interactions),
+        ("items", &spec.input.items),
+    ] {
+        if !folder.is_empty()
+            && register_folder(&lake, &ctx, name, folder.trim_end_matches('/')).await?
+        {
+            catalog.tables.push(name.to_string());
+        }
+    }
+
+    let prefix = spec.lake.output_prefix.trim_matches('/');
+    let job = match job {
+        Some(name) => Some(name.to_string()),
+        None => {
+            let jobs = lake.list_folders(prefix).await?;
+            if jobs.len() == 1 {
+                jobs.into_iter().next()
+            } else {
+                catalog.jobs = jobs;
+                None
+            }
+        }
+    };
+    if let Some(job) = job {
+        check_segment("job name", &job)?;
+        let found = match run_date {
+            Some(date) => {
+                let run = RunFolder::new(lake.clone(), prefix, &job, date);
+                commit::read_manifest(&run).await?.map(|m| (run, m))
+            }
+            None => commit::latest_committed(&lake, prefix, &job).await?,
+        };
+        if let Some((run, manifest)) = found {
+            commit::verify_sizes(&run, &manifest).await?;
+            register_run(&ctx, &run, &manifest, &mut catalog.tables).await?;
+            catalog.run = Some(run.display());
+        }
+    }
+    Ok((ctx, catalog))
+}
+
+/// Registers a Parquet folder (Hive-partitioned by `dt` or flat) as `name`.
+/// Returns false when the folder holds no files.
+async fn register_folder(
+    lake: &Lake,
+    ctx: &SessionContext,
+    name: &str,
+    folder: &str,
+) -> Result<bool> {
+    if lake.list(folder).await?.is_empty() {
+        return Ok(false);
+    }
+    let partitioned = lake
+        .list_folders(folder)
+        .await?
+        .iter()
+        .any(|f| f.starts_with("dt="));
+    let mut options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    if partitioned {
+        options = options
+            .with_table_partition_cols(vec![("dt".into(), arrow::datatypes::DataType::Utf8)]);
+    }
+    let url = lake.url_of(&format!("{folder}/"));
+    ctx.register_listing_table(name, &url, options, None, None)
+        .await
+        .map_err(|e| Error::from_datafusion(&url, e))?;
+    Ok(true)
+}
+
+/// Registers the files a manifest lists: `features/<t>.parquet` as table
+/// `t`, and every other folder's files as one table named after the folder.
+async fn register_run(
+    ctx: &SessionContext,
+    run: &RunFolder,
+    manifest: &Manifest,
+    tables: &mut Vec<String>,
+) -> Result<()> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for object in &manifest.outputs {
+        let Some((folder, file)) = object.path.split_once('/') else {
+            continue;
+        };
+        if !file.ends_with(".parquet") {
+            continue;
+        }
+        let table = if folder == "features" {
+            file.trim_end_matches(".parquet").to_string()
+        } else {
+            folder.to_string()
+        };
+        match groups.iter_mut().find(|(t, _)| *t == table) {
+            Some((_, files)) => files.push(object.path.clone()),
+            None => groups.push((table, vec![object.path.clone()])),
+        }
+    }
+    let state = ctx.state();
+    for (table, files) in groups {
+        let urls = files
+            .iter()
+            .map(|f| {
+                ListingTableUrl::parse(run.url_of(f)).map_err(|e| Error::from_datafusion(f, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .infer_schema(&state)
+            .await
+            .map_err(|e| Error::from_datafusion(&table, e))?;
+        let listing =
+            ListingTable::try_new(config).map_err(|e| Error::from_datafusion(&table, e))?;
+        ctx.register_table(table.as_str(), Arc::new(listing))
+            .map_err(|e| Error::from_datafusion(&table, e))?;
+        tables.push(table);
+    }
+    Ok(())
+}
+
+/// Runs one read-only statement.
+pub async fn execute(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    engine::check_read_only(sql)?;
+    let df = ctx
+        .sql_with_options(sql, engine::read_only_options())
+        .await
+        .map_err(|e| Error::from_datafusion("query", e))?;
+    df.collect()
+        .await
+        .map_err(|e| Error::from_datafusion("query", e))
+}
+
+/// Writes `batches` to `out` in `format`.
+pub fn print(
+    batches: &[RecordBatch],
+    format: OutputFormat,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::io("output", e);
+    match format {
+        OutputFormat::Table => {
+            let table = arrow::util::pretty::pretty_format_batches(batches)
+                .map_err(|e| Error::internal(e.to_string()))?;
+            writeln!(out, "{table}").map_err(io)?;
+        }
+        OutputFormat::Csv => {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut *out);
+            for batch in batches {
+                writer
+                    .write(batch)
+                    .map_err(|e| Error::internal(e.to_string()))?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut *out);
+            for batch in batches {
+                writer
+                    .write(batch)
+                    .map_err(|e| Error::internal(e.to_string()))?;
+            }
+            writer
+                .finish()
+                .map_err(|e| Error::internal(e.to_string()))?;
+        }
+        OutputFormat::Parquet => {
+            let Some(first) = batches.first() else {
+                return Err(Error::config(
+                    "the query returned no batches; nothing to write as Parquet",
+                ));
+            };
+            let props = crate::lake::writer_properties(vec![]);
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(&mut *out, first.schema(), Some(props))
+                    .map_err(|e| Error::internal(e.to_string()))?;
+            for batch in batches {
+                writer
+                    .write(batch)
+                    .map_err(|e| Error::internal(e.to_string()))?;
+            }
+            writer.close().map_err(|e| Error::internal(e.to_string()))?;
+        }
+    }
+    out.flush().map_err(io)
+}
+
+/// Reads `;`-terminated statements from stdin and runs each, printing errors
+/// and carrying on. Ends at end of input or `\q`.
+pub async fn interactive(ctx: &SessionContext, format: OutputFormat) -> Result<()> {
+    let stdin = std::io::stdin();
+    let prompt = stdin.is_terminal();
+    let mut pending = String::new();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if prompt {
+            eprint!(
+                "{}",
+                if pending.is_empty() {
+                    "recdistill> "
+                } else {
+                    "        ...> "
+                }
+            );
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| Error::io("stdin", e))?;
+        let trimmed = line.trim();
+        if pending.is_empty() && matches!(trimmed, "\\q" | "quit" | "exit") {
+            break;
+        }
+        pending.push_str(&line);
+        pending.push('\n');
+        if !trimmed.ends_with(';') {
+            continue;
+        }
+        let statement = std::mem::take(&mut pending);
+        let statement = statement.trim().trim_end_matches(';');
+        if statement.trim().is_empty() {
+            continue;
+        }
+        match execute(ctx, statement).await {
+            Ok(batches) => print(
+                &batches,
+                format,
+                &mut std::io::BufWriter::new(std::io::stdout()),
+            )?,
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    let rest = pending.trim();
+    if !rest.is_empty() {
+        let batches = execute(ctx, rest).await?;
+        print(
+            &batches,
+            format,
+            &mut std::io::BufWriter::new(std::io::stdout()),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,745 @@
+//! The hand-written CPU trainer: forward and backward passes over
+//! preallocated buffers, full or sampled softmax (sampled with log-Q
+//! correction), soft-label losses, and Adam(W) with row-sparse updates of
+//! the item table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::Distribution;
+use rand_distr::weighted::WeightedAliasIndex;
+use rayon::prelude::*;
+
+use super::distillation::{Distillation, NO_LABEL};
+use super::steps::{Steps, TrainSettings};
+use crate::config::{Sampling, Softmax};
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::model::kernels::{logit_loss, softmax_cross_entropy};
+use crate::model::sasrec::cpu::{self, Workspace};
+use crate::model::sasrec::{PAD, SasRec, Weights};
+
+/// Adam(W) with one moment pair per weight; the item table can be updated
+/// row-sparsely (only the rows a step touched, as lazy Adam does).
+pub struct Adam {
+    settings: TrainSettings,
+    step: i32,
+    m: Weights,
+    v: Weights,
+}
+
+impl Adam {
+    /// Zero moments for weights shaped like `like`.
+    pub fn new(settings: &TrainSettings, like: &Weights) -> Adam {
+        let mut m = like.clone();
+        m.zero();
+        Adam {
+            settings: settings.clone(),
+            step: 0,
+            v: m.clone(),
+            m,
+        }
+    }
+
+    /// One update of `params` by `grads`. With `item_rows`, only those rows
+    /// of the item table (tensor 0) are updated.
+    pub fn update(&mut self, params: &mut Weights, grads: &mut Weights, item_rows: Option<&[u32]>) {
+        self.step += 1;
+        let s = &self.settings;
+        let (b1, b2) = (s.beta1 as f32, s.beta2 as f32);
+        let lr = s.lr as f32;
+        let c1 = 1.0 - b1.powi(self.step);
+        let c2 = 1.0 - b2.powi(self.step);
+        let decay = (s.lr * s.weight_decay) as f32;
+        let update = move |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+            for i in 0..p.len() {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let mh = m[i] / c1;
+                let vh = v[i] / c2;
+                p[i] -= lr * mh / (vh.sqrt() + 1e-8) + decay * p[i];
+            }
+        };
+        let d = params.lnf_g.len();
+        let tensors = params
+            .tensors_mut()
+            .into_iter()
+            .zip(grads.tensors_mut())
+            .zip(self.m.tensors_mut())
+            .zip(self.v.tensors_mut());
+        for (i, (((p, g), m), v)) in tensors.enumerate() {
+            match (i, item_rows) {
+                (0, Some(rows)) => {
+                    for &r in rows {
+                        let span = r as usize * d..(r as usize + 1) * d;
+                        update(
+                            &mut p[span.clone()],
+                            &g[span.clone()],
+                            &mut m[span.clone()],
+                            &mut v[span.clone()],
+                        );
+                        g[span].fill(0.0);
+                    }
+                }
+                _ => {
+                    p.par_chunks_mut(4096)
+                        .zip(g.par_chunks(4096))
+                        .zip(m.par_chunks_mut(4096))
+                        .zip(v.par_chunks_mut(4096))
+                        .for_each(|(((p, g), m), v)| update(p, g, m, v));
+                    g.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// Draws negatives for sampled softmax and corrects for how they were drawn.
+struct Sampler {
+    alias: WeightedAliasIndex<f64>,
+    probability: Vec<f64>,
+    negatives: usize,
+}
+
+impl Sampler {
+    fn new(dataset: &Dataset, settings: &TrainSettings) -> Result<Sampler> {
+        let weights: Vec<f64> = match settings.sampling {
+            Sampling::Popularity => dataset
+                .train_counts
+                .iter()
+                .map(|&c| c as f64 + 1.0)
+                .collect(),
+            Sampling::Uniform => vec![1.0; dataset.n_items()],
+        };
+        let total: f64 = weights.iter().sum();
+        let probability = weights.iter().map(|w| w / total).collect();
+        let alias = WeightedAliasIndex::new(weights)
+            .map_err(|e| Error::internal(format!("sampler: {e}")))?;
+        Ok(Sampler {
+            alias,
+            probability,
+            negatives: settings.negatives,
+        })
+    }
+
+    /// The step's candidate items (the targets first, then new negatives)
+    /// and each candidate's logit correction `-ln P(candidate drawn)`.
+    fn candidates(
+        &self,
+        targets: &[u32],
+        rng: &mut StdRng,
+    ) -> (Vec<u32>, HashMap<u32, u32>, Vec<f32>) {
+        let mut items = Vec::new();
+        let mut column = HashMap::new();
+        for &t in targets.iter().filter(|&&t| t != PAD) {
+            column.entry(t).or_insert_with(|| {
+                items.push(t);
+                (items.len() - 1) as u32
+            });
+        }
+        for _ in 0..self.negatives {
+            let item = self.alias.sample(rng) as u32;
+            column.entry(item).or_insert_with(|| {
+                items.push(item);
+                (items.len() - 1) as u32
+            });
+        }
+        let m = self.negatives as f64;
+        let offsets = items
+            .iter()
+            .map(|&i| {
+                let q = self.probability[i as usize];
+                // Probability that M draws with replacement include the item.
+                let drawn = -((m * (-q).ln_1p()).exp_m1());
+                -(drawn.max(1e-30).ln()) as f32
+            })
+            .collect();
+        (items, column, offsets)
+    }
+}
+
+/// Reusable state of the training steps.
+pub struct Trainer {
+    ws: Workspace,
+    grads: Weights,
+    d_table: Vec<f32>,
+    adam: Adam,
+    sampler: Option<Sampler>,
+    scratch: Vec<f32>,
+    hv: Vec<f32>,
+    dhv: Vec<f32>,
+    touched: Vec<u32>,
+    touched_flag: Vec<bool>,
+    classes: usize,
+    /// Sampled softmax: the step's candidate vectors and their gradients.
+    cand: Vec<f32>,
+    d_cand: Vec<f32>,
+    distillation: Option<Arc<Distillation>>,
+}
+
+/// Rows of the output softmax computed at once.
+const CE_BLOCK: usize = 512;
+
+impl Trainer {
+    /// A trainer for `model` on `dataset`'s catalogue.
+    pub fn new(model: &SasRec, dataset: &Dataset, settings: &TrainSettings) -> Result<Trainer> {
+        let c = &model.config;
+        let sampler = match settings.softmax {
+            Softmax::Full => None,
+            Softmax::Sampled => Some(Sampler::new(dataset, settings)?),
+        };
+        let classes = match settings.softmax {
+            Softmax::Full => c.n_items,
+            Softmax::Sampled => settings.negatives + settings.batch_size * c.max_len,
+        };
+        let mut grads = model.weights.clone();
+        grads.zero();
+        Ok(Trainer {
+            ws: Workspace::new(c, settings.batch_size),
+            adam: Adam::new(settings, &grads),
+            d_table: vec![0.0; c.n_items * c.d_model],
+            grads,
+            sampler,
+            scratch: vec![0.0; CE_BLOCK.min(settings.batch_size * c.max_len) * classes],
+            hv: Vec::new(),
+            dhv: Vec::new(),
+            touched: Vec::new(),
+            touched_flag: vec![false; c.n_items],
+            classes: 0,
+            cand: Vec::new(),
+            d_cand: Vec::new(),
+            distillation: None,
+        })
+    }
+
+    /// A trainer whose loss mixes the hard labels with `distillation`'s soft
+    /// labels (full softmax only: the soft losses need every logit).
+    pub fn distilling(
+        model: &SasRec,
+        dataset: &Dataset,
+        settings: &TrainSettings,
+        distillation: Arc<Distillation>,
+    ) -> Result<Trainer> {
+        if settings.softmax != Softmax::Full {
+            return Err(Error::config(format!(
+                "{}: distillation needs the full softmax (its soft losses cover the whole catalogue)",
+                settings.label
+            )));
+        }
+        let mut trainer = Trainer::new(model, dataset, settings)?;
+        trainer.distillation = Some(distillation);
+        Ok(trainer)
+    }
+
+    /// One optimization step on a batch of windows; returns the mean loss.
+    /// `soft` gives each slot's soft-label row ([`NO_LABEL`] for none;
+    /// empty without distillation).
+    pub fn step(
+        &mut self,
+        model: &mut SasRec,
+        inputs: &[u32],
+        targets: &[u32],
+        soft: &[u32],
+        batch: usize,
+        step_seed: u64,
+    ) -> Result<f64> {
+        let loss = self.backprop(model, inputs, targets, soft, batch, Some(step_seed))?;
+        if self.sampler.is_some() {
+            self.adam
+                .update(&mut model.weights, &mut self.grads, Some(&self.touched));
+            for &r in &self.touched {
+                self.touched_flag[r as usize] = false;
+            }
+        } else {
+            self.adam.update(&mut model.weights, &mut self.grads, None);
+        }
+        Ok(loss)
+    }
+
+    /// Classes the last step's softmax ran over: the catalogue, or the
+    /// batch's distinct targets plus the sampled negatives.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// The gradients the last [`Trainer::backprop`] accumulated.
+    pub fn gradients(&self) -> &Weights {
+        &self.grads
+    }
+
+    /// Forward and backward passes over a batch: adds the gradients of the
+    /// mean loss to [`Trainer::gradients`] and returns the loss. With
+    /// `dropout_seed`, dropout is on; `step_seed` also seeds sampling.
+    /// `soft` as in [`Trainer::step`].
+    pub fn backprop(
+        &mut self,
+        model: &SasRec,
+        inputs: &[u32],
+        targets: &[u32],
+        soft: &[u32],
+        batch: usize,
+        dropout_seed: Option<u64>,
+    ) -> Result<f64> {
+        let step_seed = dropout_seed.unwrap_or(0);
+        let c = model.config;
+        let d = c.d_model;
+        let n = batch * c.max_len;
+        let owned_table;
+        let table: &[f32] = if c.content_dim > 0 {
+            owned_table = model.item_table();
+            &owned_table
+        } else {
+            &model.weights.item
+        };
+        cpu::forward(model, table, &mut self.ws, inputs, batch, dropout_seed);
+
+        // Gather the positions with a target.
+        let rows: Vec<usize> = (0..n).filter(|&i| targets[i] != PAD).collect();
+        if rows.is_empty() {
+            return Err(Error::internal("a training batch without targets"));
+        }
+        let nv = rows.len();
+        self.hv.resize(nv * d, 0.0);
+        self.dhv.clear();
+        self.dhv.resize(nv * d, 0.0);
+        for (k, &r) in rows.iter().enumerate() {
+            self.hv[k * d..(k + 1) * d].copy_from_slice(&self.ws.hf[r * d..(r + 1) * d]);
+        }
+        let weight = 1.0 / nv as f32;
+        let row_targets: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
+        self.touched.clear();
+        let loss = match (&self.sampler, &self.distillation) {
+            (None, Some(distill)) => {
+                self.classes = c.n_items;
+                let row_soft: Vec<u32> = rows
+                    .iter()
+                    .map(|&r| soft.get(r).copied().unwrap_or(NO_LABEL))
+                    .collect();
+                let (labels, mix) = (&distill.labels, &distill.mix);
+                let loss = logit_loss(
+                    &self.hv,
+                    d,
+                    table,
+                    nv,
+                    CE_BLOCK,
+                    &mut self.scratch,
+                    &mut self.dhv,
+                    &mut self.d_table,
+                    |r, row| {
+                        let label =
+                            (row_soft[r] != NO_LABEL).then(|| labels.target(row_soft[r] as usize));
+                        mix.row_loss(row, row_targets[r] as usize, label, weight)
+                    },
+                );
+                loss / nv as f64
+            }
+            (None, None) => {
+                self.classes = c.n_items;
+                let loss = softmax_cross_entropy(
+                    &self.hv,
+                    d,
+                    table,
+                    &row_targets,
+                    None,
+                    weight,
+                    CE_BLOCK,
+                    &mut self.scratch,
+                    &mut self.dhv,
+                    &mut self.d_table,
+                );
+                loss / nv as f64
+            }
+            (Some(sampler), _) => {
+                let mut rng = StdRng::seed_from_u64(step_seed ^ 0x5eed);
+                let (items, column, offsets) = sampler.candidates(&row_targets, &mut rng);
+                let k = items.len();
+                self.classes = k;
+                let cand = &mut self.cand;
+                cand.clear();
+                for &i in &items {
+                    cand.extend_from_slice(&table[i as usize * d..(i as usize + 1) * d]);
+                }
+                let d_cand = &mut self.d_cand;
+                d_cand.clear();
+                d_cand.resize(k * d, 0.0);
+                let columns: Vec<u32> = row_targets.iter().map(|t| column[t]).collect();
+                if self.scratch.len() < CE_BLOCK * k {
+                    self.scratch.resize(CE_BLOCK * k, 0.0);
+                }
+                let loss = softmax_cross_entropy(
+                    &self.hv,
+                    d,
+                    cand,
+                    &columns,
+                    Some(&offsets),
+                    weight,
+                    CE_BLOCK,
+                    &mut self.scratch,
+                    &mut self.dhv,
+                    d_cand,
+                );
+                for (j, &i) in items.iter().enumerate() {
+                    let row = &mut self.d_table[i as usize * d..(i as usize + 1) * d];
+                    for (a, g) in row.iter_mut().zip(&d_cand[j * d..(j + 1) * d]) {
+                        *a += g;
+                    }
+                    mark(&mut self.touched, &mut self.touched_flag, i);
+                }
+                loss / nv as f64
+            }
+        };
+
+        self.ws.dhf[..n * d].fill(0.0);
+        for (k, &r) in rows.iter().enumerate() {
+            self.ws.dhf[r * d..(r + 1) * d].copy_from_slice(&self.dhv[k * d..(k + 1) * d]);
+        }
+        cpu::backward(
+            model,
+            &mut self.ws,
+            inputs,
+            batch,
+            &mut self.grads,
+            &mut self.d_table,
+        );
+
+        let sparse = self.sampler.is_some();
+        if sparse {
+            for &x in inputs.iter().filter(|&&x| x != PAD) {
+                mark(&mut self.touched, &mut self.touched_flag, x);
+            }
+            self.touched.sort_unstable();
+            cpu::table_backward(
+                &c,
+                &model.content,
+                &self.d_table,
+                Some(&self.touched),
+                &mut self.grads,
+            );
+            for &r in &self.touched {
+                self.d_table[r as usize * d..(r as usize + 1) * d].fill(0.0);
+            }
+        } else {
+            cpu::table_backward(&c, &model.content, &self.d_table, None, &mut self.grads);
+            self.d_table.fill(0.0);
+        }
+        Ok(loss)
+    }
+}
+
+fn mark(touched: &mut Vec<u32>, flags: &mut [bool], item: u32) {
+    if !flags[item as usize] {
+        flags[item as usize] = true;
+        touched.push(item);
+    }
+}
+
+impl Steps for Trainer {
+    fn step(
+        &mut self,
+        model: &mut SasRec,
+        inputs: &[u32],
+        targets: &[u32],
+        soft: &[u32],
+        batch: usize,
+        step_seed: u64,
+    ) -> Result<f64> {
+        Trainer::step(self, model, inputs, targets, soft, batch, step_seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Split;
+    use crate::model::Scorer;
+    use crate::model::sasrec::SasRecConfig;
+    use crate::model::sasrec::candle::gradients;
+    use crate::train::candle::CandleSteps;
+    use crate::train::distillation::SoftLabels;
+    use crate::train::fit::{fill_window, fit, fit_with};
+    use arrow::array::Int64Array;
+    use rand::Rng;
+
+    fn config(content_dim: usize) -> SasRecConfig {
+        SasRecConfig {
+            n_items: 11,
+            d_model: 8,
+            layers: 2,
+            heads: 2,
+            ffn: 12,
+            max_len: 6,
+            dropout: 0.2,
+            content_dim,
+        }
+    }
+
+    fn dataset(n_items: usize) -> Dataset {
+        Dataset {
+            user_ids: Arc::new(Int64Array::from(vec![1])),
+            item_ids: Arc::new(Int64Array::from_iter_values(0..n_items as i64)),
+            offsets: vec![0, 1],
+            items: vec![0],
+            splits: vec![Split::Train],
+            train_counts: (0..n_items as u64).collect(),
+        }
+    }
+
+    fn settings(softmax: Softmax, negatives: usize, sampling: Sampling) -> TrainSettings {
+        TrainSettings {
+            batch_size: 3,
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.98,
+            weight_decay: 0.0,
+            epochs: 1,
+            patience: 1,
+            softmax,
+            negatives,
+            sampling,
+            seed: 7,
+            label: "test".into(),
+        }
+    }
+
+    /// Three windows: one full, two left-padded (one with a padded target).
+    fn batch() -> (Vec<u32>, Vec<u32>) {
+        let mut inputs = vec![PAD; 18];
+        let mut targets = vec![PAD; 18];
+        fill_window(
+            &[1, 4, 2, 9, 10, 3, 5, 7],
+            &mut inputs[0..6],
+            &mut targets[0..6],
+        );
+        fill_window(&[6, 6, 0], &mut inputs[6..12], &mut targets[6..12]);
+        fill_window(&[8, 2, 4, 1, 3], &mut inputs[12..18], &mut targets[12..18]);
+        (inputs, targets)
+    }
+
+    fn assert_close(name: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{name}: lengths");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 2e-3 * scale,
+                "{name}[{i}]: cpu {g}, candle {w} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn distillation_with_alpha_one_is_plain_cross_entropy() {
+        use crate::train::losses::LossMix;
+        let c = config(0);
+        let model = SasRec::new(c, Vec::new(), 4).unwrap();
+        let (inputs, targets) = batch();
+        let data = dataset(c.n_items);
+        let s = settings(Softmax::Full, 0, Sampling::Uniform);
+        let mut plain = Trainer::new(&model, &data, &s).unwrap();
+        let want = plain
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
+        let mut mix = LossMix {
+            alpha: 1.0,
+            temperature: 2.0,
+            family: "kl".parse().unwrap(),
+            rank_decay: 1.0,
+        };
+        let labels = Arc::new(SoftLabels::default());
+        let soft = vec![NO_LABEL; inputs.len()];
+        let mut distilled = Trainer::distilling(
+            &model,
+            &data,
+            &s,
+            Arc::new(Distillation {
+                labels: Arc::clone(&labels),
+                mix: mix.clone(),
+            }),
+        )
+        .unwrap();
+        let got = distilled
+            .backprop(&model, &inputs, &targets, &soft, 3, None)
+            .unwrap();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        for ((name, _, g), (_, _, w)) in distilled
+            .gradients()
+            .named(&c)
+            .iter()
+            .zip(plain.gradients().named(&c))
+        {
+            assert_close(name, g, w);
+        }
+        // Sampled softmax cannot distil: the soft losses need every logit.
+        mix.alpha = 0.5;
+        let sampled = settings(Softmax::Sampled, 4, Sampling::Uniform);
+        let refused = Trainer::distilling(
+            &model,
+            &data,
+            &sampled,
+            Arc::new(Distillation { labels, mix }),
+        );
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn cpu_gradients_match_candle_autograd() {
+        for content_dim in [0, 3] {
+            let c = config(content_dim);
+            let content: Vec<f32> = (0..c.n_items * content_dim)
+                .map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5)
+                .collect();
+            let mut model = SasRec::new(c, content, 3).unwrap();
+            // Non-trivial layer norms and biases, so their gradients are exercised.
+            let mut rng = StdRng::seed_from_u64(9);
+            for t in model.weights.tensors_mut() {
+                for v in t.iter_mut() {
+                    *v += rng.random_range(-0.3..0.3);
+                }
+            }
+            let (inputs, targets) = batch();
+            let mut trainer = Trainer::new(
+                &model,
+                &dataset(c.n_items),
+                &settings(Softmax::Full, 0, Sampling::Uniform),
+            )
+            .unwrap();
+            let loss = trainer
+                .backprop(&model, &inputs, &targets, &[], 3, None)
+                .unwrap();
+            let (want_loss, want) = gradients(&model, &inputs, &targets, 3).unwrap();
+            assert!(
+                (loss - f64::from(want_loss)).abs() < 1e-4,
+                "loss {loss} vs {want_loss}"
+            );
+            let got = trainer.gradients().named(&c);
+            for ((name, _, g), (_, _, w)) in got.iter().zip(want.named(&c)) {
+                assert_close(name, g, w);
+            }
+        }
+    }
+
+    #[test]
+    fn sampled_softmax_over_every_item_equals_full_softmax() {
+        let c = config(0);
+        let model = SasRec::new(c, Vec::new(), 5).unwrap();
+        let (inputs, targets) = batch();
+        let data = dataset(c.n_items);
+        let mut full = Trainer::new(
+            &model,
+            &data,
+            &settings(Softmax::Full, 0, Sampling::Uniform),
+        )
+        .unwrap();
+        let full_loss = full
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
+        // With 20,000 uniform draws over 11 items every item is drawn with
+        // probability ≈ 1, so the log-Q correction vanishes.
+        let mut sampled = Trainer::new(
+            &model,
+            &data,
+            &settings(Softmax::Sampled, 20_000, Sampling::Uniform),
+        )
+        .unwrap();
+        let sampled_loss = sampled
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
+        assert!(
+            (full_loss - sampled_loss).abs() < 1e-5,
+            "{full_loss} vs {sampled_loss}"
+        );
+        for ((name, _, g), (_, _, w)) in sampled
+            .gradients()
+            .named(&c)
+            .iter()
+            .zip(full.gradients().named(&c))
+        {
+            assert_close(name, g, w);
+        }
+    }
+
+    #[test]
+    fn sampled_steps_touch_only_the_rows_in_the_batch() {
+        let mut c = config(0);
+        c.n_items = 5000;
+        let mut model = SasRec::new(c, Vec::new(), 5).unwrap();
+        let before = model.weights.item.clone();
+        let (inputs, targets) = batch();
+        let mut trainer = Trainer::new(
+            &model,
+            &dataset(c.n_items),
+            &settings(Softmax::Sampled, 16, Sampling::Popularity),
+        )
+        .unwrap();
+        trainer
+            .step(&mut model, &inputs, &targets, &[], 3, 11)
+            .unwrap();
+        let changed: Vec<usize> = (0..c.n_items)
+            .filter(|&i| {
+                model.weights.item[i * c.d_model..(i + 1) * c.d_model]
+                    != before[i * c.d_model..(i + 1) * c.d_model]
+            })
+            .collect();
+        assert!(!changed.is_empty());
+        // Inputs and targets (items 0..=10) plus at most 16 negatives.
+        assert!(changed.len() <= 11 + 16, "{} rows changed", changed.len());
+        for i in 0..=10 {
+            assert!(
+                changed.contains(&i),
+                "item {i} of the batch was not updated"
+            );
+        }
+    }
+
+    /// Users walking the catalogue in order: item t is followed by t + 1.
+    fn walks(n_items: usize, users: usize) -> Dataset {
+        let sequences: Vec<Vec<u32>> = (0..users)
+            .map(|u| (0..8).map(|t| ((u + t) % n_items) as u32).collect())
+            .collect();
+        Dataset::from_train_sequences(n_items, &sequences)
+    }
+
+    #[test]
+    fn cpu_and_candle_trainers_both_learn_the_walks() {
+        let c = config(0);
+        let data = walks(c.n_items, 24);
+        let mut s = settings(Softmax::Full, 0, Sampling::Uniform);
+        s.epochs = 30;
+        s.patience = 30;
+        s.batch_size = 8;
+        // The CPU trainer, and candle's autograd + AdamW (the GPU path) on the CPU device.
+        let model = SasRec::new(c, Vec::new(), 1).unwrap();
+        let (_, cpu_log) = fit(model.clone(), &data, &s).unwrap();
+        let mut candle = CandleSteps::new(&model, &s, &candle_core::Device::Cpu).unwrap();
+        let (trained, candle_log) = fit_with(model, &data, &s, &mut candle, None).unwrap();
+        for log in [&cpu_log, &candle_log] {
+            assert_eq!(log.len(), 30);
+            let (first, last) = (log[0].loss, log[log.len() - 1].loss);
+            assert!(last < 0.5 * first, "loss {first} → {last}");
+        }
+        // The trained model predicts the walk: after item 4 comes item 5.
+        let mut scores = Vec::new();
+        trained.score(&[&[2, 3, 4]], &mut scores).unwrap();
+        let best = (0..c.n_items)
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap();
+        assert_eq!(best, 5, "{scores:?}");
+    }
+
+    #[test]
+    fn sampled_logit_correction_is_the_log_of_the_draw_probability() {
+        let data = dataset(4);
+        let sampler =
+            Sampler::new(&data, &settings(Softmax::Sampled, 3, Sampling::Uniform)).unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        let (items, column, offsets) = sampler.candidates(&[2, 2, PAD], &mut rng);
+        assert_eq!(items[0], 2, "targets come first");
+        assert_eq!(column[&2], 0);
+        // Uniform over 4 items, 3 draws: P(drawn) = 1 − (3/4)³.
+        let want = -(1.0f64 - 0.75f64.powi(3)).ln() as f32;
+        for o in offsets {
+            assert!((o - want).abs() < 1e-6);
+        }
+    }
+}

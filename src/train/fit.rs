@@ -1,0 +1,236 @@
+//! The fit loop: shuffled batches of one window per user, validation
+//! after every epoch, early stopping with the best epoch restored. The
+//! steps themselves are taken by a [`Steps`]: the CPU trainer
+//! ([`Trainer`]) or candle's autograd on a device ([`CandleSteps`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::candle::{CandleSteps, device};
+use super::cpu::Trainer;
+use super::distillation::{Distillation, NO_LABEL, SoftLabels};
+use super::pool::thread_pool;
+use super::steps::{Steps, TrainSettings};
+use super::stopping::{EarlyStopping, EpochLog};
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::model::sasrec::{PAD, SasRec, SasRecConfig};
+
+/// A user's train sequence, as the inputs and next-item targets of one
+/// window of `len` positions, right-aligned (the most recent last).
+pub fn fill_window(sequence: &[u32], inputs: &mut [u32], targets: &mut [u32]) {
+    if sequence.is_empty() {
+        inputs.fill(PAD);
+        targets.fill(PAD);
+        return;
+    }
+    let len = inputs.len();
+    let usable = sequence.len().saturating_sub(1).min(len);
+    let pad = len - usable;
+    inputs[..pad].fill(PAD);
+    targets[..pad].fill(PAD);
+    let start = sequence.len() - usable - 1;
+    inputs[pad..].copy_from_slice(&sequence[start..start + usable]);
+    targets[pad..].copy_from_slice(&sequence[start + 1..start + 1 + usable]);
+}
+
+/// The position (index in the train sequence) of the target in slot `slot`
+/// of [`fill_window`]'s window over a sequence of `len` items: train item
+/// `len − max_len + slot`, when the slot holds one.
+pub fn target_position(len: usize, max_len: usize, slot: usize) -> Option<usize> {
+    let position = (len + slot).checked_sub(max_len)?;
+    (position >= 1 && position < len).then_some(position)
+}
+
+/// Trains `model` on `dataset`'s train split on the CPU, early-stopping on
+/// its valid split; returns the best epoch's model and the per-epoch log.
+pub fn fit(
+    model: SasRec,
+    dataset: &Dataset,
+    settings: &TrainSettings,
+) -> Result<(SasRec, Vec<EpochLog>)> {
+    let mut trainer = Trainer::new(&model, dataset, settings)?;
+    fit_with(model, dataset, settings, &mut trainer, None)
+}
+
+/// Trains `model` like [`fit`], its loss mixing the hard labels with
+/// `distillation`'s soft labels.
+pub fn fit_distilled(
+    model: SasRec,
+    dataset: &Dataset,
+    settings: &TrainSettings,
+    distillation: Arc<Distillation>,
+) -> Result<(SasRec, Vec<EpochLog>)> {
+    let mut trainer = Trainer::distilling(&model, dataset, settings, Arc::clone(&distillation))?;
+    fit_with(
+        model,
+        dataset,
+        settings,
+        &mut trainer,
+        Some(&distillation.labels),
+    )
+}
+
+/// Users' train sequences with at least one next item to learn, with
+/// their user index.
+pub fn train_sequences(dataset: &Dataset) -> Result<Vec<(usize, Vec<u32>)>> {
+    let sequences: Vec<(usize, Vec<u32>)> = (0..dataset.n_users())
+        .map(|u| (u, dataset.train_items(u)))
+        .filter(|(_, s)| s.len() >= 2)
+        .collect();
+    if sequences.is_empty() {
+        return Err(Error::data(
+            "split table",
+            "no user has two train events: nothing to learn a next item from",
+        ));
+    }
+    Ok(sequences)
+}
+
+/// The epoch loop: shuffled batches of one window per user (their most
+/// recent `max_len` train items), validation NDCG@10 after every epoch,
+/// early stopping with patience and the best epoch's weights restored.
+/// With `labels`, each target slot gets its soft-label row.
+pub fn fit_with(
+    mut model: SasRec,
+    dataset: &Dataset,
+    settings: &TrainSettings,
+    steps_by: &mut dyn Steps,
+    labels: Option<&SoftLabels>,
+) -> Result<(SasRec, Vec<EpochLog>)> {
+    let c = model.config;
+    let sequences = train_sequences(dataset)?;
+    let mut rng = StdRng::seed_from_u64(settings.seed);
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    let b = settings.batch_size;
+    let mut inputs = vec![PAD; b * c.max_len];
+    let mut targets = vec![PAD; b * c.max_len];
+    let mut soft = vec![NO_LABEL; if labels.is_some() { b * c.max_len } else { 0 }];
+    let mut stopping = EarlyStopping::new(&settings.label, settings.patience, dataset);
+    let steps = sequences.len().div_ceil(b);
+    let mut step_count = 0u64;
+    for epoch in 1..=settings.epochs {
+        order.shuffle(&mut rng);
+        let progress = crate::progress::bar(
+            steps as u64,
+            &format!(
+                "{} epoch {epoch}{}",
+                settings.label,
+                stopping.last_summary()
+            ),
+        );
+        let started = Instant::now();
+        let mut loss_sum = 0.0;
+        for chunk in order.chunks(b) {
+            let n = chunk.len() * c.max_len;
+            for (slot, &s) in chunk.iter().enumerate() {
+                let (user, sequence) = &sequences[s];
+                let span = slot * c.max_len..(slot + 1) * c.max_len;
+                fill_window(
+                    sequence,
+                    &mut inputs[span.clone()],
+                    &mut targets[span.clone()],
+                );
+                if let Some(labels) = labels {
+                    for i in 0..c.max_len {
+                        let at = slot * c.max_len + i;
+                        soft[at] = if targets[at] == PAD {
+                            NO_LABEL
+                        } else {
+                            target_position(sequence.len(), c.max_len, i)
+                                .and_then(|p| labels.row(*user, p))
+                                .map_or(NO_LABEL, |r| r as u32)
+                        };
+                    }
+                }
+            }
+            step_count += 1;
+            let step_seed = rng.random::<u64>() ^ step_count;
+            loss_sum += steps_by.step(
+                &mut model,
+                &inputs[..n],
+                &targets[..n],
+                &soft[..soft.len().min(n)],
+                chunk.len(),
+                step_seed,
+            )?;
+            progress.inc(1);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        steps_by.sync(&mut model)?;
+        let loss = loss_sum / steps as f64;
+        if stopping.end_epoch(epoch, seconds, loss, &model, dataset, || {
+            model.weights.clone()
+        })? {
+            break;
+        }
+    }
+    let (best, log) = stopping.finish();
+    if let Some(weights) = best {
+        model.weights = weights;
+    }
+    Ok((model, log))
+}
+
+/// Trains a fresh SASRec model of `config` on `device` (`cpu`: the
+/// hand-written CPU trainer; otherwise candle's autograd on that device) in
+/// a pool of `threads` threads.
+pub fn fit_on_device(
+    config: SasRecConfig,
+    content: Vec<f32>,
+    dataset: &Dataset,
+    settings: &TrainSettings,
+    device_name: &str,
+    threads: usize,
+) -> Result<(SasRec, Vec<EpochLog>)> {
+    let model = SasRec::new(config, content, settings.seed)?;
+    thread_pool(threads)?.install(|| {
+        if device_name == "cpu" {
+            fit(model, dataset, settings)
+        } else {
+            let device = device(device_name)?;
+            let mut steps = CandleSteps::new(&model, settings, &device)?;
+            fit_with(model, dataset, settings, &mut steps, None)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_window_right_aligns_inputs_and_next_item_targets() {
+        let mut inputs = [0u32; 4];
+        let mut targets = [0u32; 4];
+        fill_window(&[5, 6, 7], &mut inputs, &mut targets);
+        assert_eq!(inputs, [PAD, PAD, 5, 6]);
+        assert_eq!(targets, [PAD, PAD, 6, 7]);
+        fill_window(&[1, 2, 3, 4, 5, 6], &mut inputs, &mut targets);
+        assert_eq!(inputs, [2, 3, 4, 5]);
+        assert_eq!(targets, [3, 4, 5, 6]);
+        fill_window(&[], &mut inputs, &mut targets);
+        assert_eq!(inputs, [PAD; 4]);
+        assert_eq!(targets, [PAD; 4]);
+    }
+
+    #[test]
+    fn target_positions_follow_the_window() {
+        let mut inputs = [0u32; 4];
+        let mut targets = [0u32; 4];
+        for (sequence, max_len) in [(vec![5u32, 6, 7], 4), (vec![1, 2, 3, 4, 5, 6], 4)] {
+            fill_window(&sequence, &mut inputs[..max_len], &mut targets[..max_len]);
+            for (slot, &target) in targets[..max_len].iter().enumerate() {
+                match target_position(sequence.len(), max_len, slot) {
+                    Some(p) => assert_eq!(target, sequence[p], "{sequence:?} slot {slot}"),
+                    None => assert_eq!(target, PAD, "{sequence:?} slot {slot}"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! Training: how a model's weights are learned from the training set. It
+//! may import the config, the dataset and the models; models never import
+//! it, and it never imports a stage.
+//!
+//! ```text
+//! fit ──► steps::Steps: cpu::Trainer (hand-written passes, Adam, sampler)
+//!  │                    candle::CandleSteps (autograd on any candle device)
+//!  ├──► stopping (validation, early stopping) ──► history (training/<model>.parquet)
+//!  └──► distillation (soft labels held by user and position) ──► losses
+//! meanpool: the baseline's own candle loop, with the same early stopping
+//! ```
+
+pub mod candle;
+pub mod cpu;
+pub mod distillation;
+pub mod fit;
+pub mod history;
+pub mod losses;
+pub mod meanpool;
+pub mod pool;
+pub mod steps;
+pub mod stopping;
+
+pub use distillation::{Distillation, NO_LABEL, SoftLabels};
+pub use fit::{
+    fill_window, fit, fit_distilled, fit_on_device, fit_with, target_position, train_sequences,
+};
+pub use pool::thread_pool;
+pub use steps::{Steps, TrainSettings};
+pub use stopping::{EarlyStopping, EpochLog, best_epoch};

@@ -1,0 +1,97 @@
+//! How a model takes its optimization steps: the settings of one model's
+//! training, and the [`Steps`] the fit loop drives — the CPU trainer
+//! (`cpu::Trainer`), candle's autograd (`candle::CandleSteps`), or a wrapper
+//! such as the compress stage's constrained recovery.
+
+use crate::config::{LinkSpec, Sampling, Softmax, TeacherSpec};
+use crate::error::Result;
+use crate::model::sasrec::SasRec;
+
+/// Optimization settings of one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSettings {
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Decoupled weight decay (AdamW); 0 is plain Adam.
+    pub weight_decay: f64,
+    /// Most epochs.
+    pub epochs: usize,
+    /// Epochs without a better validation NDCG@10 before stopping.
+    pub patience: usize,
+    /// Full or sampled softmax.
+    pub softmax: Softmax,
+    /// Negatives per step with sampled softmax.
+    pub negatives: usize,
+    /// How negatives are drawn.
+    pub sampling: Sampling,
+    /// Seed of shuffling, dropout and sampling.
+    pub seed: u64,
+    /// Progress bar label (the model name).
+    pub label: String,
+}
+
+impl TrainSettings {
+    /// The optimization settings a teacher `spec` asks for.
+    pub fn for_teacher(spec: &TeacherSpec, seed: u64, label: &str) -> TrainSettings {
+        TrainSettings {
+            batch_size: spec.batch_size,
+            lr: spec.lr,
+            beta1: spec.beta1,
+            beta2: spec.beta2,
+            weight_decay: spec.weight_decay,
+            epochs: spec.epochs,
+            patience: spec.patience,
+            softmax: spec.softmax,
+            negatives: spec.negatives,
+            sampling: spec.sampling,
+            seed,
+            label: label.to_string(),
+        }
+    }
+
+    /// The optimization settings of a distillation chain link (full
+    /// softmax: the soft losses need every logit).
+    pub fn for_link(link: &LinkSpec, seed: u64, label: &str) -> TrainSettings {
+        TrainSettings {
+            batch_size: link.batch_size,
+            lr: link.lr,
+            beta1: link.beta1,
+            beta2: link.beta2,
+            weight_decay: link.weight_decay,
+            epochs: link.epochs,
+            patience: link.patience,
+            softmax: Softmax::Full,
+            negatives: 0,
+            sampling: Sampling::Uniform,
+            seed,
+            label: label.to_string(),
+        }
+    }
+}
+
+/// One way of taking optimization steps: the CPU trainer, or candle's
+/// autograd on a device.
+pub trait Steps {
+    /// One step on `batch` windows; returns the mean loss. `soft` gives
+    /// each slot's soft-label row (empty without distillation).
+    fn step(
+        &mut self,
+        model: &mut SasRec,
+        inputs: &[u32],
+        targets: &[u32],
+        soft: &[u32],
+        batch: usize,
+        step_seed: u64,
+    ) -> Result<f64>;
+
+    /// Brings `model.weights` up to date before it is validated.
+    fn sync(&mut self, _model: &mut SasRec) -> Result<()> {
+        Ok(())
+    }
+}
