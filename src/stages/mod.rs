@@ -222,8 +222,6 @@ fn begin(stage: Stage) -> (Instant, String) {
 /// needs from the records earlier stages left in the run folder.
 #[derive(Default)]
 struct Produced {
-    /// The feature tables are registered with the session.
-    features: bool,
     dataset: Option<Arc<Dataset>>,
     /// The stages that ran, with the models each trained.
     stages: Vec<(Stage, Vec<ModelArtifact>)>,
@@ -231,14 +229,22 @@ struct Produced {
 }
 
 impl Produced {
-    /// The training set, built once from the feature tables.
+    /// The models `stage` trained, if it ran in this process.
+    fn ran(&self, stage: Stage) -> Option<&[ModelArtifact]> {
+        self.stages
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map(|(_, models)| models.as_slice())
+    }
+
+    /// The training set, built once from the feature tables (registered
+    /// by the features stage when it ran in this process).
     async fn dataset(&mut self, rc: &RunContext) -> Result<Arc<Dataset>> {
         if let Some(dataset) = &self.dataset {
             return Ok(Arc::clone(dataset));
         }
-        if !self.features {
+        if self.ran(Stage::Features).is_none() {
             features::register_features(&rc.ctx, &rc.run, &rc.job).await?;
-            self.features = true;
         }
         let dataset = Arc::new(dataset::load_dataset(&rc.ctx).await?);
         tracing::info!(
@@ -253,7 +259,7 @@ impl Produced {
 
     /// Checks that `stage` ran in this run; refused when it has not.
     async fn require(&self, rc: &RunContext, stage: Stage) -> Result<()> {
-        if !self.stages.iter().any(|(s, _)| *s == stage) {
+        if self.ran(stage).is_none() {
             stage_outputs(rc, stage).await?;
         }
         Ok(())
@@ -264,8 +270,8 @@ impl Produced {
     async fn models_of(&self, rc: &RunContext, stages: &[Stage]) -> Result<Vec<ModelArtifact>> {
         let mut models = Vec::new();
         for &stage in stages {
-            match self.stages.iter().find(|(s, _)| *s == stage) {
-                Some((_, trained)) => models.extend(trained.iter().cloned()),
+            match self.ran(stage) {
+                Some(trained) => models.extend_from_slice(trained),
                 None => {
                     let outputs = stage_outputs(rc, stage).await?;
                     models.extend(load_models(&rc.run, &outputs).await?);
@@ -286,7 +292,6 @@ async fn execute(
     let (job, run) = (&rc.job, &rc.run);
     if stage == Stage::Features {
         let output = features::build_features(job, run, &rc.ctx).await?;
-        produced.features = true;
         produced.stages.push((stage, output.models));
         return Ok(output.written);
     }
