@@ -25,6 +25,7 @@ use arrow::buffer::OffsetBuffer;
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, Field, Float32Type, Int32Type, Schema, SchemaRef, UInt32Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
 
 use crate::config::DistillSpec;
 use crate::dataset::Dataset;
@@ -32,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::lake::WrittenObject;
 use crate::lake::schema::contract;
 use crate::model::ModelArtifact;
-use crate::model::kernels::{View, matmul, par_all};
+use crate::model::kernels::{View, exp_sum, matmul, par_all};
 use crate::model::sasrec::cpu::{self, Workspace};
 use crate::model::sasrec::{PAD, SasRec};
 use crate::model::score::top_k;
@@ -141,7 +142,6 @@ pub fn label_users(
     let mut ws = Workspace::new(&c, USERS_PER_BATCH);
     let mut inputs = vec![PAD; USERS_PER_BATCH * len];
     let not_excluded = vec![false; n_items];
-    let mut in_top = vec![false; n_items];
     let mut logits = vec![0.0f32; ROWS_PER_BLOCK * n_items];
     let mut targets = vec![PAD; USERS_PER_BATCH * len];
     let mut rows_total = 0;
@@ -206,29 +206,35 @@ pub fn label_users(
                 1.0,
                 par_all(),
             );
-            for (r, &(u, p, _)) in block.iter().enumerate() {
-                let row = &out[r * n_items..(r + 1) * n_items];
-                let top = top_k(row, &not_excluded, k);
-                let max = top.first().map_or(f32::NEG_INFINITY, |(_, s)| *s);
-                for &(i, _) in &top {
-                    in_top[i as usize] = true;
-                }
-                let rest_sum: f64 = row
-                    .iter()
-                    .zip(&in_top)
-                    .filter(|(_, top)| !**top)
-                    .map(|(z, _)| f64::from((z - max) / t).exp())
-                    .sum();
-                for &(i, z) in &top {
-                    in_top[i as usize] = false;
+            // Per row, in parallel: the top K, then the rest of the
+            // catalogue's mass with the top K masked out.
+            let labelled: Vec<(Vec<(u32, f32)>, f32)> = out
+                .par_chunks_mut(n_items)
+                .map(|row| {
+                    let top = top_k(row, &not_excluded, k);
+                    let max = top.first().map_or(f32::NEG_INFINITY, |(_, s)| *s);
+                    for &(i, _) in &top {
+                        row[i as usize] = f32::NEG_INFINITY;
+                    }
+                    let rest_sum = if max.is_finite() {
+                        exp_sum(row, max, 1.0 / t)
+                    } else {
+                        0.0
+                    };
+                    let rest = if rest_sum > 0.0 {
+                        max + t * rest_sum.ln()
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    (top, rest)
+                })
+                .collect();
+            for ((top, rest_logit), &(u, p, _)) in labelled.into_iter().zip(block) {
+                for (i, z) in top {
                     top_items.push(i);
                     top_logits.push(z);
                 }
-                rest.push(if rest_sum > 0.0 {
-                    max + t * rest_sum.ln() as f32
-                } else {
-                    f32::NEG_INFINITY
-                });
+                rest.push(rest_logit);
                 user_idx.push(u as u32);
                 positions.push(p as i32);
             }

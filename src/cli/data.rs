@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use super::job::open_lake;
 use crate::error::{Error, Result};
 use crate::tools::import::import_movielens;
-use crate::tools::sample::{self, SampleSpec};
+use crate::tools::sample::{self, LogSpec, SampleSpec};
 
 /// Public datasets `recdistill import` converts.
 #[derive(Debug, Subcommand)]
@@ -41,6 +41,17 @@ pub struct SampleArgs {
     /// Seed.
     #[arg(long, default_value_t = SampleSpec::default().seed)]
     seed: u64,
+    /// Writes a log of any size instead of the bundled sample: this many
+    /// events per user on average (taste clusters, item-to-item successions,
+    /// Zipf popularity), as `dt=` partitions.
+    #[arg(long)]
+    mean_events: Option<f64>,
+    /// Days the log spans (with --mean-events).
+    #[arg(long, default_value_t = 30, requires = "mean_events")]
+    days: usize,
+    /// Parquet files per day (with --mean-events).
+    #[arg(long, default_value_t = 4, requires = "mean_events")]
+    files_per_day: usize,
 }
 
 /// Converts a public dataset into the lake's `interactions/` and `items/`.
@@ -65,6 +76,27 @@ pub async fn import(source: ImportSource) -> Result<()> {
 /// Writes the deterministic synthetic sample.
 pub async fn sample(args: SampleArgs) -> Result<()> {
     let lake = open_lake(&args.out)?;
+    if let Some(mean_events) = args.mean_events {
+        let spec = LogSpec {
+            users: args.users,
+            items: args.items,
+            mean_events,
+            days: args.days,
+            files_per_day: args.files_per_day,
+            seed: args.seed,
+        };
+        spec.validate()?;
+        let summary = sample::write_log(&lake, &spec).await?;
+        println!(
+            "wrote a log of {} events, {} users and {} items ({} files) to {}",
+            summary.events,
+            spec.users,
+            spec.items,
+            summary.written.len(),
+            lake.url()
+        );
+        return Ok(());
+    }
     let spec = SampleSpec {
         users: args.users,
         items: args.items,

@@ -56,6 +56,11 @@ pub struct TeacherSpec {
     pub negatives: usize,
     /// How negatives are drawn: `popularity` or `uniform`.
     pub sampling: Sampling,
+    /// Sampled softmax: also score each position against every other
+    /// target of the batch (in-batch negatives). Off, each position scores
+    /// its own target against the step's shared negatives only, so a step
+    /// costs positions × (negatives + 1) dot products whatever the batch.
+    pub in_batch: bool,
     /// Train `teacher`, on item ids alone.
     pub ids: bool,
     /// Also train `teacher-content`, fed the item content table.
@@ -82,6 +87,7 @@ impl Default for TeacherSpec {
             softmax: Softmax::Full,
             negatives: 1024,
             sampling: Sampling::Popularity,
+            in_batch: false,
             ids: true,
             content: false,
         }
@@ -207,7 +213,8 @@ impl ModelsSpec {
 pub enum Softmax {
     /// Over the whole catalogue.
     Full,
-    /// Over the batch's targets and sampled negatives, with log-Q correction.
+    /// Over sampled negatives (and, with `in_batch`, the batch's other
+    /// targets), with the log-Q correction.
     Sampled,
 }
 

@@ -568,6 +568,42 @@ pub fn exp_normalize(row: &mut [f32], offset: Option<&[f32]>) -> f32 {
     exp_normalize_body(row, offset)
 }
 
+/// `Σ exp((v − shift) · scale)` over `row`, with [`fast_exp`] in eight
+/// lanes (entries of −∞ add nothing). For `scale > 0` and `shift ≥` every
+/// value, as a softmax's normaliser is computed.
+#[inline(always)]
+fn exp_sum_body(row: &[f32], shift: f32, scale: f32) -> f32 {
+    let mut sums = [0.0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            sums[k] += fast_exp((c[k] - shift) * scale);
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .map(|&v| fast_exp((v - shift) * scale))
+        .sum::<f32>()
+        + sums.iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_sum_avx2(row: &[f32], shift: f32, scale: f32) -> f32 {
+    exp_sum_body(row, shift, scale)
+}
+
+/// [`exp_sum_body`], with AVX2 and FMA where the CPU has them.
+pub fn exp_sum(row: &[f32], shift: f32, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { exp_sum_avx2(row, shift, scale) };
+    }
+    exp_sum_body(row, shift, scale)
+}
+
 /// A loss over the logits of `rows` hidden states against a table of class
 /// vectors, in blocks of `block` rows so the logits never exist all at once.
 /// `row_loss(r, logits)` gets row `r`'s logits (one per row of `table`),
@@ -717,6 +753,27 @@ mod tests {
         assert!((sum - want.iter().sum::<f32>()).abs() < 1e-5);
         for (g, w) in row.iter().zip(&want) {
             assert!((g - w).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn exp_sum_matches_a_double_precision_sum() {
+        let mut row: Vec<f32> = data(50_003, 4).iter().map(|v| v * 40.0).collect();
+        row[17] = f32::NEG_INFINITY;
+        let max = row.iter().cloned().fold(f32::MIN, f32::max);
+        for t in [0.5f32, 1.0, 2.0] {
+            let want: f64 = row
+                .iter()
+                .map(|&v| ((f64::from(v) - f64::from(max)) / f64::from(t)).exp())
+                .sum();
+            let got = f64::from(exp_sum(&row, max, 1.0 / t));
+            assert!((got - want).abs() < 1e-5 * want, "T={t}: {got} vs {want}");
+            assert_eq!(exp_sum_body(&row[..5], max, 1.0 / t), {
+                row[..5]
+                    .iter()
+                    .map(|&v| fast_exp((v - max) / t))
+                    .sum::<f32>()
+            });
         }
     }
 

@@ -98,22 +98,45 @@ pub fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
         return Vec::new();
     }
     // Keep the k best seen so far, sorted best first; most items fail the
-    // comparison with the current k-th and cost one compare.
+    // comparison with the current k-th and cost one compare. Once the list
+    // is full, a chunk whose largest score does not beat the k-th is skipped
+    // whole (a later item never wins a tie), which vectorizes.
+    const CHUNK: usize = 16;
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    for (j, &s) in scores.iter().enumerate() {
-        if excluded[j] {
-            continue;
-        }
-        let (j, s) = (j as u32, key(s));
-        if best.len() == k {
-            let (wj, ws) = best[k - 1];
-            if !better(s, j, ws, wj) {
+    let n = scores.len();
+    let mut j = 0;
+    while j < n {
+        if best.len() == k && j + CHUNK <= n {
+            let kth = best[k - 1].1;
+            let chunk_max = scores[j..j + CHUNK]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            if chunk_max <= kth {
+                j += CHUNK;
                 continue;
             }
-            best.pop();
         }
-        let at = best.partition_point(|&(bj, bs)| better(bs, bj, s, j));
-        best.insert(at, (j, s));
+        let end = if best.len() == k {
+            (j + CHUNK).min(n)
+        } else {
+            j + 1
+        };
+        for (j, &s) in scores.iter().enumerate().take(end).skip(j) {
+            if excluded[j] {
+                continue;
+            }
+            let (j, s) = (j as u32, key(s));
+            if best.len() == k {
+                let (wj, ws) = best[k - 1];
+                if !better(s, j, ws, wj) {
+                    continue;
+                }
+                best.pop();
+            }
+            let at = best.partition_point(|&(bj, bs)| better(bs, bj, s, j));
+            best.insert(at, (j, s));
+        }
+        j = end;
     }
     best
 }
@@ -389,5 +412,38 @@ mod tests {
             .collect();
         full.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
         assert_eq!(top_k(&scores, &excluded, 15), full[..15].to_vec());
+    }
+
+    #[test]
+    fn top_k_with_chunk_skipping_equals_a_full_sort_on_any_shape() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        for case in 0..300 {
+            let n = rng.random_range(1..400);
+            let k = rng.random_range(1..40);
+            // Few distinct values (ties), a NaN and -inf now and then, and
+            // an ascending run so chunks are not all skipped.
+            let scores: Vec<f32> = (0..n)
+                .map(|i| match rng.random_range(0..50) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2..10 => i as f32 * 0.01,
+                    _ => rng.random_range(0..12) as f32,
+                })
+                .collect();
+            let excluded: Vec<bool> = (0..n).map(|_| rng.random_bool(0.1)).collect();
+            let mut full: Vec<(u32, f32)> = (0..n as u32)
+                .filter(|&i| !excluded[i as usize])
+                .map(|i| (i, key(scores[i as usize])))
+                .collect();
+            full.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+            full.truncate(k);
+            assert_eq!(
+                top_k(&scores, &excluded, k),
+                full,
+                "case {case}: n {n}, k {k}"
+            );
+        }
     }
 }

@@ -1,10 +1,18 @@
-//! The deterministic synthetic sample shipped in `data-samples/sample/`
-//! (`recdistill sample --out DIR` writes it again, bit for bit).
+//! Deterministic synthetic interaction logs.
 //!
-//! It has sequential structure, so a next-item model must beat popularity on
-//! it: items form a ring, and from the item a user just consumed they usually
-//! move to one of the next few items on the ring; otherwise they jump to an
-//! item drawn by popularity (Zipf-like).
+//! - The sample shipped in `data-samples/sample/` ([`SampleSpec`];
+//!   `recdistill sample --out DIR` writes it again, bit for bit). Items form
+//!   a ring, and from the item a user just consumed they usually move to one
+//!   of the next few items on the ring; otherwise they jump to an item drawn
+//!   by popularity (Zipf-like).
+//! - A log of any size ([`LogSpec`]; `recdistill sample --mean-events L`),
+//!   for the scale benchmarks: Zipf popularity, taste clusters and
+//!   item-to-item successions, written as `dt=` partitions of a few files
+//!   each. Users are generated independently from their own seeds, in
+//!   parallel, so the log is the same on any number of threads.
+//!
+//! Both have structure a sequential model can learn, so a next-item model
+//! must beat popularity on them.
 
 use std::sync::Arc;
 
@@ -231,9 +239,439 @@ pub async fn write_sample(lake: &Lake, spec: &SampleSpec) -> Result<Vec<WrittenO
     Ok(written)
 }
 
+/// Shape of a synthetic log of any size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogSpec {
+    /// Users.
+    pub users: usize,
+    /// Items.
+    pub items: usize,
+    /// Mean events per user (at least [`LogSpec::MIN_EVENTS`]).
+    pub mean_events: f64,
+    /// Days the log spans, one `dt=` partition each.
+    pub days: usize,
+    /// Parquet files per day.
+    pub files_per_day: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl LogSpec {
+    /// The fewest events a user has (a leave-one-out split needs three).
+    pub const MIN_EVENTS: usize = 5;
+
+    /// Checks the shape; the message names the flag.
+    pub fn validate(&self) -> Result<()> {
+        let rule = if self.users == 0 || self.users > u32::MAX as usize {
+            "--users must be between 1 and 2^32-1"
+        } else if self.items < 16 || self.items > u32::MAX as usize {
+            "--items must be between 16 and 2^32-1"
+        } else if !(self.mean_events >= Self::MIN_EVENTS as f64 && self.mean_events <= 100_000.0) {
+            "--mean-events must be between 5 and 100000"
+        } else if self.days == 0 || self.days > 3650 {
+            "--days must be between 1 and 3650"
+        } else if self.files_per_day == 0 || self.files_per_day > 1000 {
+            "--files-per-day must be between 1 and 1000"
+        } else {
+            return Ok(());
+        };
+        Err(Error::config(rule))
+    }
+
+    /// Taste clusters: about 250 items each.
+    fn clusters(&self) -> usize {
+        (self.items / 250).clamp(4, 4096)
+    }
+}
+
+/// Probabilities of a log user's next item: a succession of the last item,
+/// else an item of the user's own clusters, else any item (by popularity).
+const LOG_SUCCESSION: f64 = 0.5;
+const LOG_OWN_CLUSTER: f64 = 0.3;
+/// Offsets, on the cluster's ring, of an item's three successors, and how
+/// often each is taken.
+const SUCCESSOR_STEPS: [usize; 3] = [1, 2, 7];
+const SUCCESSOR_SHARE: [f64; 3] = [0.6, 0.25, 0.15];
+
+/// Popularity and cluster tables of a log's catalogue.
+struct Catalogue {
+    /// Cumulative popularity over all items.
+    cumulative: Vec<f64>,
+    /// Per cluster: its items (ascending) and their cumulative popularity.
+    members: Vec<Vec<u32>>,
+    member_cumulative: Vec<Vec<f64>>,
+    clusters: usize,
+}
+
+impl Catalogue {
+    fn new(spec: &LogSpec) -> Catalogue {
+        let n = spec.items;
+        let clusters = spec.clusters();
+        // Popularity ranks: a seeded shuffle, Zipf weights 1/(rank+1).
+        let mut rank: Vec<u32> = (0..n as u32).collect();
+        let mut rng = StdRng::seed_from_u64(spec.seed ^ 0x9e37_79b9_7f4a_7c15);
+        for i in (1..n).rev() {
+            rank.swap(i, rng.random_range(0..=i));
+        }
+        let weight = |item: usize| 1.0 / (rank[item] as f64 + 1.0);
+        let mut cumulative = Vec::with_capacity(n);
+        let mut acc = 0.0;
+        for item in 0..n {
+            acc += weight(item);
+            cumulative.push(acc);
+        }
+        let mut members = vec![Vec::new(); clusters];
+        let mut member_cumulative = vec![Vec::new(); clusters];
+        for item in 0..n {
+            let c = item % clusters;
+            let last = member_cumulative[c].last().copied().unwrap_or(0.0);
+            members[c].push(item as u32);
+            member_cumulative[c].push(last + weight(item));
+        }
+        Catalogue {
+            cumulative,
+            members,
+            member_cumulative,
+            clusters,
+        }
+    }
+
+    fn draw_any(&self, rng: &mut StdRng) -> u32 {
+        draw_cumulative(&self.cumulative, rng) as u32
+    }
+
+    fn draw_in(&self, cluster: usize, rng: &mut StdRng) -> u32 {
+        self.members[cluster][draw_cumulative(&self.member_cumulative[cluster], rng)]
+    }
+
+    fn successor(&self, item: u32, rng: &mut StdRng) -> u32 {
+        let c = item as usize % self.clusters;
+        let ring = &self.members[c];
+        let position = item as usize / self.clusters;
+        let x: f64 = rng.random();
+        let mut step = SUCCESSOR_STEPS[2];
+        let mut acc = 0.0;
+        for (s, share) in SUCCESSOR_STEPS.iter().zip(SUCCESSOR_SHARE) {
+            acc += share;
+            if x < acc {
+                step = *s;
+                break;
+            }
+        }
+        ring[(position + step) % ring.len()]
+    }
+}
+
+/// Index drawn with probability proportional to the increments of `cumulative`.
+fn draw_cumulative(cumulative: &[f64], rng: &mut StdRng) -> usize {
+    let total = cumulative.last().copied().unwrap_or(0.0);
+    let x = rng.random::<f64>() * total;
+    cumulative
+        .partition_point(|&c| c <= x)
+        .min(cumulative.len() - 1)
+}
+
+/// One event of a log, compact (a 10 M-event log is about 240 MB of these).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LogEvent {
+    micros: i64,
+    user: u32,
+    item: u32,
+    rating: u8,
+}
+
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// One user's events in time order, from the user's own seed.
+fn log_user(spec: &LogSpec, catalogue: &Catalogue, user: u32, out: &mut Vec<LogEvent>) {
+    let mut rng = StdRng::seed_from_u64(
+        spec.seed
+            .wrapping_mul(0x2545_f491_4f6c_dd1d)
+            .wrapping_add(u64::from(user).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+    );
+    // Lengths: MIN_EVENTS plus an exponential tail with the requested mean.
+    let tail = spec.mean_events - LogSpec::MIN_EVENTS as f64;
+    let u: f64 = rng.random::<f64>().max(1e-12);
+    let length = (LogSpec::MIN_EVENTS as f64 - tail * u.ln())
+        .round()
+        .min(spec.mean_events * 20.0) as usize;
+    let home = rng.random_range(0..catalogue.clusters);
+    let second = rng.random_range(0..catalogue.clusters);
+    let span = spec.days as i64 * DAY_MICROS;
+    let mut times: Vec<i64> = (0..length).map(|_| rng.random_range(0..span)).collect();
+    times.sort_unstable();
+    let mut item = catalogue.draw_in(home, &mut rng);
+    for t in times {
+        out.push(LogEvent {
+            micros: START_MICROS + t,
+            user,
+            item,
+            rating: rng.random_range(1..=5),
+        });
+        let x: f64 = rng.random();
+        item = if x < LOG_SUCCESSION {
+            catalogue.successor(item, &mut rng)
+        } else if x < LOG_SUCCESSION + LOG_OWN_CLUSTER {
+            let cluster = if rng.random_bool(0.7) { home } else { second };
+            catalogue.draw_in(cluster, &mut rng)
+        } else {
+            catalogue.draw_any(&mut rng)
+        };
+    }
+}
+
+/// The log's events bucketed by day, each day sorted by (user, time).
+fn log_days(spec: &LogSpec) -> Vec<Vec<LogEvent>> {
+    use rayon::prelude::*;
+    let catalogue = Catalogue::new(spec);
+    let chunk = 4096;
+    let chunks: Vec<Vec<LogEvent>> = (0..spec.users.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let mut out = Vec::new();
+            for user in c * chunk..((c + 1) * chunk).min(spec.users) {
+                log_user(spec, &catalogue, user as u32, &mut out);
+            }
+            out
+        })
+        .collect();
+    let mut days = vec![Vec::new(); spec.days];
+    for events in chunks {
+        for e in events {
+            let day = ((e.micros - START_MICROS) / DAY_MICROS) as usize;
+            days[day.min(spec.days - 1)].push(e);
+        }
+    }
+    days
+}
+
+/// External ids: items from 1001, users from 1.
+const ITEM_ID_BASE: i64 = 1001;
+
+fn log_batch(events: &[LogEvent]) -> Result<RecordBatch> {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            events.iter().map(|e| i64::from(e.user) + 1),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            events.iter().map(|e| i64::from(e.item) + ITEM_ID_BASE),
+        )),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(events.iter().map(|e| e.micros))
+                .with_timezone("UTC"),
+        ),
+        Arc::new(Float32Array::from_iter_values(
+            events.iter().map(|e| f32::from(e.rating)),
+        )),
+    ];
+    RecordBatch::try_new(interactions_file_schema(), columns)
+        .map_err(|e| Error::internal(e.to_string()))
+}
+
+/// A log's items: genres from the item's taste cluster.
+fn log_items_batch(spec: &LogSpec) -> Result<RecordBatch> {
+    let n = spec.items;
+    let clusters = spec.clusters();
+    let mut genres = ListBuilder::new(StringBuilder::new());
+    for i in 0..n {
+        let c = i % clusters;
+        genres.values().append_value(GENRES[c % GENRES.len()]);
+        let second = GENRES[(c / GENRES.len()) % GENRES.len()];
+        if second != GENRES[c % GENRES.len()] {
+            genres.values().append_value(second);
+        }
+        genres.append(true);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            (0..n as i64).map(|i| i + ITEM_ID_BASE),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            (0..n).map(|i| format!("Item {}", i as i64 + ITEM_ID_BASE)),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            (0..n).map(|i| 1990 + (i % 35) as i32),
+        )),
+        Arc::new(genres.finish()),
+    ];
+    RecordBatch::try_new(items_file_schema(), columns).map_err(|e| Error::internal(e.to_string()))
+}
+
+/// What [`write_log`] wrote.
+#[derive(Debug)]
+pub struct LogSummary {
+    /// Events written.
+    pub events: usize,
+    /// Objects written (interaction files, then the items file).
+    pub written: Vec<WrittenObject>,
+}
+
+/// Writes a synthetic log as `interactions/dt=YYYY-MM-DD/part-0000N.parquet`
+/// (`files_per_day` files a day, rows in (user, time) order) and
+/// `items/part-00000.parquet`, replacing what those folders held.
+pub async fn write_log(lake: &Lake, spec: &LogSpec) -> Result<LogSummary> {
+    spec.validate()?;
+    let days = log_days(spec);
+    let mut written = Vec::new();
+    let mut events = 0;
+    for (d, day) in days.iter().enumerate() {
+        let date = chrono::DateTime::from_timestamp_micros(START_MICROS + d as i64 * DAY_MICROS)
+            .map(|t| t.format("%Y-%m-%d").to_string())
+            .ok_or_else(|| Error::internal("log date out of range"))?;
+        events += day.len();
+        for f in 0..spec.files_per_day {
+            let part =
+                &day[f * day.len() / spec.files_per_day..(f + 1) * day.len() / spec.files_per_day];
+            let rel = format!("interactions/dt={date}/part-{f:05}.parquet");
+            written.push(
+                lake.write_batches(
+                    &rel,
+                    interactions_file_schema(),
+                    vec![log_batch(part)?],
+                    vec![],
+                )
+                .await?,
+            );
+        }
+    }
+    lake.delete_others("interactions", &written).await?;
+    let items = lake
+        .write_batches(
+            "items/part-00000.parquet",
+            items_file_schema(),
+            vec![log_items_batch(spec)?],
+            vec![],
+        )
+        .await?;
+    written.push(items);
+    lake.delete_others("items", &written).await?;
+    Ok(LogSummary { events, written })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn log_spec() -> LogSpec {
+        LogSpec {
+            users: 3000,
+            items: 2000,
+            mean_events: 20.0,
+            days: 7,
+            files_per_day: 2,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn a_log_is_deterministic_sized_and_dated_as_asked() {
+        let spec = log_spec();
+        let a = log_days(&spec);
+        // The same on a single thread as on the pool.
+        let b = crate::train::thread_pool(1)
+            .unwrap()
+            .install(|| log_days(&spec));
+        assert_eq!(a, b);
+        let total: usize = a.iter().map(Vec::len).sum();
+        let expected = spec.users as f64 * spec.mean_events;
+        assert!(
+            (total as f64 - expected).abs() < 0.05 * expected,
+            "{total} events, expected about {expected}"
+        );
+        for (d, day) in a.iter().enumerate() {
+            assert!(!day.is_empty());
+            assert!(
+                day.iter()
+                    .all(|e| (e.micros - START_MICROS) / DAY_MICROS == d as i64)
+            );
+            assert!(
+                day.windows(2)
+                    .all(|w| (w[0].user, w[0].micros) <= (w[1].user, w[1].micros))
+            );
+            assert!(
+                day.iter()
+                    .all(|e| (e.item as usize) < spec.items && (e.user as usize) < spec.users)
+            );
+        }
+        let other = log_days(&LogSpec { seed: 8, ..spec });
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn a_log_has_successions_clusters_and_a_popularity_head() {
+        let spec = log_spec();
+        let catalogue = Catalogue::new(&spec);
+        let mut events = Vec::new();
+        for user in 0..spec.users as u32 {
+            log_user(&spec, &catalogue, user, &mut events);
+        }
+        let clusters = spec.clusters();
+        let (mut pairs, mut successions, mut same_cluster) = (0usize, 0usize, 0usize);
+        for w in events.windows(2).filter(|w| w[0].user == w[1].user) {
+            pairs += 1;
+            let (a, b) = (w[0].item as usize, w[1].item as usize);
+            if a % clusters == b % clusters {
+                same_cluster += 1;
+                let ring = clusters * catalogue.members[a % clusters].len();
+                if SUCCESSOR_STEPS
+                    .iter()
+                    .any(|s| (a + s * clusters) % ring == b)
+                {
+                    successions += 1;
+                }
+            }
+        }
+        // About half the steps follow a succession, most stay in a cluster
+        // (by chance alone: 1/clusters and about 3/items).
+        let share = successions as f64 / pairs as f64;
+        assert!((0.45..0.6).contains(&share), "successions {share}");
+        assert!(same_cluster as f64 / pairs as f64 > 0.65);
+        // Zipf head: the most popular 1% of items hold well over 1% of events.
+        let mut counts = vec![0usize; spec.items];
+        for e in &events {
+            counts[e.item as usize] += 1;
+        }
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let head: usize = counts[..spec.items / 100].iter().sum();
+        assert!(head as f64 > 0.05 * events.len() as f64, "head {head}");
+    }
+
+    #[tokio::test]
+    async fn a_log_is_written_as_daily_partitions_of_several_files() {
+        let lake = Lake::open(&crate::config::LakeSpec {
+            url: "memory://sample-log".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let spec = LogSpec {
+            users: 200,
+            items: 100,
+            mean_events: 8.0,
+            days: 3,
+            files_per_day: 2,
+            seed: 1,
+        };
+        let summary = write_log(&lake, &spec).await.unwrap();
+        let files = lake.list("interactions").await.unwrap();
+        assert_eq!(files.len(), 6);
+        assert!(files.iter().any(|f| {
+            f.location
+                .as_ref()
+                .ends_with("dt=2025-01-03/part-00001.parquet")
+        }));
+        assert_eq!(summary.written.len(), 7);
+        let rows: usize = log_days(&spec).iter().map(Vec::len).sum();
+        assert_eq!(summary.events, rows);
+        assert!(
+            LogSpec {
+                mean_events: 2.0,
+                ..spec
+            }
+            .validate()
+            .is_err()
+                && LogSpec { days: 0, ..spec }.validate().is_err()
+        );
+    }
 
     #[test]
     fn deterministic_and_in_range() {

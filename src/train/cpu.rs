@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -17,7 +18,7 @@ use super::steps::{Steps, TrainSettings};
 use crate::config::{Sampling, Softmax};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::model::kernels::{logit_loss, softmax_cross_entropy};
+use crate::model::kernels::{cross_entropy_row, logit_loss, softmax_cross_entropy};
 use crate::model::sasrec::cpu::{self, Workspace};
 use crate::model::sasrec::{PAD, SasRec, Weights};
 
@@ -146,17 +147,17 @@ impl Sampler {
                 (items.len() - 1) as u32
             });
         }
-        let m = self.negatives as f64;
-        let offsets = items
-            .iter()
-            .map(|&i| {
-                let q = self.probability[i as usize];
-                // Probability that M draws with replacement include the item.
-                let drawn = -((m * (-q).ln_1p()).exp_m1());
-                -(drawn.max(1e-30).ln()) as f32
-            })
-            .collect();
+        let offsets = items.iter().map(|&i| self.offset(i)).collect();
         (items, column, offsets)
+    }
+
+    /// The log-Q correction of `item`'s logit: `-ln P(item among the draws)`.
+    fn offset(&self, item: u32) -> f32 {
+        let m = self.negatives as f64;
+        let q = self.probability[item as usize];
+        // Probability that M draws with replacement include the item.
+        let drawn = -((m * (-q).ln_1p()).exp_m1());
+        -(drawn.max(1e-30).ln()) as f32
     }
 }
 
@@ -177,6 +178,7 @@ pub struct Trainer {
     cand: Vec<f32>,
     d_cand: Vec<f32>,
     distillation: Option<Arc<Distillation>>,
+    in_batch: bool,
 }
 
 /// Rows of the output softmax computed at once.
@@ -192,7 +194,10 @@ impl Trainer {
         };
         let classes = match settings.softmax {
             Softmax::Full => c.n_items,
-            Softmax::Sampled => settings.negatives + settings.batch_size * c.max_len,
+            Softmax::Sampled if settings.in_batch => {
+                settings.negatives + settings.batch_size * c.max_len
+            }
+            Softmax::Sampled => settings.negatives + 1,
         };
         let mut grads = model.weights.clone();
         grads.zero();
@@ -211,6 +216,7 @@ impl Trainer {
             cand: Vec::new(),
             d_cand: Vec::new(),
             distillation: None,
+            in_batch: settings.in_batch,
         })
     }
 
@@ -351,7 +357,7 @@ impl Trainer {
                 );
                 loss / nv as f64
             }
-            (Some(sampler), _) => {
+            (Some(sampler), _) if self.in_batch => {
                 let mut rng = StdRng::seed_from_u64(step_seed ^ 0x5eed);
                 let (items, column, offsets) = sampler.candidates(&row_targets, &mut rng);
                 let k = items.len();
@@ -383,6 +389,85 @@ impl Trainer {
                 for (j, &i) in items.iter().enumerate() {
                     let row = &mut self.d_table[i as usize * d..(i as usize + 1) * d];
                     for (a, g) in row.iter_mut().zip(&d_cand[j * d..(j + 1) * d]) {
+                        *a += g;
+                    }
+                    mark(&mut self.touched, &mut self.touched_flag, i);
+                }
+                loss / nv as f64
+            }
+            (Some(sampler), _) => {
+                // Each position: its own target against the step's shared
+                // negatives, a negative equal to the target masked out.
+                let mut rng = StdRng::seed_from_u64(step_seed ^ 0x5eed);
+                let (negatives, column, negative_offsets) = sampler.candidates(&[], &mut rng);
+                let k = negatives.len() + 1;
+                self.classes = k;
+                // Column 0 holds each row's own target logit: its table row
+                // is zero, and the row's logit is written in before the loss.
+                let cand = &mut self.cand;
+                cand.clear();
+                cand.resize(d, 0.0);
+                for &i in &negatives {
+                    cand.extend_from_slice(&table[i as usize * d..(i as usize + 1) * d]);
+                }
+                let mut offsets = Vec::with_capacity(k);
+                offsets.push(0.0);
+                offsets.extend_from_slice(&negative_offsets);
+                let target_logits: Vec<f32> = row_targets
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &t)| {
+                        let e = &table[t as usize * d..(t as usize + 1) * d];
+                        dot(&self.hv[r * d..(r + 1) * d], e) + sampler.offset(t)
+                    })
+                    .collect();
+                let hits: Vec<Option<usize>> = row_targets
+                    .iter()
+                    .map(|t| column.get(t).map(|&c| c as usize + 1))
+                    .collect();
+                let d_target: Vec<AtomicU32> = (0..nv).map(|_| AtomicU32::new(0)).collect();
+                let d_cand = &mut self.d_cand;
+                d_cand.clear();
+                d_cand.resize(k * d, 0.0);
+                if self.scratch.len() < CE_BLOCK * k {
+                    self.scratch.resize(CE_BLOCK * k, 0.0);
+                }
+                let loss = logit_loss(
+                    &self.hv,
+                    d,
+                    cand,
+                    nv,
+                    CE_BLOCK,
+                    &mut self.scratch,
+                    &mut self.dhv,
+                    d_cand,
+                    |r, row| {
+                        row[0] = target_logits[r];
+                        if let Some(j) = hits[r] {
+                            row[j] = f32::NEG_INFINITY;
+                        }
+                        let loss = cross_entropy_row(row, 0, Some(&offsets), weight);
+                        d_target[r].store(row[0].to_bits(), Ordering::Relaxed);
+                        row[0] = 0.0;
+                        loss
+                    },
+                );
+                for (r, &t) in row_targets.iter().enumerate() {
+                    let g = f32::from_bits(d_target[r].load(Ordering::Relaxed));
+                    let t = t as usize;
+                    let e = &table[t * d..(t + 1) * d];
+                    for (a, v) in self.dhv[r * d..(r + 1) * d].iter_mut().zip(e) {
+                        *a += g * v;
+                    }
+                    let de = &mut self.d_table[t * d..(t + 1) * d];
+                    for (a, h) in de.iter_mut().zip(&self.hv[r * d..(r + 1) * d]) {
+                        *a += g * h;
+                    }
+                    mark(&mut self.touched, &mut self.touched_flag, t as u32);
+                }
+                for (j, &i) in negatives.iter().enumerate() {
+                    let row = &mut self.d_table[i as usize * d..(i as usize + 1) * d];
+                    for (a, g) in row.iter_mut().zip(&d_cand[(j + 1) * d..(j + 2) * d]) {
                         *a += g;
                     }
                     mark(&mut self.touched, &mut self.touched_flag, i);
@@ -426,6 +511,10 @@ impl Trainer {
         }
         Ok(loss)
     }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 fn mark(touched: &mut Vec<u32>, flags: &mut [bool], item: u32) {
@@ -498,6 +587,7 @@ mod tests {
             softmax,
             negatives,
             sampling,
+            in_batch: true,
             seed: 7,
             label: "test".into(),
         }
@@ -660,18 +750,123 @@ mod tests {
     }
 
     #[test]
+    fn shared_negatives_over_every_item_equal_full_softmax() {
+        let c = config(0);
+        let model = SasRec::new(c, Vec::new(), 5).unwrap();
+        let (inputs, targets) = batch();
+        let data = dataset(c.n_items);
+        let mut full = Trainer::new(
+            &model,
+            &data,
+            &settings(Softmax::Full, 0, Sampling::Uniform),
+        )
+        .unwrap();
+        let full_loss = full
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
+        // Every item is drawn, so each target is also a negative: it is
+        // masked there and scored once, in its own column.
+        let mut s = settings(Softmax::Sampled, 20_000, Sampling::Uniform);
+        s.in_batch = false;
+        let mut sampled = Trainer::new(&model, &data, &s).unwrap();
+        let sampled_loss = sampled
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
+        assert_eq!(sampled.classes(), c.n_items + 1);
+        assert!(
+            (full_loss - sampled_loss).abs() < 1e-5,
+            "{full_loss} vs {sampled_loss}"
+        );
+        for ((name, _, g), (_, _, w)) in sampled
+            .gradients()
+            .named(&c)
+            .iter()
+            .zip(full.gradients().named(&c))
+        {
+            assert_close(name, g, w);
+        }
+    }
+
+    #[test]
+    fn shared_negatives_gradients_match_finite_differences() {
+        let mut c = config(0);
+        c.n_items = 300;
+        let mut model = SasRec::new(c, Vec::new(), 8).unwrap();
+        let (inputs, targets) = batch();
+        let data = dataset(c.n_items);
+        let mut s = settings(Softmax::Sampled, 6, Sampling::Popularity);
+        s.in_batch = false;
+        let loss_of = |model: &SasRec| {
+            let mut t = Trainer::new(model, &data, &s).unwrap();
+            t.backprop(model, &inputs, &targets, &[], 3, None).unwrap()
+        };
+        let mut trainer = Trainer::new(&model, &data, &s).unwrap();
+        trainer
+            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .unwrap();
+        // A step scores 7 columns: the own target and 6 draws (few repeats
+        // among 300 items).
+        assert!(
+            (5..=7).contains(&trainer.classes()),
+            "{}",
+            trainer.classes()
+        );
+        let grads = trainer.gradients().clone();
+        let mut rng = StdRng::seed_from_u64(3);
+        let (mut negatives, _, _) = Sampler::new(&data, &s)
+            .unwrap()
+            .candidates(&[], &mut StdRng::seed_from_u64(0x5eed));
+        negatives.retain(|n| !targets.contains(n));
+        // Rows of a target, an input-only item, a drawn negative; dense weights.
+        let d = c.d_model;
+        let mut checks: Vec<(usize, usize)> = Vec::new();
+        for item in [7usize, 1, negatives[0] as usize] {
+            for j in [0, 3, d - 1] {
+                checks.push((0, item * d + j));
+            }
+        }
+        let tensors = model.weights.tensors_mut().len();
+        for _ in 0..8 {
+            let t = rng.random_range(1..tensors);
+            let len = model.weights.tensors_mut()[t].len();
+            checks.push((t, rng.random_range(0..len)));
+        }
+        let eps = 1e-2f32;
+        for (t, i) in checks {
+            let original = model.weights.tensors_mut()[t][i];
+            model.weights.tensors_mut()[t][i] = original + eps;
+            let up = loss_of(&model);
+            model.weights.tensors_mut()[t][i] = original - eps;
+            let down = loss_of(&model);
+            model.weights.tensors_mut()[t][i] = original;
+            let numeric = ((up - down) / (2.0 * f64::from(eps))) as f32;
+            let analytic = {
+                let mut g = grads.clone();
+                g.tensors_mut()[t][i]
+            };
+            assert!(
+                (numeric - analytic).abs() <= 2e-3 + 0.03 * analytic.abs(),
+                "tensor {t}[{i}]: finite difference {numeric}, gradient {analytic}"
+            );
+        }
+    }
+
+    #[test]
     fn sampled_steps_touch_only_the_rows_in_the_batch() {
+        for in_batch in [true, false] {
+            sampled_step_touches_only_the_batch(in_batch);
+        }
+    }
+
+    fn sampled_step_touches_only_the_batch(in_batch: bool) {
         let mut c = config(0);
         c.n_items = 5000;
         let mut model = SasRec::new(c, Vec::new(), 5).unwrap();
         let before = model.weights.item.clone();
         let (inputs, targets) = batch();
-        let mut trainer = Trainer::new(
-            &model,
-            &dataset(c.n_items),
-            &settings(Softmax::Sampled, 16, Sampling::Popularity),
-        )
-        .unwrap();
+        let mut s = settings(Softmax::Sampled, 16, Sampling::Popularity);
+        s.in_batch = in_batch;
+        let mut trainer = Trainer::new(&model, &dataset(c.n_items), &s).unwrap();
         trainer
             .step(&mut model, &inputs, &targets, &[], 3, 11)
             .unwrap();

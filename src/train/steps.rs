@@ -30,6 +30,8 @@ pub struct TrainSettings {
     pub negatives: usize,
     /// How negatives are drawn.
     pub sampling: Sampling,
+    /// Sampled softmax: the batch's other targets are negatives too.
+    pub in_batch: bool,
     /// Seed of shuffling, dropout and sampling.
     pub seed: u64,
     /// Progress bar label (the model name).
@@ -50,6 +52,7 @@ impl TrainSettings {
             softmax: spec.softmax,
             negatives: spec.negatives,
             sampling: spec.sampling,
+            in_batch: spec.in_batch,
             seed,
             label: label.to_string(),
         }
@@ -69,6 +72,7 @@ impl TrainSettings {
             softmax: Softmax::Full,
             negatives: 0,
             sampling: Sampling::Uniform,
+            in_batch: false,
             seed,
             label: label.to_string(),
         }
