@@ -725,65 +725,29 @@ mod tests {
             .backprop(&model, &inputs, &targets, &[], 3, None)
             .unwrap();
         // With 20,000 uniform draws over 11 items every item is drawn with
-        // probability ≈ 1, so the log-Q correction vanishes.
-        let mut sampled = Trainer::new(
-            &model,
-            &data,
-            &settings(Softmax::Sampled, 20_000, Sampling::Uniform),
-        )
-        .unwrap();
-        let sampled_loss = sampled
-            .backprop(&model, &inputs, &targets, &[], 3, None)
-            .unwrap();
-        assert!(
-            (full_loss - sampled_loss).abs() < 1e-5,
-            "{full_loss} vs {sampled_loss}"
-        );
-        for ((name, _, g), (_, _, w)) in sampled
-            .gradients()
-            .named(&c)
-            .iter()
-            .zip(full.gradients().named(&c))
-        {
-            assert_close(name, g, w);
-        }
-    }
-
-    #[test]
-    fn shared_negatives_over_every_item_equal_full_softmax() {
-        let c = config(0);
-        let model = SasRec::new(c, Vec::new(), 5).unwrap();
-        let (inputs, targets) = batch();
-        let data = dataset(c.n_items);
-        let mut full = Trainer::new(
-            &model,
-            &data,
-            &settings(Softmax::Full, 0, Sampling::Uniform),
-        )
-        .unwrap();
-        let full_loss = full
-            .backprop(&model, &inputs, &targets, &[], 3, None)
-            .unwrap();
-        // Every item is drawn, so each target is also a negative: it is
-        // masked there and scored once, in its own column.
-        let mut s = settings(Softmax::Sampled, 20_000, Sampling::Uniform);
-        s.in_batch = false;
-        let mut sampled = Trainer::new(&model, &data, &s).unwrap();
-        let sampled_loss = sampled
-            .backprop(&model, &inputs, &targets, &[], 3, None)
-            .unwrap();
-        assert_eq!(sampled.classes(), c.n_items + 1);
-        assert!(
-            (full_loss - sampled_loss).abs() < 1e-5,
-            "{full_loss} vs {sampled_loss}"
-        );
-        for ((name, _, g), (_, _, w)) in sampled
-            .gradients()
-            .named(&c)
-            .iter()
-            .zip(full.gradients().named(&c))
-        {
-            assert_close(name, g, w);
+        // probability ≈ 1, so the log-Q correction vanishes. With shared
+        // negatives each target is also drawn: it is masked there and scored
+        // once, in its own column.
+        for (in_batch, classes) in [(true, c.n_items), (false, c.n_items + 1)] {
+            let mut s = settings(Softmax::Sampled, 20_000, Sampling::Uniform);
+            s.in_batch = in_batch;
+            let mut sampled = Trainer::new(&model, &data, &s).unwrap();
+            let sampled_loss = sampled
+                .backprop(&model, &inputs, &targets, &[], 3, None)
+                .unwrap();
+            assert_eq!(sampled.classes(), classes);
+            assert!(
+                (full_loss - sampled_loss).abs() < 1e-5,
+                "in_batch {in_batch}: {full_loss} vs {sampled_loss}"
+            );
+            for ((name, _, g), (_, _, w)) in sampled
+                .gradients()
+                .named(&c)
+                .iter()
+                .zip(full.gradients().named(&c))
+            {
+                assert_close(name, g, w);
+            }
         }
     }
 
