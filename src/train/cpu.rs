@@ -386,13 +386,14 @@ impl Trainer {
                     &mut self.dhv,
                     d_cand,
                 );
-                for (j, &i) in items.iter().enumerate() {
-                    let row = &mut self.d_table[i as usize * d..(i as usize + 1) * d];
-                    for (a, g) in row.iter_mut().zip(&d_cand[j * d..(j + 1) * d]) {
-                        *a += g;
-                    }
-                    mark(&mut self.touched, &mut self.touched_flag, i);
-                }
+                add_candidate_gradients(
+                    &mut self.d_table,
+                    d,
+                    &items,
+                    d_cand,
+                    &mut self.touched,
+                    &mut self.touched_flag,
+                );
                 loss / nv as f64
             }
             (Some(sampler), _) => {
@@ -465,13 +466,14 @@ impl Trainer {
                     }
                     mark(&mut self.touched, &mut self.touched_flag, t as u32);
                 }
-                for (j, &i) in negatives.iter().enumerate() {
-                    let row = &mut self.d_table[i as usize * d..(i as usize + 1) * d];
-                    for (a, g) in row.iter_mut().zip(&d_cand[(j + 1) * d..(j + 2) * d]) {
-                        *a += g;
-                    }
-                    mark(&mut self.touched, &mut self.touched_flag, i);
-                }
+                add_candidate_gradients(
+                    &mut self.d_table,
+                    d,
+                    &negatives,
+                    &d_cand[d..],
+                    &mut self.touched,
+                    &mut self.touched_flag,
+                );
                 loss / nv as f64
             }
         };
@@ -510,6 +512,27 @@ impl Trainer {
             self.d_table.fill(0.0);
         }
         Ok(loss)
+    }
+}
+
+/// Adds candidate `j`'s gradient (row `j` of `d_cand`) to its item's row of
+/// `d_table`, marking the item as touched.
+fn add_candidate_gradients(
+    d_table: &mut [f32],
+    d: usize,
+    items: &[u32],
+    d_cand: &[f32],
+    touched: &mut Vec<u32>,
+    flags: &mut [bool],
+) {
+    for (&i, g) in items.iter().zip(d_cand.chunks_exact(d)) {
+        for (a, g) in d_table[i as usize * d..(i as usize + 1) * d]
+            .iter_mut()
+            .zip(g)
+        {
+            *a += g;
+        }
+        mark(touched, flags, i);
     }
 }
 
