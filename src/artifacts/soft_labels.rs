@@ -1,8 +1,9 @@
 //! Soft labels: a trained SASRec model's top-K items and logits at the last
 //! `m` positions of every user's train sequence, streamed batch by batch to
-//! `soft_labels/<model>.parquet` (schemas/soft_labels.json), and read back —
-//! checked against the reader's catalogue, K and temperature — by the models
-//! distilled from them.
+//! `soft_labels/<model>.parquet` (schemas/soft_labels.json) with each user's
+//! rows in one row group, and streamed back row group by row group —
+//! checked against the reader's catalogue, K and temperature — into the
+//! models distilled from them.
 //!
 //! Position `p` of a user with `L` train items is the prediction of train
 //! item `p` (0-based) from the items before it; position `L` predicts the
@@ -24,21 +25,29 @@ use arrow::array::{
 use arrow::buffer::OffsetBuffer;
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, Field, Float32Type, Int32Type, Schema, SchemaRef, UInt32Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use futures::StreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path as ObjectPath;
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::arrow_reader::ArrowReaderMetadata;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
 use crate::config::DistillSpec;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::lake::WrittenObject;
+use crate::lake::reader::ParquetObject;
 use crate::lake::schema::contract;
+use crate::lake::{RowGroups, WrittenObject};
 use crate::model::ModelArtifact;
 use crate::model::kernels::{View, exp_sum, matmul, par_all};
 use crate::model::sasrec::cpu::{self, Workspace};
 use crate::model::sasrec::{PAD, SasRec};
 use crate::model::score::top_k;
 use crate::run::RunFolder;
-use crate::train::{SoftLabels, fill_window, target_position, thread_pool};
+use crate::train::{LabelInfo, LabelSource, SoftRows, fill_window, target_position, thread_pool};
 
 /// Metadata key: K, the length of every list.
 pub const META_K: &str = "recdistill.soft_labels.k";
@@ -55,6 +64,9 @@ pub const META_N_ITEMS: &str = "recdistill.soft_labels.n_items";
 const USERS_PER_BATCH: usize = 64;
 /// Positions whose logits exist at once.
 const ROWS_PER_BLOCK: usize = 512;
+/// Rows after which a row group ends (at the next batch of whole users):
+/// what a reader holds at once, besides its shuffle buffer.
+const ROWS_PER_GROUP: usize = 16_384;
 
 /// Where `model`'s soft labels live in a run folder.
 pub fn soft_labels_path(model: &str) -> String {
@@ -316,18 +328,26 @@ pub async fn write_soft_labels(
     let producer_name = name.clone();
     let pool = thread_pool(threads)?;
     let (rows, written) = run
-        .write_parquet_from(&soft_labels_path(&name), schema, metadata, move |sink| {
-            pool.install(|| {
-                label_users(
-                    &model,
-                    &producer_name,
-                    &dataset,
-                    &settings,
-                    &producer_schema,
-                    sink,
-                )
-            })
-        })
+        .write_parquet_from(
+            &soft_labels_path(&name),
+            schema,
+            metadata,
+            RowGroups::BetweenBatches {
+                rows: ROWS_PER_GROUP,
+            },
+            move |sink| {
+                pool.install(|| {
+                    label_users(
+                        &model,
+                        &producer_name,
+                        &dataset,
+                        &settings,
+                        &producer_schema,
+                        sink,
+                    )
+                })
+            },
+        )
         .await?;
     tracing::info!(model = %name, rows, k, temperature = settings.temperature, "soft labels written");
     Ok((written, rows))
@@ -342,28 +362,60 @@ pub struct Expected {
     pub temperature: f32,
 }
 
-/// Reads soft labels from `rel` in the run folder and checks them against
-/// `dataset` (catalogue, item ids, users, positions) and `expected`; any
-/// mismatch is refused with exit 3, naming the file and the problem.
-pub async fn read_soft_labels(
+/// A soft-label file in the lake, checked once when opened and then
+/// streamed row group by row group (in an order each epoch shuffles), never
+/// held whole. The soft-labels stage writes a user's rows into one row
+/// group, so a group is a set of whole users. Clones share the checked
+/// footer and read the file independently.
+#[derive(Clone)]
+pub struct SoftLabelFile {
+    info: LabelInfo,
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    size: u64,
+    metadata: ArrowReaderMetadata,
+    runtime: tokio::runtime::Handle,
+    dataset: Arc<Dataset>,
+    user_index: Arc<HashMap<String, u32>>,
+    order: Vec<usize>,
+    next: usize,
+}
+
+impl std::fmt::Debug for SoftLabelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftLabelFile")
+            .field("info", &self.info)
+            .field("row_groups", &self.row_groups())
+            .finish()
+    }
+}
+
+/// Opens the soft labels at `rel` in the run folder and checks them against
+/// `dataset` (catalogue, item ids, users, positions) and `expected`, reading
+/// every row group once; any mismatch is refused with exit 3, naming the
+/// file, the column and the rule.
+pub async fn open_soft_labels(
     run: &RunFolder,
     rel: &str,
-    dataset: &Dataset,
+    dataset: &Arc<Dataset>,
     expected: Expected,
-) -> Result<SoftLabels> {
+) -> Result<SoftLabelFile> {
     let location = run.url_of(rel);
     let bad = |msg: String| Error::data(&location, msg);
     let lake = run.lake();
-    if lake.head(&run.rel(rel)).await?.is_none() {
+    let Some(head) = lake.head(&run.rel(rel)).await? else {
         return Err(bad(
             "no such file: run the soft-labels stage (or the link that emits it) first".into(),
         ));
-    }
-    let bytes = run.get(rel).await?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+    };
+    let store = lake.store();
+    let path = lake.path(&run.rel(rel));
+    let mut reader = ParquetObject::new(Arc::clone(&store), path.clone(), head.size);
+    let metadata = ArrowReaderMetadata::load_async(&mut reader, Default::default())
+        .await
         .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
 
-    let schema = builder.schema().clone();
+    let schema = metadata.schema().clone();
     let problems = contract("soft_labels")?.output_mismatches(
         &schema,
         dataset.user_ids.data_type(),
@@ -375,7 +427,7 @@ pub async fn read_soft_labels(
             problems.join("; ")
         )));
     }
-    let kv: HashMap<String, String> = builder
+    let kv: HashMap<String, String> = metadata
         .metadata()
         .file_metadata()
         .key_value_metadata()
@@ -421,82 +473,135 @@ pub async fn read_soft_labels(
             expected.temperature
         )));
     }
-
-    let user_index = user_index(dataset)?;
-    let mut rows: Vec<(u32, u32, usize)> = Vec::new();
-    let mut items = Vec::new();
-    let mut logits = Vec::new();
-    let mut rest = Vec::new();
-    let reader = builder
-        .build()
-        .map_err(|e| bad(format!("cannot read: {e}")))?;
-    for batch in reader {
-        let batch = batch.map_err(|e| bad(format!("cannot read: {e}")))?;
-        let names =
-            cast(batch.column(6), &DataType::Utf8).map_err(|e| Error::internal(e.to_string()))?;
-        if let Some(other) = names
-            .as_string::<i32>()
-            .iter()
-            .flatten()
-            .find(|n| *n != model)
-        {
-            return Err(bad(format!(
-                "column `model`: row of model {other:?} in soft labels of {model:?}"
-            )));
-        }
-        check_batch(
-            &batch,
-            dataset,
+    let groups = metadata.metadata().num_row_groups();
+    let file = SoftLabelFile {
+        info: LabelInfo {
             k,
-            &user_index,
-            &location,
-            |u, p, its, ls, r| {
-                rows.push((u, p, rows.len()));
-                items.extend_from_slice(its);
-                logits.extend_from_slice(ls);
-                rest.push(r);
-            },
-        )?;
-    }
-    // Group by user, positions ascending.
-    rows.sort_unstable();
-    let mut labels = SoftLabels::with_capacity(
-        k,
-        temperature,
-        model,
-        model_sha256,
-        location.clone(),
-        dataset.n_users(),
-        rows.len(),
-    );
-    for (n, &(u, p, at)) in rows.iter().enumerate() {
-        if n > 0 && rows[n - 1].0 == u && rows[n - 1].1 == p {
-            return Err(bad(format!(
-                "user {} has two rows for position {p}",
-                user_label(dataset, u)
-            )));
+            temperature,
+            model,
+            model_sha256,
+            location: location.clone(),
+        },
+        store,
+        path,
+        size: head.size,
+        metadata,
+        runtime: tokio::runtime::Handle::current(),
+        dataset: Arc::clone(dataset),
+        user_index: Arc::new(user_index(dataset)?),
+        order: (0..groups).collect(),
+        next: 0,
+    };
+    // Every row group once, in file order: each user's rows in one group.
+    let mut group_of = vec![u32::MAX; dataset.n_users()];
+    for g in 0..groups {
+        let rows = file.group(g).await?;
+        for i in 0..rows.users() {
+            let (user, _) = rows.user(i);
+            let first = &mut group_of[user as usize];
+            if *first != u32::MAX {
+                return Err(bad(format!(
+                    "column `user_id`: the rows of user {} are split, in row groups {} and {g}: a user's soft labels must be together in one row group, positions ascending (write them again with the soft-labels stage)",
+                    user_label(dataset, user),
+                    *first
+                )));
+            }
+            *first = g as u32;
         }
-        labels.push(
-            u,
-            p,
-            &items[at * k..(at + 1) * k],
-            &logits[at * k..(at + 1) * k],
-            rest[at],
-        );
     }
-    Ok(labels.finish())
+    Ok(file)
 }
 
-/// The source teacher's soft labels, read back from the run at the
+impl SoftLabelFile {
+    /// Row groups in the file.
+    pub fn row_groups(&self) -> usize {
+        self.metadata.metadata().num_row_groups()
+    }
+
+    /// Rows in the file.
+    pub fn rows(&self) -> usize {
+        let meta = self.metadata.metadata();
+        (0..meta.num_row_groups())
+            .map(|g| meta.row_group(g).num_rows() as usize)
+            .sum()
+    }
+
+    /// Reads and checks row group `g`: its rows, grouped by user.
+    pub async fn group(&self, g: usize) -> Result<SoftRows> {
+        let location = &self.info.location;
+        let bad = |msg: String| Error::data(location, msg);
+        let reader = ParquetObject::new(Arc::clone(&self.store), self.path.clone(), self.size);
+        let mut stream =
+            ParquetRecordBatchStreamBuilder::new_with_metadata(reader, self.metadata.clone())
+                .with_row_groups(vec![g])
+                .build()
+                .map_err(|e| bad(format!("cannot read row group {g}: {e}")))?;
+        let mut rows = SoftRows::new(self.info.k);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| bad(format!("cannot read row group {g}: {e}")))?;
+            let names = cast(batch.column(6), &DataType::Utf8)
+                .map_err(|e| Error::internal(e.to_string()))?;
+            if let Some(other) = names
+                .as_string::<i32>()
+                .iter()
+                .flatten()
+                .find(|n| *n != self.info.model)
+            {
+                return Err(bad(format!(
+                    "column `model`: row of model {other:?} in soft labels of {:?}",
+                    self.info.model
+                )));
+            }
+            check_batch(
+                &batch,
+                &self.dataset,
+                self.info.k,
+                &self.user_index,
+                location,
+                |u, p, its, ls, r| {
+                    rows.push(u, p, its, ls, r).map_err(|rule| {
+                        bad(format!(
+                            "column `position`: user {}: {rule}",
+                            user_label(&self.dataset, u)
+                        ))
+                    })
+                },
+            )?;
+        }
+        Ok(rows)
+    }
+}
+
+impl LabelSource for SoftLabelFile {
+    fn info(&self) -> &LabelInfo {
+        &self.info
+    }
+
+    fn start_epoch(&mut self, seed: u64) -> Result<()> {
+        self.order.shuffle(&mut StdRng::seed_from_u64(seed));
+        self.next = 0;
+        Ok(())
+    }
+
+    fn next_group(&mut self) -> Result<Option<SoftRows>> {
+        let Some(&g) = self.order.get(self.next) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        // Training runs on a blocking thread; the read is the runtime's.
+        self.runtime.block_on(self.group(g)).map(Some)
+    }
+}
+
+/// The source teacher's soft labels, opened from the run at the
 /// temperature they were emitted with (the first link's).
-pub async fn read_source_labels(
+pub async fn open_source_labels(
     spec: &DistillSpec,
     run: &RunFolder,
-    dataset: &Dataset,
-) -> Result<Arc<SoftLabels>> {
+    dataset: &Arc<Dataset>,
+) -> Result<SoftLabelFile> {
     let expected = SoftLabelSettings::for_source(spec).expected();
-    let labels = read_soft_labels(run, &soft_labels_path(&spec.source), dataset, expected).await?;
-    Ok(Arc::new(labels))
+    open_soft_labels(run, &soft_labels_path(&spec.source), dataset, expected).await
 }
 
 /// Dataset user index by original id (as text, whatever the id type).
@@ -526,7 +631,7 @@ fn check_batch(
     k: usize,
     user_index: &HashMap<String, u32>,
     location: &str,
-    mut row: impl FnMut(u32, u32, &[u32], &[f32], f32),
+    mut row: impl FnMut(u32, u32, &[u32], &[f32], f32) -> Result<()>,
 ) -> Result<()> {
     let bad =
         |column: &str, msg: String| Error::data(location, format!("column `{column}`: {msg}"));
@@ -618,7 +723,7 @@ fn check_batch(
                 format!("user {id}, position {p}: an item appears twice in the list"),
             ));
         }
-        row(u, p as u32, its, &logits[r * k..(r + 1) * k], rest.value(r));
+        row(u, p as u32, its, &logits[r * k..(r + 1) * k], rest.value(r))?;
     }
     Ok(())
 }
@@ -661,6 +766,28 @@ mod tests {
         RunFolder::new(lake, "out", "job", chrono::NaiveDate::default())
     }
 
+    /// Every row of `file`, in file order.
+    async fn all_rows(file: &SoftLabelFile) -> SoftRows {
+        let mut all = SoftRows::new(file.info().k);
+        for g in 0..file.row_groups() {
+            let rows = file.group(g).await.unwrap();
+            for i in 0..rows.users() {
+                let (user, range) = rows.user(i);
+                for r in range {
+                    all.push_row(user, &rows, r);
+                }
+            }
+        }
+        all
+    }
+
+    /// The row of user `user` at `position`.
+    fn find(rows: &SoftRows, user: usize, position: usize) -> Option<usize> {
+        (0..rows.users())
+            .find(|&i| rows.user(i).0 == user as u32)
+            .and_then(|i| rows.row(i, position))
+    }
+
     const SEQUENCES: [&[u32]; 4] = [&[1, 2, 3, 4], &[5, 6], &[7], &[0, 3, 5, 7, 9, 11]];
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -687,19 +814,20 @@ mod tests {
             k: 4,
             temperature: 2.0,
         };
-        let labels = read_soft_labels(&run, &written.path, &dataset, expected)
+        let file = open_soft_labels(&run, &written.path, &dataset, expected)
             .await
             .unwrap();
+        let labels = all_rows(&file).await;
         assert_eq!(labels.len(), 13);
-        assert_eq!(labels.model, "teacher");
-        assert_eq!(labels.model_sha256, artifact.sha256());
+        assert_eq!(file.info().model, "teacher");
+        assert_eq!(file.info().model_sha256, artifact.sha256());
         let excluded = vec![false; 12];
         let candle =
             crate::model::sasrec::candle::CandleSasRec::from_model(&m, &candle_core::Device::Cpu)
                 .unwrap();
         let table = candle.item_table().unwrap();
         for (u, sequence) in SEQUENCES.iter().enumerate() {
-            assert!(labels.row(u, 0).is_none());
+            assert!(find(&labels, u, 0).is_none());
             // Positions before the last: the training window, scored by the candle model.
             let (mut inputs, mut targets) = (vec![PAD; 8], vec![PAD; 8]);
             fill_window(sequence, &mut inputs, &mut targets);
@@ -723,7 +851,7 @@ mod tests {
                     m.score(&[sequence], &mut scores).unwrap();
                     scores
                 };
-                let target = labels.target(labels.row(u, p).unwrap());
+                let target = labels.target(find(&labels, u, p).unwrap());
                 let top = top_k(&scores, &excluded, 4);
                 let items: Vec<u32> = top.iter().map(|(i, _)| *i).collect();
                 assert_eq!(target.items, &items[..], "user {u} position {p}");
@@ -737,7 +865,7 @@ mod tests {
                 let want_rest = 2.0 * rest.ln();
                 assert!((f64::from(target.rest) - want_rest).abs() < 1e-3);
             }
-            assert!(labels.row(u, sequence.len() + 1).is_none());
+            assert!(find(&labels, u, sequence.len() + 1).is_none());
         }
 
         // A reader expecting another K or temperature, or with another
@@ -757,7 +885,7 @@ mod tests {
             ),
         ];
         for (expected, data) in refused {
-            let err = read_soft_labels(&run, &written.path, &data, expected)
+            let err = open_soft_labels(&run, &written.path, &data, expected)
                 .await
                 .unwrap_err();
             assert_eq!(err.exit_code(), crate::error::exit_code::DATA, "{err}");
@@ -766,7 +894,7 @@ mod tests {
                 "{err}"
             );
         }
-        let missing = read_soft_labels(&run, "soft_labels/nobody.parquet", &dataset, expected)
+        let missing = open_soft_labels(&run, "soft_labels/nobody.parquet", &dataset, expected)
             .await
             .unwrap_err();
         assert_eq!(missing.exit_code(), crate::error::exit_code::DATA);
@@ -790,7 +918,7 @@ mod tests {
             .unwrap();
         // min(2, L) positions per user: 2 + 2 + 1 + 2.
         assert_eq!(rows, 7);
-        let labels = read_soft_labels(
+        let file = open_soft_labels(
             &run,
             &written.path,
             &dataset,
@@ -801,9 +929,108 @@ mod tests {
         )
         .await
         .unwrap();
+        let labels = all_rows(&file).await;
         assert!(
-            labels.row(0, 2).is_none() && labels.row(0, 3).is_some() && labels.row(0, 4).is_some()
+            find(&labels, 0, 2).is_none()
+                && find(&labels, 0, 3).is_some()
+                && find(&labels, 0, 4).is_some()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn split_or_unordered_users_and_truncated_files_are_refused() {
+        use crate::error::exit_code::DATA;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let sequences: Vec<Vec<u32>> = SEQUENCES.iter().map(|s| s.to_vec()).collect();
+        let dataset = Arc::new(Dataset::from_train_sequences(12, &sequences));
+        let artifact = model()
+            .to_artifact("teacher", "teacher", "supervised", "ce", None)
+            .unwrap();
+        let run = run("soft-labels-damaged");
+        let settings = SoftLabelSettings {
+            k: 3,
+            temperature: 1.0,
+            positions: 0,
+        };
+        let (written, _) = write_soft_labels(&run, Arc::clone(&dataset), &artifact, settings, 1)
+            .await
+            .unwrap();
+        let expected = settings.expected();
+        open_soft_labels(&run, &written.path, &dataset, expected)
+            .await
+            .unwrap();
+        let bytes = run.get(&written.path).await.unwrap();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap();
+        let metadata: Vec<(String, String)> = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .iter()
+            .filter(|kv| kv.key.starts_with("recdistill."))
+            .map(|kv| (kv.key.clone(), kv.value.clone().unwrap()))
+            .collect();
+        let batches: Vec<RecordBatch> = builder.build().unwrap().map(|b| b.unwrap()).collect();
+        let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let schema = all.schema();
+        let write = |rel: &'static str, batches: Vec<RecordBatch>, groups: RowGroups| {
+            let (run, metadata, schema) = (&run, metadata.clone(), Arc::clone(&schema));
+            async move {
+                let stream = futures::stream::iter(batches.into_iter().map(Ok));
+                run.lake()
+                    .write_parquet_grouped(&run.rel(rel), schema, stream, metadata, groups)
+                    .await
+                    .unwrap();
+            }
+        };
+        let refused = |rel: &'static str| {
+            let (run, dataset) = (&run, &dataset);
+            async move {
+                let err = open_soft_labels(run, rel, dataset, expected)
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.exit_code(), DATA, "{err}");
+                assert!(err.to_string().contains(rel), "{err}");
+                err.to_string()
+            }
+        };
+
+        // One row per row group: the first user's four rows are split.
+        let one_each = (0..all.num_rows()).map(|r| all.slice(r, 1)).collect();
+        write(
+            "soft_labels/split.parquet",
+            one_each,
+            RowGroups::BetweenBatches { rows: 1 },
+        )
+        .await;
+        let err = refused("soft_labels/split.parquet").await;
+        assert!(err.contains("`user_id`") && err.contains("split"), "{err}");
+
+        // The first user's positions in reverse.
+        let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+        order[..4].reverse();
+        let reordered = arrow::compute::take_record_batch(&all, &UInt32Array::from(order)).unwrap();
+        write(
+            "soft_labels/unordered.parquet",
+            vec![reordered],
+            RowGroups::Bounded,
+        )
+        .await;
+        let err = refused("soft_labels/unordered.parquet").await;
+        assert!(
+            err.contains("`position`") && err.contains("ascend"),
+            "{err}"
+        );
+
+        // Cut short: the footer is gone.
+        run.put(
+            "soft_labels/truncated.parquet",
+            bytes.slice(..bytes.len() - 100),
+        )
+        .await
+        .unwrap();
+        let err = refused("soft_labels/truncated.parquet").await;
+        assert!(err.contains("not a readable Parquet file"), "{err}");
     }
 
     #[test]

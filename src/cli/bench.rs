@@ -78,6 +78,10 @@ pub enum BenchWhat {
         /// Steps timed per size.
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Time the job's student link distilled from synthetic soft labels
+        /// (with `distill.negatives` for `sampled`) instead of the teacher.
+        #[arg(long)]
+        link: bool,
     },
 }
 
@@ -144,6 +148,7 @@ pub async fn bench(what: BenchWhat) -> Result<()> {
             items,
             softmax,
             steps,
+            link,
         } => {
             let softmax = match softmax.as_str() {
                 "sampled" => Softmax::Sampled,
@@ -159,7 +164,7 @@ pub async fn bench(what: BenchWhat) -> Result<()> {
             }
             let job = load_job(&job)?;
             tokio::task::spawn_blocking(move || {
-                tools::bench::softmax_steps(&job, &items, softmax, steps.max(1))
+                tools::bench::softmax_steps(&job, &items, softmax, steps.max(1), link)
             })
             .await
             .map_err(|e| Error::internal(format!("bench failed: {e}")))??

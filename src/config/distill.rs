@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::check_segment;
-use super::models::{ModelsSpec, check_sasrec};
+use super::models::{ModelsSpec, Sampling, Softmax, check_sasrec};
 use crate::error::{Error, Result};
 
 /// `[distill]`: the source teacher's soft labels, the chain of assistants
@@ -45,6 +45,19 @@ pub struct DistillSpec {
     /// `-s<seed>`); empty for once, with the job's seed. The teacher is
     /// trained once.
     pub seeds: Vec<u64>,
+    /// The links' softmax: `full` over the catalogue, or `sampled` over
+    /// each position's soft-label items and target plus the step's shared
+    /// negatives, the rest of the catalogue estimated with the log-Q
+    /// correction (a step's cost does not grow with the catalogue).
+    pub softmax: Softmax,
+    /// Shared negatives per step with the sampled softmax.
+    pub negatives: usize,
+    /// How the negatives are drawn: `popularity` or `uniform`.
+    pub sampling: Sampling,
+    /// Rows of soft labels a link's shuffle buffer holds while they stream
+    /// in from the lake, row group by row group (memory stays flat however
+    /// large the file).
+    pub shuffle_buffer: usize,
     /// The assistants, in chain order (`[[distill.assistants]]`; `[]` for none).
     pub assistants: Vec<LinkSpec>,
     /// The student (`[distill.student]`).
@@ -65,6 +78,10 @@ impl Default for DistillSpec {
             scratch: true,
             direct: true,
             seeds: Vec::new(),
+            softmax: Softmax::Full,
+            negatives: 1024,
+            sampling: Sampling::Popularity,
+            shuffle_buffer: 65_536,
             assistants: vec![LinkSpec {
                 name: "assistant".into(),
                 d_model: 64,
@@ -197,6 +214,12 @@ impl DistillSpec {
         }
         if !(self.rank_decay.is_finite() && self.rank_decay > 0.0) {
             return Err("distill.rank_decay must be > 0".into());
+        }
+        if self.shuffle_buffer == 0 {
+            return Err("distill.shuffle_buffer must be at least 1 row".into());
+        }
+        if self.softmax == Softmax::Sampled && self.negatives == 0 {
+            return Err("distill: sampled softmax needs negatives ≥ 1".into());
         }
         let mut names: Vec<&str> = teachers.clone();
         for link in self.links() {

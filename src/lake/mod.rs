@@ -8,6 +8,7 @@
 //! config and nothing of models or runs.
 
 pub mod engine;
+pub mod reader;
 pub mod schema;
 
 use std::collections::HashMap;
@@ -373,6 +374,17 @@ impl Lake {
         schema: SchemaRef,
         metadata: Vec<(String, String)>,
     ) -> Result<ParquetUpload> {
+        self.start_parquet_grouped(rel, schema, metadata, RowGroups::Bounded)
+    }
+
+    /// [`Lake::start_parquet`], its row groups cut as `groups` says.
+    pub fn start_parquet_grouped(
+        &self,
+        rel: &str,
+        schema: SchemaRef,
+        metadata: Vec<(String, String)>,
+        groups: RowGroups,
+    ) -> Result<ParquetUpload> {
         let path = self.path(rel);
         let location = self.display(&path);
         let sink = HashingWriter {
@@ -380,14 +392,22 @@ impl Lake {
             hasher: Sha256::new(),
             size: 0,
         };
-        let writer = AsyncArrowWriter::try_new(sink, schema, Some(writer_properties(metadata)))
-            .map_err(|e| {
-                Error::internal(format!("{location}: cannot start Parquet writer: {e}"))
-            })?;
+        let mut props = writer_properties(metadata);
+        if let RowGroups::BetweenBatches { .. } = groups {
+            props = props
+                .into_builder()
+                .set_max_row_group_row_count(None)
+                .set_max_row_group_bytes(None)
+                .build();
+        }
+        let writer = AsyncArrowWriter::try_new(sink, schema, Some(props)).map_err(|e| {
+            Error::internal(format!("{location}: cannot start Parquet writer: {e}"))
+        })?;
         Ok(ParquetUpload {
             writer,
             rel: rel.to_string(),
             location,
+            groups,
         })
     }
 
@@ -404,7 +424,23 @@ impl Lake {
     where
         S: Stream<Item = Result<RecordBatch>> + Send,
     {
-        let mut upload = self.start_parquet(rel, schema, metadata)?;
+        self.write_parquet_grouped(rel, schema, batches, metadata, RowGroups::Bounded)
+            .await
+    }
+
+    /// [`Lake::write_parquet`], its row groups cut as `groups` says.
+    pub async fn write_parquet_grouped<S>(
+        &self,
+        rel: &str,
+        schema: SchemaRef,
+        batches: S,
+        metadata: Vec<(String, String)>,
+        groups: RowGroups,
+    ) -> Result<WrittenObject>
+    where
+        S: Stream<Item = Result<RecordBatch>> + Send,
+    {
+        let mut upload = self.start_parquet_grouped(rel, schema, metadata, groups)?;
         let mut batches = std::pin::pin!(batches);
         while let Some(batch) = batches.next().await {
             let written = match batch {
@@ -539,6 +575,21 @@ impl Lake {
 /// Largest row group a writer buffers, in bytes.
 pub const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
+/// Where a Parquet writer ends its row groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowGroups {
+    /// At [`ROW_GROUP_BYTES`] or the default row count, wherever a batch is.
+    Bounded,
+    /// Only between batches: a group ends after the batch that brings it to
+    /// `rows` rows or a quarter of [`ROW_GROUP_BYTES`], so the rows of one
+    /// batch are never split between two groups (a reader can then take
+    /// each group on its own, such as a user's soft labels).
+    BetweenBatches {
+        /// Rows after which the group ends.
+        rows: usize,
+    },
+}
+
 /// The Parquet settings of every file the job writes: Snappy (read by every
 /// BI tool), statistics on, row groups of at most [`ROW_GROUP_BYTES`], and
 /// our key-value metadata.
@@ -580,15 +631,23 @@ pub struct ParquetUpload {
     writer: AsyncArrowWriter<HashingWriter>,
     rel: String,
     location: String,
+    groups: RowGroups,
 }
 
 impl ParquetUpload {
     /// Appends a batch.
     pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.writer
-            .write(batch)
-            .await
-            .map_err(|e| Error::io(&self.location, format!("writing Parquet: {e}")))
+        let fail = |e: parquet::errors::ParquetError| {
+            Error::io(&self.location, format!("writing Parquet: {e}"))
+        };
+        self.writer.write(batch).await.map_err(fail)?;
+        if let RowGroups::BetweenBatches { rows } = self.groups
+            && (self.writer.in_progress_rows() >= rows
+                || self.writer.in_progress_size() >= ROW_GROUP_BYTES / 4)
+        {
+            self.writer.flush().await.map_err(fail)?;
+        }
+        Ok(())
     }
 
     /// Completes the object and makes it visible.

@@ -9,7 +9,7 @@ use chrono::NaiveDate;
 use futures::Stream;
 
 use crate::error::{Error, Result};
-use crate::lake::{Lake, WrittenObject};
+use crate::lake::{Lake, RowGroups, WrittenObject};
 
 /// Name of the commit marker.
 pub const SUCCESS: &str = "_SUCCESS";
@@ -115,6 +115,7 @@ impl RunFolder {
         rel: &str,
         schema: SchemaRef,
         metadata: Vec<(String, String)>,
+        groups: RowGroups,
         produce: F,
     ) -> Result<(T, WrittenObject)>
     where
@@ -140,7 +141,14 @@ impl RunFolder {
         let stream = futures::stream::unfold(receiver, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let written = self.write_parquet(rel, schema, stream, metadata).await;
+        let written = self
+            .lake
+            .write_parquet_grouped(&self.rel(rel), schema, stream, metadata, groups)
+            .await
+            .map(|mut object| {
+                object.path = rel.to_string();
+                object
+            });
         let (outcome, writer_stopped) = producer
             .await
             .map_err(|e| Error::internal(format!("writing {rel} failed: {e}")))?;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::StageOutput;
 use crate::artifacts::models::write_trained;
-use crate::artifacts::soft_labels::read_source_labels;
+use crate::artifacts::soft_labels::{SoftLabelFile, open_source_labels};
 use crate::config::{CompressSpec, DistillSpec, Job, LossFamily, Variant};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
@@ -25,7 +25,7 @@ use crate::model::{ModelArtifact, ModelCard};
 use crate::run::RunFolder;
 use crate::train::cpu::Trainer;
 use crate::train::{
-    Distillation, EpochLog, SoftLabels, Steps, TrainSettings, fit_with, thread_pool,
+    Distillation, EpochLog, LabelSource, SlotLabels, Steps, TrainSettings, fit_with, thread_pool,
 };
 
 /// The models compressed when `compress.models` is empty: the student
@@ -76,7 +76,7 @@ pub async fn compress_models(
         spec.models.clone()
     };
     let labels = if spec.recovery_epochs > 0 && variants.iter().any(Variant::recovers) {
-        Some(read_source_labels(&job.spec.distill, run, &dataset).await?)
+        Some(open_source_labels(&job.spec.distill, run, &dataset).await?)
     } else {
         None
     };
@@ -169,7 +169,7 @@ fn make_variant(
     variant: &Variant,
     plan: &Plan,
     dataset: &Dataset,
-    labels: Option<Arc<SoftLabels>>,
+    labels: Option<SoftLabelFile>,
     label: &str,
 ) -> Result<Made> {
     let shrink::Shrunk {
@@ -182,10 +182,10 @@ fn make_variant(
     let mut log = None;
     if variant.recovers()
         && plan.spec.recovery_epochs > 0
-        && let Some(labels) = labels
+        && let Some(mut labels) = labels
     {
         let student = &plan.distill.student;
-        let mut settings = TrainSettings::for_link(student, plan.seed, label);
+        let mut settings = TrainSettings::for_link(&plan.distill, student, plan.seed, label);
         settings.epochs = plan.spec.recovery_epochs;
         settings.patience = plan.spec.recovery_patience;
         if plan.spec.recovery_lr > 0.0 {
@@ -198,7 +198,7 @@ fn make_variant(
             .and_then(|l| l.parse().ok())
             .map_or_else(|| plan.distill.losses[0].parse(), Ok::<LossFamily, Error>)?;
         let distillation = Arc::new(Distillation::new(
-            Arc::clone(&labels),
+            labels.info().clone(),
             plan.distill.alpha_of(student),
             family,
             plan.distill.rank_decay,
@@ -208,7 +208,7 @@ fn make_variant(
             "recovery: up to {} epochs on {} against {} (α {}, T {})",
             settings.epochs,
             mix.label(),
-            labels.model,
+            labels.info().model,
             mix.alpha,
             mix.temperature
         ));
@@ -218,8 +218,15 @@ fn make_variant(
             basis: basis.as_deref(),
             masks: masks.as_deref(),
         };
-        let (recovered, epochs) = thread_pool(plan.threads)?
-            .install(|| fit_with(model, dataset, &settings, &mut constrained, Some(&labels)))?;
+        let (recovered, epochs) = thread_pool(plan.threads)?.install(|| {
+            fit_with(
+                model,
+                dataset,
+                &settings,
+                &mut constrained,
+                Some(&mut labels),
+            )
+        })?;
         model = recovered;
         log = Some(epochs);
     }
@@ -245,7 +252,7 @@ impl Steps for Constrained<'_> {
         model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
-        soft: &[u32],
+        soft: SlotLabels<'_>,
         batch: usize,
         step_seed: u64,
     ) -> Result<f64> {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use super::StageOutput;
 use crate::artifacts::models::write_trained;
 use crate::artifacts::soft_labels::{
-    SoftLabelSettings, read_soft_labels, read_source_labels, soft_labels_path, write_soft_labels,
+    SoftLabelFile, SoftLabelSettings, open_soft_labels, open_source_labels, soft_labels_path,
+    write_soft_labels,
 };
 use crate::config::{Job, LinkSpec, LossFamily};
 use crate::dataset::Dataset;
@@ -20,7 +21,7 @@ use crate::lake::WrittenObject;
 use crate::model::sasrec::{SasRec, SasRecConfig};
 use crate::model::{Lineage, ModelArtifact};
 use crate::run::RunFolder;
-use crate::train::{self, Distillation, EpochLog, SoftLabels, TrainSettings};
+use crate::train::{self, Distillation, EpochLog, LabelSource, TrainSettings};
 
 /// One model to train: its name, card fields and what it learns from.
 struct Plan {
@@ -30,7 +31,7 @@ struct Plan {
     training: &'static str,
     seed: u64,
     /// `None` for hard labels only.
-    distillation: Option<Arc<Distillation>>,
+    distillation: Option<(Arc<Distillation>, SoftLabelFile)>,
 }
 
 /// Trains, for each seed, the assistants in chain order (each emitting soft
@@ -53,15 +54,16 @@ pub async fn distill_chain(
         .collect::<Result<_>>()?;
     // How a link learns from `labels`: its α, the soft losses of `family`,
     // at the temperature the labels were emitted with.
-    let learn = |labels: &Arc<SoftLabels>, link: &LinkSpec, family: &LossFamily| {
-        Some(Arc::new(Distillation::new(
-            Arc::clone(labels),
+    let learn = |labels: &SoftLabelFile, link: &LinkSpec, family: &LossFamily| {
+        let distillation = Distillation::new(
+            labels.info().clone(),
             spec.alpha_of(link),
             family.clone(),
             spec.rank_decay,
-        )))
+        );
+        Some((Arc::new(distillation), labels.clone()))
     };
-    let teacher_labels = read_source_labels(spec, run, &dataset).await?;
+    let teacher_labels = open_source_labels(spec, run, &dataset).await?;
     let seeds = if spec.seeds.is_empty() {
         vec![job.spec.seed]
     } else {
@@ -75,7 +77,7 @@ pub async fn distill_chain(
         };
 
         // The assistants: each from the previous link's labels, emitting its own.
-        let mut labels = Arc::clone(&teacher_labels);
+        let mut labels = teacher_labels.clone();
         for (i, assistant) in spec.assistants.iter().enumerate() {
             let family = if assistant.loss.is_empty() {
                 families[0].clone()
@@ -102,7 +104,7 @@ pub async fn distill_chain(
             .await?;
             out.written.push(written);
             let path = soft_labels_path(&artifact.card.name);
-            labels = Arc::new(read_soft_labels(run, &path, &dataset, settings.expected()).await?);
+            labels = open_soft_labels(run, &path, &dataset, settings.expected()).await?;
             out.models.push(artifact);
         }
 
@@ -121,7 +123,7 @@ pub async fn distill_chain(
         }
         let mut routes = Vec::new();
         if spec.direct || spec.assistants.is_empty() {
-            routes.push(("kd-teacher", Arc::clone(&teacher_labels)));
+            routes.push(("kd-teacher", teacher_labels.clone()));
         }
         if !spec.assistants.is_empty() {
             routes.push(("kd-assistant", labels));
@@ -163,11 +165,11 @@ async fn train_link(
     config
         .validate()
         .map_err(|e| Error::config(format!("distill link {:?}: {e}", plan.link.name)))?;
-    let settings = TrainSettings::for_link(&plan.link, plan.seed, &plan.name);
+    let settings = TrainSettings::for_link(&job.spec.distill, &plan.link, plan.seed, &plan.name);
     let loss = plan
         .distillation
         .as_ref()
-        .map_or_else(|| "ce".to_string(), |d| d.mix.label());
+        .map_or_else(|| "ce".to_string(), |(d, _)| d.mix.label());
     let data = Arc::clone(dataset);
     let threads = job.spec.threads;
     let distillation = plan.distillation.clone();
@@ -175,7 +177,7 @@ async fn train_link(
     let (model, log): (SasRec, Vec<EpochLog>) = tokio::task::spawn_blocking(move || {
         let model = SasRec::new(config, Vec::new(), seed)?;
         train::thread_pool(threads)?.install(|| match distillation {
-            Some(d) => train::fit_distilled(model, &data, &settings, d),
+            Some((d, mut labels)) => train::fit_distilled(model, &data, &settings, d, &mut labels),
             None => train::fit(model, &data, &settings),
         })
     })
@@ -191,7 +193,7 @@ async fn train_link(
             "distilled model trained"
         );
     }
-    let lineage = plan.distillation.as_ref().map(|d| Lineage {
+    let lineage = plan.distillation.as_ref().map(|(d, _)| Lineage {
         soft_labels: d.labels.location.clone(),
         model: d.labels.model.clone(),
         model_sha256: d.labels.model_sha256.clone(),

@@ -4,9 +4,11 @@
 //! - `teacher`: median epoch time of the teacher on a job's data, next to
 //!   the PyTorch peer (`sasrec_torch.py`) with the same config, same machine,
 //!   same sitting.
-//! - `softmax`: time of one training step at two catalogue sizes with the
-//!   same batch, showing that with sampled softmax the catalogue size does
-//!   not slow a step (embedding gradients and Adam touch only the batch's rows).
+//! - `softmax`: time of one training step (the teacher's, or with `--link`
+//!   the student's distilled from soft labels) at two catalogue sizes with
+//!   the same batch, showing that with sampled softmax the catalogue size
+//!   does not slow a step (embedding gradients and Adam touch only the
+//!   batch's rows).
 //! - `soft-labels`: soft-label generation for a synthetic population of
 //!   users, scoring alone and scoring while streaming the Parquet file to a
 //!   lake, with the process's peak memory: it must not grow with the users.
@@ -16,13 +18,14 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::NaiveDate;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::{Job, LakeSpec, Softmax};
+use crate::config::{Job, LakeSpec, LossFamily, Softmax};
 use crate::dataset::{self, Dataset};
 use crate::error::{Error, Result};
 use crate::lake::{Lake, engine};
@@ -30,7 +33,10 @@ use crate::model::sasrec::{PAD, SasRec, SasRecConfig};
 use crate::run::RunFolder;
 use crate::stages::{features, ingest};
 use crate::train::cpu::Trainer;
-use crate::train::{TrainSettings, fill_window, fit_on_device, thread_pool, train_sequences};
+use crate::train::{
+    Distillation, LabelInfo, NO_LABEL, SoftRows, TrainSettings, fill_window, fit_on_device,
+    thread_pool, train_sequences,
+};
 
 /// Where to find the PyTorch peer.
 #[derive(Debug, Clone)]
@@ -164,19 +170,44 @@ fn synthetic(n_items: usize, draw_from: usize, users: usize, len: usize, seed: u
 }
 
 /// Median milliseconds of one training step at each catalogue size, with
-/// `job`'s teacher settings and `softmax`; the batch is the same at every
-/// size (items of the smallest catalogue).
-pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize) -> Result<String> {
-    let spec = &job.spec.models.teacher;
+/// `softmax` and `job`'s teacher settings or, with `link`, its student
+/// distilled from synthetic soft labels (the first of `distill.losses`, K
+/// = `distill.k` items per position); the batch is the same at every size
+/// (items of the smallest catalogue).
+pub fn softmax_steps(
+    job: &Job,
+    sizes: &[usize],
+    softmax: Softmax,
+    steps: usize,
+    link: bool,
+) -> Result<String> {
+    let teacher = &job.spec.models.teacher;
+    let distill = &job.spec.distill;
+    let student = &distill.student;
+    let (batch_size, max_len, d_model, layers, negatives) = if link {
+        let l = student;
+        (
+            l.batch_size,
+            l.max_len,
+            l.d_model,
+            l.layers,
+            distill.negatives,
+        )
+    } else {
+        let t = teacher;
+        (t.batch_size, t.max_len, t.d_model, t.layers, t.negatives)
+    };
+    let k = distill.k;
     let mut report = format!(
-        "one training step, batch {} × max_len {}, d_model {}, {} layers, softmax {:?}{}\n{:>12} {:>14} {:>16} {:>14}\n",
-        spec.batch_size,
-        spec.max_len,
-        spec.d_model,
-        spec.layers,
-        softmax,
+        "one training step of the {}, batch {batch_size} × max_len {max_len}, d_model {d_model}, {layers} layers, softmax {softmax:?}{}{}\n{:>12} {:>14} {:>16} {:>14}\n",
+        if link { "student link" } else { "teacher" },
         if softmax == Softmax::Sampled {
-            format!(" with {} negatives", spec.negatives)
+            format!(" with {negatives} negatives")
+        } else {
+            String::new()
+        },
+        if link {
+            format!(", soft labels of {k} items ({})", distill.losses[0])
         } else {
             String::new()
         },
@@ -188,31 +219,62 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
     let pool = thread_pool(job.spec.threads)?;
     for &n_items in sizes {
         let smallest = sizes.iter().copied().min().unwrap_or(n_items);
-        let data = synthetic(
-            n_items,
-            smallest,
-            spec.batch_size,
-            spec.max_len,
-            job.spec.seed,
-        );
-        let config = SasRecConfig::for_teacher(spec, n_items, 0);
-        let mut settings = TrainSettings::for_teacher(spec, job.spec.seed, "bench");
+        let data = synthetic(n_items, smallest, batch_size, max_len, job.spec.seed);
+        let (config, mut settings) = if link {
+            (
+                SasRecConfig::for_link(student, n_items),
+                TrainSettings::for_link(distill, student, job.spec.seed, "bench"),
+            )
+        } else {
+            (
+                SasRecConfig::for_teacher(teacher, n_items, 0),
+                TrainSettings::for_teacher(teacher, job.spec.seed, "bench"),
+            )
+        };
         settings.softmax = softmax;
         let mut model = SasRec::new(config, Vec::new(), job.spec.seed)?;
         let sequences = train_sequences(&data)?;
-        let b = sequences.len().min(spec.batch_size);
-        let mut inputs = vec![PAD; b * spec.max_len];
-        let mut targets = vec![PAD; b * spec.max_len];
+        let b = sequences.len().min(batch_size);
+        let mut inputs = vec![PAD; b * max_len];
+        let mut targets = vec![PAD; b * max_len];
         for (slot, (_, seq)) in sequences.iter().take(b).enumerate() {
-            let span = slot * spec.max_len..(slot + 1) * spec.max_len;
+            let span = slot * max_len..(slot + 1) * max_len;
             fill_window(seq, &mut inputs[span.clone()], &mut targets[span]);
         }
+        // Every target slot's soft label: K distinct items spread over the
+        // catalogue, logits falling with rank.
+        let kk = k.min(n_items);
+        let mut labels = SoftRows::new(kk);
+        let mut soft = vec![NO_LABEL; targets.len()];
+        for (slot, &t) in targets.iter().enumerate().filter(|(_, t)| **t != PAD) {
+            let items: Vec<u32> = (0..kk)
+                .map(|j| ((t as usize + j * 7919) % n_items) as u32)
+                .collect();
+            let logits: Vec<f32> = (0..kk).map(|j| 5.0 - 0.2 * j as f32).collect();
+            labels
+                .push(slot as u32, 1, &items, &logits, 0.0)
+                .map_err(Error::internal)?;
+            soft[slot] = (labels.len() - 1) as u32;
+        }
         let (mut times, classes) = pool.install(|| -> Result<(Vec<f64>, usize)> {
-            let mut trainer = Trainer::new(&model, &data, &settings)?;
+            let mut trainer = if link {
+                let family: LossFamily = distill.losses[0].parse()?;
+                let info = LabelInfo {
+                    k: kk,
+                    temperature: distill.temperature_of(student),
+                    ..LabelInfo::default()
+                };
+                let distillation =
+                    Distillation::new(info, distill.alpha_of(student), family, distill.rank_decay);
+                Trainer::distilling(&model, &data, &settings, Arc::new(distillation))?
+            } else {
+                Trainer::new(&model, &data, &settings)?
+            };
+            let slot_labels = link.then_some((&labels, &soft[..]));
             let mut times = Vec::new();
             for s in 0..steps + 1 {
                 let started = Instant::now();
-                trainer.step(&mut model, &inputs, &targets, &[], b, s as u64)?;
+                trainer.step(&mut model, &inputs, &targets, slot_labels, b, s as u64)?;
                 // The first step pays for page faults of fresh buffers.
                 if s > 0 {
                     times.push(started.elapsed().as_secs_f64() * 1e3);
@@ -223,7 +285,7 @@ pub fn softmax_steps(job: &Job, sizes: &[usize], softmax: Softmax, steps: usize)
         report.push_str(&format!(
             "{n_items:>12} {:>14.1} {classes:>16} {:>14}\n",
             median(&mut times),
-            n_items * spec.d_model
+            n_items * d_model
         ));
     }
     Ok(report)

@@ -5,7 +5,7 @@
 use candle_core::Device;
 
 use super::distillation::NO_LABEL;
-use super::steps::{Steps, TrainSettings};
+use super::steps::{SlotLabels, Steps, TrainSettings};
 use crate::config::{Softmax, device_ordinal};
 use crate::error::{Error, Result};
 use crate::model::sasrec::SasRec;
@@ -61,12 +61,12 @@ impl Steps for CandleSteps {
         _model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
-        soft: &[u32],
+        soft: SlotLabels<'_>,
         batch: usize,
         _step_seed: u64,
     ) -> Result<f64> {
         use candle_nn::optim::Optimizer;
-        if soft.iter().any(|&r| r != NO_LABEL) {
+        if soft.is_some_and(|(_, slots)| slots.iter().any(|&r| r != NO_LABEL)) {
             return Err(Error::config(
                 "distillation trains on the CPU trainer; the candle trainer learns from hard labels only",
             ));

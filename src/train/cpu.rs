@@ -13,8 +13,9 @@ use rand_distr::Distribution;
 use rand_distr::weighted::WeightedAliasIndex;
 use rayon::prelude::*;
 
-use super::distillation::{Distillation, NO_LABEL};
-use super::steps::{Steps, TrainSettings};
+use super::distillation::{Distillation, NO_LABEL, SoftRows};
+use super::losses::SoftTarget;
+use super::steps::{SlotLabels, Steps, TrainSettings};
 use crate::config::{Sampling, Softmax};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
@@ -221,33 +222,28 @@ impl Trainer {
     }
 
     /// A trainer whose loss mixes the hard labels with `distillation`'s soft
-    /// labels (full softmax only: the soft losses need every logit).
+    /// labels, over the whole catalogue or, with a sampled softmax, over each
+    /// position's soft-label items and target plus the step's shared negatives.
     pub fn distilling(
         model: &SasRec,
         dataset: &Dataset,
         settings: &TrainSettings,
         distillation: Arc<Distillation>,
     ) -> Result<Trainer> {
-        if settings.softmax != Softmax::Full {
-            return Err(Error::config(format!(
-                "{}: distillation needs the full softmax (its soft losses cover the whole catalogue)",
-                settings.label
-            )));
-        }
         let mut trainer = Trainer::new(model, dataset, settings)?;
         trainer.distillation = Some(distillation);
         Ok(trainer)
     }
 
     /// One optimization step on a batch of windows; returns the mean loss.
-    /// `soft` gives each slot's soft-label row ([`NO_LABEL`] for none;
-    /// empty without distillation).
+    /// `soft` gives the batch's soft labels and each slot's row of them
+    /// ([`NO_LABEL`] for none; `None` without distillation).
     pub fn step(
         &mut self,
         model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
-        soft: &[u32],
+        soft: SlotLabels<'_>,
         batch: usize,
         step_seed: u64,
     ) -> Result<f64> {
@@ -284,7 +280,7 @@ impl Trainer {
         model: &SasRec,
         inputs: &[u32],
         targets: &[u32],
-        soft: &[u32],
+        soft: SlotLabels<'_>,
         batch: usize,
         dropout_seed: Option<u64>,
     ) -> Result<f64> {
@@ -316,14 +312,16 @@ impl Trainer {
         let weight = 1.0 / nv as f32;
         let row_targets: Vec<u32> = rows.iter().map(|&r| targets[r]).collect();
         self.touched.clear();
+        let no_labels = SoftRows::new(0);
         let loss = match (&self.sampler, &self.distillation) {
             (None, Some(distill)) => {
                 self.classes = c.n_items;
+                let (labels, slots) = soft.unwrap_or((&no_labels, &[]));
                 let row_soft: Vec<u32> = rows
                     .iter()
-                    .map(|&r| soft.get(r).copied().unwrap_or(NO_LABEL))
+                    .map(|&r| slots.get(r).copied().unwrap_or(NO_LABEL))
                     .collect();
-                let (labels, mix) = (&distill.labels, &distill.mix);
+                let mix = &distill.mix;
                 let loss = logit_loss(
                     &self.hv,
                     d,
@@ -336,7 +334,7 @@ impl Trainer {
                     |r, row| {
                         let label =
                             (row_soft[r] != NO_LABEL).then(|| labels.target(row_soft[r] as usize));
-                        mix.row_loss(row, row_targets[r] as usize, label, weight)
+                        mix.row_loss(row, row_targets[r] as usize, label, weight, None)
                     },
                 );
                 loss / nv as f64
@@ -354,6 +352,118 @@ impl Trainer {
                     &mut self.scratch,
                     &mut self.dhv,
                     &mut self.d_table,
+                );
+                loss / nv as f64
+            }
+            (Some(sampler), Some(distill)) => {
+                // Each position scores, in its own columns, the K items of its
+                // soft label and its target (offset 0: always present), then
+                // the step's shared negatives (offset −ln P(drawn)); a
+                // negative that is one of the row's own items is masked.
+                let (labels, slots) = soft.unwrap_or((&no_labels, &[]));
+                let mix = &distill.mix;
+                let mut rng = StdRng::seed_from_u64(step_seed ^ 0x5eed);
+                let (negatives, column, negative_offsets) = sampler.candidates(&[], &mut rng);
+                let kk = labels.k;
+                let own = kk + 1;
+                let k = own + negatives.len();
+                self.classes = k;
+                let cand = &mut self.cand;
+                cand.clear();
+                cand.resize(own * d, 0.0);
+                for &i in &negatives {
+                    cand.extend_from_slice(&table[i as usize * d..(i as usize + 1) * d]);
+                }
+                let mut offsets = vec![0.0f32; own];
+                offsets.extend_from_slice(&negative_offsets);
+                // Row r's own items (PAD for none), their logits (−∞ masked),
+                // its hard column and its masked negative columns.
+                let mut own_items = vec![PAD; nv * own];
+                let mut own_logits = vec![f32::NEG_INFINITY; nv * own];
+                let mut hard = vec![kk; nv];
+                let mut masked: Vec<Vec<usize>> = vec![Vec::new(); nv];
+                let mut row_labels = Vec::with_capacity(nv);
+                for (r, &t) in row_targets.iter().enumerate() {
+                    let label = slots
+                        .get(rows[r])
+                        .copied()
+                        .filter(|&l| l != NO_LABEL)
+                        .map(|l| labels.target(l as usize));
+                    let items = &mut own_items[r * own..(r + 1) * own];
+                    if let Some(label) = &label {
+                        items[..kk].copy_from_slice(label.items);
+                    }
+                    match items[..kk].iter().position(|&i| i == t) {
+                        Some(j) => hard[r] = j,
+                        None => items[kk] = t,
+                    }
+                    let h = &self.hv[r * d..(r + 1) * d];
+                    for (j, &i) in items.iter().enumerate().filter(|(_, i)| **i != PAD) {
+                        let e = &table[i as usize * d..(i as usize + 1) * d];
+                        own_logits[r * own + j] = dot(h, e);
+                        if let Some(&c) = column.get(&i) {
+                            masked[r].push(own + c as usize);
+                        }
+                    }
+                    row_labels.push(label);
+                }
+                let local: Vec<u32> = (0..kk as u32).collect();
+                let d_own: Vec<AtomicU32> = (0..nv * own).map(|_| AtomicU32::new(0)).collect();
+                let d_cand = &mut self.d_cand;
+                d_cand.clear();
+                d_cand.resize(k * d, 0.0);
+                if self.scratch.len() < CE_BLOCK * k {
+                    self.scratch.resize(CE_BLOCK * k, 0.0);
+                }
+                let loss = logit_loss(
+                    &self.hv,
+                    d,
+                    cand,
+                    nv,
+                    CE_BLOCK,
+                    &mut self.scratch,
+                    &mut self.dhv,
+                    d_cand,
+                    |r, row| {
+                        row[..own].copy_from_slice(&own_logits[r * own..(r + 1) * own]);
+                        for &j in &masked[r] {
+                            row[j] = f32::NEG_INFINITY;
+                        }
+                        let label = row_labels[r].map(|l| SoftTarget {
+                            items: &local,
+                            logits: l.logits,
+                            rest: l.rest,
+                        });
+                        let loss = mix.row_loss(row, hard[r], label, weight, Some(&offsets));
+                        for (j, g) in row[..own].iter_mut().enumerate() {
+                            d_own[r * own + j].store(g.to_bits(), Ordering::Relaxed);
+                            *g = 0.0;
+                        }
+                        loss
+                    },
+                );
+                for (r, items) in own_items.chunks_exact(own).enumerate() {
+                    for (j, &i) in items.iter().enumerate().filter(|(_, i)| **i != PAD) {
+                        let g = f32::from_bits(d_own[r * own + j].load(Ordering::Relaxed));
+                        let i = i as usize;
+                        let e = &table[i * d..(i + 1) * d];
+                        for (a, v) in self.dhv[r * d..(r + 1) * d].iter_mut().zip(e) {
+                            *a += g * v;
+                        }
+                        let de = &mut self.d_table[i * d..(i + 1) * d];
+                        for (a, h) in de.iter_mut().zip(&self.hv[r * d..(r + 1) * d]) {
+                            *a += g * h;
+                        }
+                        mark(&mut self.touched, &mut self.touched_flag, i as u32);
+                    }
+                }
+                add_candidate_gradients(
+                    &mut self.d_table,
+                    d,
+                    &negatives,
+                    &d_cand[own * d..],
+                    &mut self.touched,
+                    &mut self.touched_flag,
                 );
                 loss / nv as f64
             }
@@ -553,7 +663,7 @@ impl Steps for Trainer {
         model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
-        soft: &[u32],
+        soft: SlotLabels<'_>,
         batch: usize,
         step_seed: u64,
     ) -> Result<f64> {
@@ -569,7 +679,7 @@ mod tests {
     use crate::model::sasrec::SasRecConfig;
     use crate::model::sasrec::candle::gradients;
     use crate::train::candle::CandleSteps;
-    use crate::train::distillation::SoftLabels;
+    use crate::train::distillation::LabelInfo;
     use crate::train::fit::{fill_window, fit, fit_with};
     use arrow::array::Int64Array;
     use rand::Rng;
@@ -611,6 +721,7 @@ mod tests {
             negatives,
             sampling,
             in_batch: true,
+            label_buffer: 64,
             seed: 7,
             label: "test".into(),
         }
@@ -651,28 +762,23 @@ mod tests {
         let s = settings(Softmax::Full, 0, Sampling::Uniform);
         let mut plain = Trainer::new(&model, &data, &s).unwrap();
         let want = plain
-            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .backprop(&model, &inputs, &targets, None, 3, None)
             .unwrap();
-        let mut mix = LossMix {
+        let mix = LossMix {
             alpha: 1.0,
             temperature: 2.0,
             family: "kl".parse().unwrap(),
             rank_decay: 1.0,
         };
-        let labels = Arc::new(SoftLabels::default());
+        let labels = SoftRows::new(3);
         let soft = vec![NO_LABEL; inputs.len()];
-        let mut distilled = Trainer::distilling(
-            &model,
-            &data,
-            &s,
-            Arc::new(Distillation {
-                labels: Arc::clone(&labels),
-                mix: mix.clone(),
-            }),
-        )
-        .unwrap();
+        let distill = Distillation {
+            labels: LabelInfo::default(),
+            mix,
+        };
+        let mut distilled = Trainer::distilling(&model, &data, &s, Arc::new(distill)).unwrap();
         let got = distilled
-            .backprop(&model, &inputs, &targets, &soft, 3, None)
+            .backprop(&model, &inputs, &targets, Some((&labels, &soft)), 3, None)
             .unwrap();
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         for ((name, _, g), (_, _, w)) in distilled
@@ -683,16 +789,95 @@ mod tests {
         {
             assert_close(name, g, w);
         }
-        // Sampled softmax cannot distil: the soft losses need every logit.
-        mix.alpha = 0.5;
-        let sampled = settings(Softmax::Sampled, 4, Sampling::Uniform);
-        let refused = Trainer::distilling(
-            &model,
-            &data,
-            &sampled,
-            Arc::new(Distillation { labels, mix }),
-        );
-        assert!(refused.is_err());
+    }
+
+    /// Soft labels of K = 3 for four slots of [`batch`] (one of them whose
+    /// list holds the slot's target), and each slot's row.
+    fn batch_labels(n_items: usize) -> (SoftRows, Vec<u32>) {
+        let (_, targets) = batch();
+        let mut labels = SoftRows::new(3);
+        let mut soft = vec![NO_LABEL; targets.len()];
+        let slots = [3usize, 5, 10, 16];
+        for (row, &slot) in slots.iter().enumerate() {
+            let t = targets[slot];
+            let items: Vec<u32> = if row == 1 {
+                vec![(t + 1) % n_items as u32, t, (t + 5) % n_items as u32]
+            } else {
+                vec![
+                    (t + 2) % n_items as u32,
+                    (t + 3) % n_items as u32,
+                    (t + 7) % n_items as u32,
+                ]
+            };
+            labels
+                .push(
+                    0,
+                    row as u32,
+                    &items,
+                    &[2.5, 1.0 - row as f32, -0.5],
+                    0.3 * row as f32,
+                )
+                .unwrap();
+            soft[slot] = row as u32;
+        }
+        (labels, soft)
+    }
+
+    fn distillation(family: &str) -> Arc<Distillation> {
+        use crate::train::losses::LossMix;
+        Arc::new(Distillation {
+            labels: LabelInfo {
+                k: 3,
+                temperature: 2.0,
+                ..LabelInfo::default()
+            },
+            mix: LossMix {
+                alpha: 0.4,
+                temperature: 2.0,
+                family: family.parse().unwrap(),
+                rank_decay: 2.0,
+            },
+        })
+    }
+
+    #[test]
+    fn sampled_distillation_over_every_item_equals_full_distillation() {
+        let c = config(0);
+        let model = SasRec::new(c, Vec::new(), 6).unwrap();
+        let (inputs, targets) = batch();
+        let data = dataset(c.n_items);
+        let (labels, soft) = batch_labels(c.n_items);
+        for family in ["kl", "mse", "rank", "kl+mse+rank"] {
+            let distill = distillation(family);
+            let full_settings = settings(Softmax::Full, 0, Sampling::Uniform);
+            let mut full =
+                Trainer::distilling(&model, &data, &full_settings, Arc::clone(&distill)).unwrap();
+            let full_loss = full
+                .backprop(&model, &inputs, &targets, Some((&labels, &soft)), 3, None)
+                .unwrap();
+            // 20,000 uniform draws over 11 items: each is drawn with
+            // probability ≈ 1, so the log-Q correction vanishes; the draws
+            // that repeat a row's own items are masked there.
+            let mut s = settings(Softmax::Sampled, 20_000, Sampling::Uniform);
+            s.in_batch = false;
+            let mut sampled = Trainer::distilling(&model, &data, &s, distill).unwrap();
+            let sampled_loss = sampled
+                .backprop(&model, &inputs, &targets, Some((&labels, &soft)), 3, None)
+                .unwrap();
+            assert_eq!(sampled.classes(), 3 + 1 + c.n_items);
+            assert!(
+                (full_loss - sampled_loss).abs() < 1e-5,
+                "{family}: {full_loss} vs {sampled_loss}"
+            );
+            for ((name, _, g), (_, _, w)) in sampled
+                .gradients()
+                .named(&c)
+                .iter()
+                .zip(full.gradients().named(&c))
+            {
+                assert_close(&format!("{family} {name}"), g, w);
+            }
+        }
     }
 
     #[test]
@@ -718,7 +903,7 @@ mod tests {
             )
             .unwrap();
             let loss = trainer
-                .backprop(&model, &inputs, &targets, &[], 3, None)
+                .backprop(&model, &inputs, &targets, None, 3, None)
                 .unwrap();
             let (want_loss, want) = gradients(&model, &inputs, &targets, 3).unwrap();
             assert!(
@@ -745,7 +930,7 @@ mod tests {
         )
         .unwrap();
         let full_loss = full
-            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .backprop(&model, &inputs, &targets, None, 3, None)
             .unwrap();
         // With 20,000 uniform draws over 11 items every item is drawn with
         // probability ≈ 1, so the log-Q correction vanishes. With shared
@@ -756,7 +941,7 @@ mod tests {
             s.in_batch = in_batch;
             let mut sampled = Trainer::new(&model, &data, &s).unwrap();
             let sampled_loss = sampled
-                .backprop(&model, &inputs, &targets, &[], 3, None)
+                .backprop(&model, &inputs, &targets, None, 3, None)
                 .unwrap();
             assert_eq!(sampled.classes(), classes);
             assert!(
@@ -776,6 +961,24 @@ mod tests {
 
     #[test]
     fn shared_negatives_gradients_match_finite_differences() {
+        shared_negatives_match_finite_differences(None);
+    }
+
+    #[test]
+    fn sampled_distillation_gradients_match_finite_differences() {
+        let (labels, soft) = batch_labels(300);
+        shared_negatives_match_finite_differences(Some((
+            distillation("kl+mse+rank"),
+            labels,
+            soft,
+        )));
+    }
+
+    /// The shared-negatives step's gradients against central differences of
+    /// its loss (the draws fixed by the seed), with or without soft labels.
+    fn shared_negatives_match_finite_differences(
+        distill: Option<(Arc<Distillation>, SoftRows, Vec<u32>)>,
+    ) {
         let mut c = config(0);
         c.n_items = 300;
         let mut model = SasRec::new(c, Vec::new(), 8).unwrap();
@@ -783,18 +986,26 @@ mod tests {
         let data = dataset(c.n_items);
         let mut s = settings(Softmax::Sampled, 6, Sampling::Popularity);
         s.in_batch = false;
-        let loss_of = |model: &SasRec| {
-            let mut t = Trainer::new(model, &data, &s).unwrap();
-            t.backprop(model, &inputs, &targets, &[], 3, None).unwrap()
+        let soft = distill
+            .as_ref()
+            .map(|(_, labels, soft)| (labels, &soft[..]));
+        let trainer_for = |model: &SasRec| match &distill {
+            Some((d, _, _)) => Trainer::distilling(model, &data, &s, Arc::clone(d)).unwrap(),
+            None => Trainer::new(model, &data, &s).unwrap(),
         };
-        let mut trainer = Trainer::new(&model, &data, &s).unwrap();
+        let loss_of = |model: &SasRec| {
+            let mut t = trainer_for(model);
+            t.backprop(model, &inputs, &targets, soft, 3, None).unwrap()
+        };
+        let mut trainer = trainer_for(&model);
         trainer
-            .backprop(&model, &inputs, &targets, &[], 3, None)
+            .backprop(&model, &inputs, &targets, soft, 3, None)
             .unwrap();
-        // A step scores 7 columns: the own target and 6 draws (few repeats
-        // among 300 items).
+        // A step scores the row's own columns (the target; with soft labels
+        // K + 1) and 6 draws (few repeats among 300 items).
+        let own = if distill.is_some() { 4 } else { 1 };
         assert!(
-            (5..=7).contains(&trainer.classes()),
+            (own + 4..=own + 6).contains(&trainer.classes()),
             "{}",
             trainer.classes()
         );
@@ -804,21 +1015,33 @@ mod tests {
             .unwrap()
             .candidates(&[], &mut StdRng::seed_from_u64(0x5eed));
         negatives.retain(|n| !targets.contains(n));
-        // Rows of a target, an input-only item, a drawn negative; dense weights.
+        // Rows of a target, an input-only item, a drawn negative and a
+        // soft-label item; dense weights.
         let d = c.d_model;
+        let mut items = vec![7usize, 1, negatives[0] as usize];
+        if let Some((_, labels, _)) = &distill {
+            items.push(labels.target(0).items[2] as usize);
+        }
         let mut checks: Vec<(usize, usize)> = Vec::new();
-        for item in [7usize, 1, negatives[0] as usize] {
+        for &item in &items {
             for j in [0, 3, d - 1] {
                 checks.push((0, item * d + j));
             }
         }
+        // Dense weights, but not the feed-forward's first layer (w1, b1:
+        // tensors 10 and 11 of each block's 12 after item and pos), whose
+        // ReLU kinks make central differences unreliable.
         let tensors = model.weights.tensors_mut().len();
-        for _ in 0..8 {
+        let item_checks = checks.len();
+        while checks.len() < item_checks + 8 {
             let t = rng.random_range(1..tensors);
+            if t >= 2 && t < 2 + 12 * c.layers && matches!((t - 2) % 12, 8 | 9) {
+                continue;
+            }
             let len = model.weights.tensors_mut()[t].len();
             checks.push((t, rng.random_range(0..len)));
         }
-        let eps = 1e-2f32;
+        let eps = 2e-3f32;
         for (t, i) in checks {
             let original = model.weights.tensors_mut()[t][i];
             model.weights.tensors_mut()[t][i] = original + eps;
@@ -845,6 +1068,42 @@ mod tests {
         }
     }
 
+    #[test]
+    fn sampled_distillation_steps_touch_only_the_batch_and_its_labels() {
+        let mut c = config(0);
+        c.n_items = 5000;
+        let mut model = SasRec::new(c, Vec::new(), 5).unwrap();
+        let before = model.weights.item.clone();
+        let (inputs, targets) = batch();
+        let (labels, soft) = batch_labels(c.n_items);
+        let mut s = settings(Softmax::Sampled, 16, Sampling::Popularity);
+        s.in_batch = false;
+        let data = dataset(c.n_items);
+        let mut trainer = Trainer::distilling(&model, &data, &s, distillation("kl")).unwrap();
+        trainer
+            .step(&mut model, &inputs, &targets, Some((&labels, &soft)), 3, 11)
+            .unwrap();
+        let d = c.d_model;
+        let changed: Vec<u32> = (0..c.n_items as u32)
+            .filter(|&i| {
+                let span = i as usize * d..(i as usize + 1) * d;
+                model.weights.item[span.clone()] != before[span]
+            })
+            .collect();
+        let mut own: Vec<u32> = (0..=10).collect();
+        for row in 0..labels.len() {
+            own.extend_from_slice(labels.target(row).items);
+        }
+        own.sort_unstable();
+        own.dedup();
+        for i in &own {
+            assert!(changed.contains(i), "item {i} of the batch was not updated");
+        }
+        // Besides them, at most the 16 draws.
+        let others = changed.iter().filter(|i| !own.contains(i)).count();
+        assert!(others <= 16, "{others} rows outside the batch changed");
+    }
+
     fn sampled_step_touches_only_the_batch(in_batch: bool) {
         let mut c = config(0);
         c.n_items = 5000;
@@ -855,7 +1114,7 @@ mod tests {
         s.in_batch = in_batch;
         let mut trainer = Trainer::new(&model, &dataset(c.n_items), &s).unwrap();
         trainer
-            .step(&mut model, &inputs, &targets, &[], 3, 11)
+            .step(&mut model, &inputs, &targets, None, 3, 11)
             .unwrap();
         let changed: Vec<usize> = (0..c.n_items)
             .filter(|&i| {

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 
 use super::candle::{CandleSteps, device};
 use super::cpu::Trainer;
-use super::distillation::{Distillation, NO_LABEL, SoftLabels};
+use super::distillation::{Distillation, LabelSource, NO_LABEL, ShuffleBuffer, SoftRows, Turn};
 use super::pool::thread_pool;
 use super::steps::{Steps, TrainSettings};
 use super::stopping::{EarlyStopping, EpochLog};
@@ -57,22 +57,17 @@ pub fn fit(
     fit_with(model, dataset, settings, &mut trainer, None)
 }
 
-/// Trains `model` like [`fit`], its loss mixing the hard labels with
-/// `distillation`'s soft labels.
+/// Trains `model` like [`fit`], its loss mixing the hard labels with the
+/// soft labels `labels` streams, as `distillation` says.
 pub fn fit_distilled(
     model: SasRec,
     dataset: &Dataset,
     settings: &TrainSettings,
     distillation: Arc<Distillation>,
+    labels: &mut dyn LabelSource,
 ) -> Result<(SasRec, Vec<EpochLog>)> {
-    let mut trainer = Trainer::distilling(&model, dataset, settings, Arc::clone(&distillation))?;
-    fit_with(
-        model,
-        dataset,
-        settings,
-        &mut trainer,
-        Some(&distillation.labels),
-    )
+    let mut trainer = Trainer::distilling(&model, dataset, settings, distillation)?;
+    fit_with(model, dataset, settings, &mut trainer, Some(labels))
 }
 
 /// Users' train sequences with at least one next item to learn, with
@@ -94,27 +89,48 @@ pub fn train_sequences(dataset: &Dataset) -> Result<Vec<(usize, Vec<u32>)>> {
 /// The epoch loop: shuffled batches of one window per user (their most
 /// recent `max_len` train items), validation NDCG@10 after every epoch,
 /// early stopping with patience and the best epoch's weights restored.
-/// With `labels`, each target slot gets its soft-label row.
+/// With `labels`, users come in the order of a [`ShuffleBuffer`] of
+/// `settings.label_buffer` rows over the soft labels streamed from it, and
+/// each target slot gets its soft-label row.
 pub fn fit_with(
     mut model: SasRec,
     dataset: &Dataset,
     settings: &TrainSettings,
     steps_by: &mut dyn Steps,
-    labels: Option<&SoftLabels>,
+    mut labels: Option<&mut dyn LabelSource>,
 ) -> Result<(SasRec, Vec<EpochLog>)> {
     let c = model.config;
     let sequences = train_sequences(dataset)?;
+    let mut sequence_of = vec![usize::MAX; dataset.n_users()];
+    for (s, (user, _)) in sequences.iter().enumerate() {
+        sequence_of[*user] = s;
+    }
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     let b = settings.batch_size;
     let mut inputs = vec![PAD; b * c.max_len];
     let mut targets = vec![PAD; b * c.max_len];
-    let mut soft = vec![NO_LABEL; if labels.is_some() { b * c.max_len } else { 0 }];
+    let k = labels.as_ref().map_or(0, |l| l.info().k);
+    let distilling = labels.is_some();
+    let mut soft = vec![NO_LABEL; if distilling { b * c.max_len } else { 0 }];
+    let mut turns: Vec<Turn> = Vec::with_capacity(b);
     let mut stopping = EarlyStopping::new(&settings.label, settings.patience, dataset);
     let steps = sequences.len().div_ceil(b);
     let mut step_count = 0u64;
     for epoch in 1..=settings.epochs {
-        order.shuffle(&mut rng);
+        let mut buffer = match labels.as_deref_mut() {
+            Some(source) => Some(ShuffleBuffer::start(
+                source,
+                &sequence_of,
+                settings.label_buffer,
+                rng.random(),
+            )?),
+            None => {
+                order.shuffle(&mut rng);
+                None
+            }
+        };
+        let mut in_order = order.iter();
         let progress = crate::progress::bar(
             steps as u64,
             &format!(
@@ -125,41 +141,75 @@ pub fn fit_with(
         );
         let started = Instant::now();
         let mut loss_sum = 0.0;
-        for chunk in order.chunks(b) {
-            let n = chunk.len() * c.max_len;
-            for (slot, &s) in chunk.iter().enumerate() {
-                let (user, sequence) = &sequences[s];
+        loop {
+            turns.clear();
+            while turns.len() < b {
+                let turn = match &mut buffer {
+                    Some(buffer) => buffer.next(&mut rng)?,
+                    None => in_order.next().map(|&s| (s, None)),
+                };
+                match turn {
+                    Some(turn) => turns.push(turn),
+                    None => break,
+                }
+            }
+            if turns.is_empty() {
+                break;
+            }
+            let n = turns.len() * c.max_len;
+            let mut batch_labels = SoftRows::new(k);
+            for (slot, (s, rows)) in turns.iter().enumerate() {
+                let (user, sequence) = &sequences[*s];
                 let span = slot * c.max_len..(slot + 1) * c.max_len;
                 fill_window(
                     sequence,
                     &mut inputs[span.clone()],
                     &mut targets[span.clone()],
                 );
-                if let Some(labels) = labels {
-                    for i in 0..c.max_len {
-                        let at = slot * c.max_len + i;
-                        soft[at] = if targets[at] == PAD {
-                            NO_LABEL
-                        } else {
+                if !distilling {
+                    continue;
+                }
+                for i in 0..c.max_len {
+                    let at = slot * c.max_len + i;
+                    let row = rows
+                        .as_ref()
+                        .filter(|_| targets[at] != PAD)
+                        .and_then(|rows| {
                             target_position(sequence.len(), c.max_len, i)
-                                .and_then(|p| labels.row(*user, p))
-                                .map_or(NO_LABEL, |r| r as u32)
-                        };
-                    }
+                                .and_then(|p| rows.row(0, p))
+                                .map(|r| (rows, r))
+                        });
+                    soft[at] = match row {
+                        Some((rows, r)) => {
+                            batch_labels.push_row(*user as u32, rows, r);
+                            (batch_labels.len() - 1) as u32
+                        }
+                        None => NO_LABEL,
+                    };
                 }
             }
             step_count += 1;
             let step_seed = rng.random::<u64>() ^ step_count;
+            let slot_labels = distilling.then(|| (&batch_labels, &soft[..n]));
             loss_sum += steps_by.step(
                 &mut model,
                 &inputs[..n],
                 &targets[..n],
-                &soft[..soft.len().min(n)],
-                chunk.len(),
+                slot_labels,
+                turns.len(),
                 step_seed,
             )?;
             progress.inc(1);
         }
+        if let Some(buffer) = &buffer {
+            tracing::debug!(
+                model = %settings.label,
+                epoch,
+                peak_rows = buffer.peak_rows(),
+                "soft-label shuffle buffer"
+            );
+        }
+        drop(buffer);
         let seconds = started.elapsed().as_secs_f64();
         progress.finish_and_clear();
         steps_by.sync(&mut model)?;

@@ -38,14 +38,29 @@ impl LossMix {
     /// logits and is overwritten with `weight · ∂loss/∂logits`. `hard` is the
     /// next item, `soft` the teacher's soft label of the position; without a
     /// soft label the loss is the hard cross-entropy alone.
+    ///
+    /// With `offsets` (a sampled softmax: `row` holds only some classes), each
+    /// class's log-Q correction `−ln P(drawn)` is added to its logit before
+    /// every softmax, scaled by that softmax's temperature, so that the
+    /// classes not in `row` are estimated by the drawn ones. Classes always
+    /// present have offset 0, masked ones logit −∞.
     pub fn row_loss(
         &self,
         row: &mut [f32],
         hard: usize,
         soft: Option<SoftTarget<'_>>,
         weight: f32,
+        offsets: Option<&[f32]>,
     ) -> f64 {
+        let shift = |row: &mut [f32], scale: f32| {
+            if let Some(offsets) = offsets {
+                for (v, o) in row.iter_mut().zip(offsets) {
+                    *v += scale * o;
+                }
+            }
+        };
         let Some(soft) = soft else {
+            shift(row, 1.0);
             return cross_entropy(row, hard, weight);
         };
         let logits = row.to_vec();
@@ -53,6 +68,7 @@ impl LossMix {
         let mut loss = 0.0;
         if self.alpha > 0.0 {
             row.copy_from_slice(&logits);
+            shift(row, 1.0);
             loss += f64::from(self.alpha) * cross_entropy(row, hard, self.alpha);
             add(&mut grad, row);
         }
@@ -61,9 +77,18 @@ impl LossMix {
             for &part in &self.family.0 {
                 row.copy_from_slice(&logits);
                 let l = match part {
-                    SoftLoss::Kl => kl(row, &soft, self.temperature),
-                    SoftLoss::Mse => mse(row, &soft, self.temperature),
-                    SoftLoss::Rank => rank(row, &soft, self.rank_decay),
+                    SoftLoss::Kl => {
+                        shift(row, self.temperature);
+                        kl(row, &soft, self.temperature)
+                    }
+                    SoftLoss::Mse => {
+                        shift(row, self.temperature);
+                        mse(row, &soft, self.temperature)
+                    }
+                    SoftLoss::Rank => {
+                        shift(row, 1.0);
+                        rank(row, &soft, self.rank_decay)
+                    }
                 };
                 loss += f64::from(w) * l;
                 for (g, r) in grad.iter_mut().zip(row.iter()) {
@@ -371,7 +396,7 @@ mod tests {
         };
         assert_eq!(mix.label(), "ce+kl+rank");
         let mut row = STUDENT;
-        let loss = mix.row_loss(&mut row, 2, Some(SOFT), 0.5);
+        let loss = mix.row_loss(&mut row, 2, Some(SOFT), 0.5, None);
         let (mut a, mut b, mut c) = (STUDENT, STUDENT, STUDENT);
         let want = 0.25 * cross_entropy(&mut a, 2, 1.0)
             + 0.75 * (kl(&mut b, &SOFT, 2.0) + rank(&mut c, &SOFT, 1.0));
@@ -383,7 +408,7 @@ mod tests {
         // Without a soft label the position falls back to the hard label.
         let mut row = STUDENT;
         let mut hard = STUDENT;
-        let loss = mix.row_loss(&mut row, 2, None, 0.5);
+        let loss = mix.row_loss(&mut row, 2, None, 0.5, None);
         assert!((loss - cross_entropy(&mut hard, 2, 0.5)).abs() < 1e-9);
         assert_eq!(row, hard);
     }

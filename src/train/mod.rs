@@ -6,7 +6,7 @@
 //! fit ──► steps::Steps: cpu::Trainer (hand-written passes, Adam, sampler)
 //!  │                    candle::CandleSteps (autograd on any candle device)
 //!  ├──► stopping (validation, early stopping) ──► history (training/<model>.parquet)
-//!  └──► distillation (soft labels held by user and position) ──► losses
+//!  └──► distillation (soft labels streamed through a shuffle buffer) ──► losses
 //! meanpool: the baseline's own candle loop, with the same early stopping
 //! ```
 
@@ -21,10 +21,12 @@ pub mod pool;
 pub mod steps;
 pub mod stopping;
 
-pub use distillation::{Distillation, NO_LABEL, SoftLabels};
+pub use distillation::{
+    Distillation, HeldLabels, LabelInfo, LabelSource, NO_LABEL, ShuffleBuffer, SoftRows,
+};
 pub use fit::{
     fill_window, fit, fit_distilled, fit_on_device, fit_with, target_position, train_sequences,
 };
 pub use pool::thread_pool;
-pub use steps::{Steps, TrainSettings};
+pub use steps::{SlotLabels, Steps, TrainSettings};
 pub use stopping::{EarlyStopping, EpochLog, best_epoch};

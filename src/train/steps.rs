@@ -3,7 +3,8 @@
 //! (`cpu::Trainer`), candle's autograd (`candle::CandleSteps`), or a wrapper
 //! such as the compress stage's constrained recovery.
 
-use crate::config::{LinkSpec, Sampling, Softmax, TeacherSpec};
+use super::distillation::SoftRows;
+use crate::config::{DistillSpec, LinkSpec, Sampling, Softmax, TeacherSpec};
 use crate::error::Result;
 use crate::model::sasrec::SasRec;
 
@@ -32,6 +33,8 @@ pub struct TrainSettings {
     pub sampling: Sampling,
     /// Sampled softmax: the batch's other targets are negatives too.
     pub in_batch: bool,
+    /// Distillation: rows of soft labels the shuffle buffer holds.
+    pub label_buffer: usize,
     /// Seed of shuffling, dropout and sampling.
     pub seed: u64,
     /// Progress bar label (the model name).
@@ -53,14 +56,20 @@ impl TrainSettings {
             negatives: spec.negatives,
             sampling: spec.sampling,
             in_batch: spec.in_batch,
+            label_buffer: 0,
             seed,
             label: label.to_string(),
         }
     }
 
-    /// The optimization settings of a distillation chain link (full
-    /// softmax: the soft losses need every logit).
-    pub fn for_link(link: &LinkSpec, seed: u64, label: &str) -> TrainSettings {
+    /// The optimization settings of a distillation chain link `link` of
+    /// `distill` (whose softmax and negatives every link shares).
+    pub fn for_link(
+        distill: &DistillSpec,
+        link: &LinkSpec,
+        seed: u64,
+        label: &str,
+    ) -> TrainSettings {
         TrainSettings {
             batch_size: link.batch_size,
             lr: link.lr,
@@ -69,27 +78,34 @@ impl TrainSettings {
             weight_decay: link.weight_decay,
             epochs: link.epochs,
             patience: link.patience,
-            softmax: Softmax::Full,
-            negatives: 0,
-            sampling: Sampling::Uniform,
+            softmax: distill.softmax,
+            negatives: distill.negatives,
+            sampling: distill.sampling,
             in_batch: false,
+            label_buffer: distill.shuffle_buffer,
             seed,
             label: label.to_string(),
         }
     }
 }
 
+/// A batch's soft labels and each window slot's row of them.
+pub type SlotLabels<'a> = Option<(&'a SoftRows, &'a [u32])>;
+
 /// One way of taking optimization steps: the CPU trainer, or candle's
 /// autograd on a device.
 pub trait Steps {
     /// One step on `batch` windows; returns the mean loss. `soft` gives
-    /// each slot's soft-label row (empty without distillation).
+    /// the batch's soft labels and each slot's row of them ([`NO_LABEL`]
+    /// for none; `None` without distillation).
+    ///
+    /// [`NO_LABEL`]: super::NO_LABEL
     fn step(
         &mut self,
         model: &mut SasRec,
         inputs: &[u32],
         targets: &[u32],
-        soft: &[u32],
+        soft: SlotLabels<'_>,
         batch: usize,
         step_seed: u64,
     ) -> Result<f64>;

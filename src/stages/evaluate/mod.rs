@@ -13,7 +13,7 @@ use crate::artifacts::recommendations::{recommendation_batch, recommendations_sc
 use crate::config::Job;
 use crate::dataset::{Dataset, Split, Target};
 use crate::error::{Error, Result};
-use crate::lake::WrittenObject;
+use crate::lake::{RowGroups, WrittenObject};
 use crate::model::score::{MetricSums, Metrics, Speed, measure_speed, rank_targets};
 use crate::model::{ModelArtifact, Scorer};
 use crate::run::RunFolder;
@@ -128,7 +128,7 @@ async fn evaluate_one(
     let producer_schema = Arc::clone(&schema);
     let (timed_data, timed_targets) = (Arc::clone(&dataset), Arc::clone(&targets));
     let ((metrics, tops), written) = run
-        .write_parquet_from(&rel, schema, vec![], move |sink| {
+        .write_parquet_from(&rel, schema, vec![], RowGroups::Bounded, move |sink| {
             let mut sums = MetricSums::new(&ks);
             let mut tops = Vec::with_capacity(targets.len() * OVERLAP_K);
             rank_targets(
