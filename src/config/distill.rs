@@ -170,6 +170,49 @@ impl DistillSpec {
             .collect()
     }
 
+    /// The names of the models the chain trains, in training order: per
+    /// seed, the assistants, `<student>-scratch`, then
+    /// `<student>-<route>-<loss>` for each route and loss family. Families
+    /// that do not parse are skipped ([`DistillSpec::validate`] refuses them).
+    pub fn trained_models(&self) -> Vec<String> {
+        let families: Vec<String> = self
+            .losses
+            .iter()
+            .filter_map(|f| f.parse::<LossFamily>().ok())
+            .map(|f| f.to_string().replace('+', "-"))
+            .collect();
+        let suffixes: Vec<String> = if self.seeds.is_empty() {
+            vec![String::new()]
+        } else {
+            self.seeds.iter().map(|s| format!("-s{s}")).collect()
+        };
+        let mut routes = Vec::new();
+        if self.direct || self.assistants.is_empty() {
+            routes.push("kd-teacher");
+        }
+        if !self.assistants.is_empty() {
+            routes.push("kd-assistant");
+        }
+        let student = &self.student.name;
+        let mut names = Vec::new();
+        for suffix in &suffixes {
+            names.extend(
+                self.assistants
+                    .iter()
+                    .map(|a| format!("{}{suffix}", a.name)),
+            );
+            if self.scratch {
+                names.push(format!("{student}-scratch{suffix}"));
+            }
+            for route in &routes {
+                for family in &families {
+                    names.push(format!("{student}-{route}-{family}{suffix}"));
+                }
+            }
+        }
+        names
+    }
+
     /// A link's α.
     pub fn alpha_of(&self, link: &LinkSpec) -> f32 {
         link.alpha.unwrap_or(self.alpha)

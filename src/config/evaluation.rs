@@ -16,6 +16,11 @@ pub struct EvaluationSpec {
     /// Users scored one at a time for each model's latency percentiles
     /// (0: no latency or throughput measured).
     pub latency_users: usize,
+    /// Early stopping validates every trained model after each epoch on an
+    /// evenly spaced sample of this many users' valid targets (the same
+    /// users for every model); 0 for every user. The evaluation tables
+    /// always rank every test user.
+    pub valid_users: usize,
 }
 
 impl Default for EvaluationSpec {
@@ -25,6 +30,7 @@ impl Default for EvaluationSpec {
             recommend_k: 0,
             batch_users: 256,
             latency_users: 200,
+            valid_users: 0,
         }
     }
 }

@@ -352,6 +352,13 @@ impl JobSpec {
         }
         if self.compress.enabled && self.distill.enabled {
             self.compress.validate().map_err(at)?;
+            let trained = self.distill.trained_models();
+            if let Some(missing) = self.compress.models.iter().find(|m| !trained.contains(m)) {
+                return Err(at(format!(
+                    "compress.models names {missing:?}, which the distill chain does not train (it trains {})",
+                    trained.join(", ")
+                )));
+            }
         }
         if !self.models.any_enabled() {
             return Err(at("no model is enabled under [models]".into()));
@@ -403,7 +410,18 @@ mod tests {
             ("distill.student.name=\"../x\"", "not allowed"),
             ("distill.student.heads=3", "multiple of heads"),
             ("models.teacher.enabled=false", "needs [models.teacher]"),
+            ("distill.shuffle_buffer=0", "shuffle_buffer"),
+            (
+                "compress.models=[\"student-kd-teacher-ce\"]",
+                "which the distill chain does not train",
+            ),
         ];
+        let sampled_without_negatives = [
+            "distill.softmax=\"sampled\"".to_string(),
+            "distill.negatives=0".to_string(),
+        ];
+        let err = Job::parse("", "t.toml", None, &sampled_without_negatives).unwrap_err();
+        assert!(err.to_string().contains("negatives"), "{err}");
         for (set, want) in bad {
             let err = Job::parse("", "t.toml", None, &[set.to_string()]).unwrap_err();
             assert_eq!(err.exit_code(), crate::error::exit_code::CONFIG, "{set}");
@@ -417,9 +435,41 @@ mod tests {
         )
         .unwrap();
         let d = &job.spec.distill;
+        assert_eq!(
+            d.trained_models(),
+            ["student-scratch", "student-kd-teacher-kl-rank"]
+        );
         assert_eq!(d.links().len(), 1);
         assert_eq!(d.alpha_of(&d.student), 0.0);
         assert_eq!(d.temperature_of(&d.student), 2.0);
+    }
+
+    #[test]
+    fn the_chain_names_its_models_and_every_shipped_job_is_valid() {
+        let d = DistillSpec::default();
+        assert_eq!(
+            d.trained_models(),
+            [
+                "assistant",
+                "student-scratch",
+                "student-kd-teacher-kl",
+                "student-kd-teacher-mse",
+                "student-kd-teacher-rank",
+                "student-kd-assistant-kl",
+                "student-kd-assistant-mse",
+                "student-kd-assistant-rank",
+            ]
+        );
+        let jobs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&jobs).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Job::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4, "{checked} job files");
     }
 
     #[test]

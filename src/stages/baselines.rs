@@ -29,11 +29,13 @@ pub async fn train_baselines(
     }
     if spec.meanpool.enabled {
         let (meanpool_spec, seed) = (spec.meanpool.clone(), job.spec.seed);
+        let valid_users = job.spec.evaluation.valid_users;
         let data = Arc::clone(&dataset);
-        let (model, log) =
-            tokio::task::spawn_blocking(move || train::meanpool::fit(&data, &meanpool_spec, seed))
-                .await
-                .map_err(|e| Error::internal(format!("meanpool training failed: {e}")))??;
+        let (model, log) = tokio::task::spawn_blocking(move || {
+            train::meanpool::fit(&data, &meanpool_spec, seed, valid_users)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("meanpool training failed: {e}")))??;
         let artifact = model.to_artifact("meanpool")?;
         out.written
             .extend(write_trained(run, &artifact, Some(&log)).await?);

@@ -100,6 +100,7 @@ pub async fn compress_models(
                 distill: job.spec.distill.clone(),
                 seed: job.spec.seed,
                 threads: job.spec.threads,
+                valid_users: job.spec.evaluation.valid_users,
                 source_loss: source.card.loss.clone(),
             };
             let (data, labels, dense, variant_in) = (
@@ -153,6 +154,7 @@ struct Plan {
     distill: DistillSpec,
     seed: u64,
     threads: usize,
+    valid_users: usize,
     source_loss: Option<String>,
 }
 
@@ -186,6 +188,7 @@ fn make_variant(
     {
         let student = &plan.distill.student;
         let mut settings = TrainSettings::for_link(&plan.distill, student, plan.seed, label);
+        settings.valid_users = plan.valid_users;
         settings.epochs = plan.spec.recovery_epochs;
         settings.patience = plan.spec.recovery_patience;
         if plan.spec.recovery_lr > 0.0 {

@@ -165,7 +165,9 @@ async fn train_link(
     config
         .validate()
         .map_err(|e| Error::config(format!("distill link {:?}: {e}", plan.link.name)))?;
-    let settings = TrainSettings::for_link(&job.spec.distill, &plan.link, plan.seed, &plan.name);
+    let mut settings =
+        TrainSettings::for_link(&job.spec.distill, &plan.link, plan.seed, &plan.name);
+    settings.valid_users = job.spec.evaluation.valid_users;
     let loss = plan
         .distillation
         .as_ref()

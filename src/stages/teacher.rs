@@ -48,7 +48,8 @@ pub async fn train_teachers(
         config
             .validate()
             .map_err(|e| Error::config(format!("models.teacher in {}: {e}", job.source)))?;
-        let settings = TrainSettings::for_teacher(spec, job.spec.seed, name);
+        let mut settings = TrainSettings::for_teacher(spec, job.spec.seed, name);
+        settings.valid_users = job.spec.evaluation.valid_users;
         let (device, threads) = (job.spec.device.clone(), job.spec.threads);
         let data = Arc::clone(&dataset);
         let (model, log) = tokio::task::spawn_blocking(move || {

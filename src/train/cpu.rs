@@ -722,6 +722,7 @@ mod tests {
             sampling,
             in_batch: true,
             label_buffer: 64,
+            valid_users: 0,
             seed: 7,
             label: "test".into(),
         }

@@ -114,7 +114,12 @@ pub fn fit_with(
     let distilling = labels.is_some();
     let mut soft = vec![NO_LABEL; if distilling { b * c.max_len } else { 0 }];
     let mut turns: Vec<Turn> = Vec::with_capacity(b);
-    let mut stopping = EarlyStopping::new(&settings.label, settings.patience, dataset);
+    let mut stopping = EarlyStopping::new(
+        &settings.label,
+        settings.patience,
+        dataset,
+        settings.valid_users,
+    );
     let steps = sequences.len().div_ceil(b);
     let mut step_count = 0u64;
     for epoch in 1..=settings.epochs {

@@ -28,8 +28,14 @@ struct Params {
 }
 
 /// Trains a mean-pool model on `dataset`'s train split, early-stopping on
-/// its valid split. Returns the best epoch's model and the per-epoch log.
-pub fn fit(dataset: &Dataset, spec: &MeanPoolSpec, seed: u64) -> Result<(MeanPool, Vec<EpochLog>)> {
+/// its valid split (`valid_users` of it, as [`EarlyStopping::new`]).
+/// Returns the best epoch's model and the per-epoch log.
+pub fn fit(
+    dataset: &Dataset,
+    spec: &MeanPoolSpec,
+    seed: u64,
+    valid_users: usize,
+) -> Result<(MeanPool, Vec<EpochLog>)> {
     let device = Device::Cpu;
     let n = dataset.n_items();
     let d = spec.d_model;
@@ -66,7 +72,7 @@ pub fn fit(dataset: &Dataset, spec: &MeanPoolSpec, seed: u64) -> Result<(MeanPoo
             "no user has two train events: nothing to learn a next item from",
         ));
     }
-    let mut stopping = EarlyStopping::new("meanpool", spec.patience, dataset);
+    let mut stopping = EarlyStopping::new("meanpool", spec.patience, dataset, valid_users);
     let steps = examples.len().div_ceil(spec.batch_size);
     for epoch in 1..=spec.epochs {
         let started = Instant::now();
@@ -224,7 +230,7 @@ mod tests {
             lr: 0.02,
             ..MeanPoolSpec::default()
         };
-        let (model, log) = fit(&data, &spec, 7).unwrap();
+        let (model, log) = fit(&data, &spec, 7, 0).unwrap();
         assert!(
             log.last().unwrap().loss < log[0].loss,
             "loss must fall: {log:?}"
@@ -251,8 +257,8 @@ mod tests {
             epochs: 2,
             ..MeanPoolSpec::default()
         };
-        let (a, _) = fit(&data, &spec, 3).unwrap();
-        let (b, _) = fit(&data, &spec, 3).unwrap();
+        let (a, _) = fit(&data, &spec, 3, 0).unwrap();
+        let (b, _) = fit(&data, &spec, 3, 0).unwrap();
         assert_eq!(
             a.to_artifact("m").unwrap().bytes,
             b.to_artifact("m").unwrap().bytes

@@ -35,6 +35,8 @@ pub struct TrainSettings {
     pub in_batch: bool,
     /// Distillation: rows of soft labels the shuffle buffer holds.
     pub label_buffer: usize,
+    /// Users early stopping validates on (0: all; `evaluation.valid_users`).
+    pub valid_users: usize,
     /// Seed of shuffling, dropout and sampling.
     pub seed: u64,
     /// Progress bar label (the model name).
@@ -57,6 +59,7 @@ impl TrainSettings {
             sampling: spec.sampling,
             in_batch: spec.in_batch,
             label_buffer: 0,
+            valid_users: 0,
             seed,
             label: label.to_string(),
         }
@@ -83,6 +86,7 @@ impl TrainSettings {
             sampling: distill.sampling,
             in_batch: false,
             label_buffer: distill.shuffle_buffer,
+            valid_users: 0,
             seed,
             label: label.to_string(),
         }

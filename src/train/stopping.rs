@@ -27,6 +27,16 @@ pub fn best_epoch(log: &[EpochLog]) -> Option<&EpochLog> {
         .max_by(|a, b| a.valid_ndcg_10.total_cmp(&b.valid_ndcg_10))
 }
 
+/// `n` of `targets`, evenly spaced (all of them for `n` = 0 or more than
+/// there are): the same users for every model of a run.
+pub fn valid_sample(targets: Vec<Target>, n: usize) -> Vec<Target> {
+    if n == 0 || targets.len() <= n {
+        return targets;
+    }
+    let len = targets.len();
+    (0..n).map(|i| targets[i * len / n]).collect()
+}
+
 /// The end of every epoch: validation NDCG@10/HR@10, the log line and
 /// history row, and early stopping that keeps the best epoch's state.
 pub struct EarlyStopping<T> {
@@ -39,13 +49,19 @@ pub struct EarlyStopping<T> {
 }
 
 impl<T> EarlyStopping<T> {
-    /// Validates on `dataset`'s valid split; stops after `patience` epochs
-    /// without a better NDCG@10.
-    pub fn new(label: &str, patience: usize, dataset: &Dataset) -> EarlyStopping<T> {
+    /// Validates on `dataset`'s valid split — on `valid_users` of its
+    /// targets, evenly spaced, when it has more (0: all); stops after
+    /// `patience` epochs without a better NDCG@10.
+    pub fn new(
+        label: &str,
+        patience: usize,
+        dataset: &Dataset,
+        valid_users: usize,
+    ) -> EarlyStopping<T> {
         EarlyStopping {
             label: label.to_string(),
             patience,
-            valid: dataset.targets(Split::Valid),
+            valid: valid_sample(dataset.targets(Split::Valid), valid_users),
             best: None,
             since_best: 0,
             log: Vec::new(),
@@ -118,5 +134,29 @@ impl<T> EarlyStopping<T> {
     /// The best epoch's state (`None` if no epoch ended) and the history.
     pub fn finish(self) -> (Option<T>, Vec<EpochLog>) {
         (self.best.map(|(_, state)| state), self.log)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_valid_sample_is_evenly_spaced_and_all_for_zero_or_few() {
+        let targets: Vec<Target> = (0..10)
+            .map(|u| Target {
+                user: u,
+                position: 3,
+                item: 100 + u,
+            })
+            .collect();
+        let users = |t: &[Target]| t.iter().map(|t| t.user).collect::<Vec<_>>();
+        assert_eq!(users(&valid_sample(targets.clone(), 4)), [0, 2, 5, 7]);
+        assert_eq!(
+            users(&valid_sample(targets.clone(), 0)),
+            (0..10).collect::<Vec<_>>()
+        );
+        assert_eq!(users(&valid_sample(targets.clone(), 10)).len(), 10);
+        assert_eq!(users(&valid_sample(targets, 25)).len(), 10);
     }
 }
