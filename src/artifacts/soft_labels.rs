@@ -30,9 +30,6 @@ use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::arrow_reader::ArrowReaderMetadata;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
 use crate::config::DistillSpec;
@@ -47,7 +44,9 @@ use crate::model::sasrec::cpu::{self, Workspace};
 use crate::model::sasrec::{PAD, SasRec};
 use crate::model::score::top_k;
 use crate::run::RunFolder;
-use crate::train::{LabelInfo, LabelSource, SoftRows, fill_window, target_position, thread_pool};
+use crate::train::{
+    GroupOrder, LabelInfo, LabelSource, SoftRows, fill_window, target_position, thread_pool,
+};
 
 /// Metadata key: K, the length of every list.
 pub const META_K: &str = "recdistill.soft_labels.k";
@@ -377,8 +376,7 @@ pub struct SoftLabelFile {
     runtime: tokio::runtime::Handle,
     dataset: Arc<Dataset>,
     user_index: Arc<HashMap<String, u32>>,
-    order: Vec<usize>,
-    next: usize,
+    order: GroupOrder,
 }
 
 impl std::fmt::Debug for SoftLabelFile {
@@ -489,8 +487,7 @@ pub async fn open_soft_labels(
         runtime: tokio::runtime::Handle::current(),
         dataset: Arc::clone(dataset),
         user_index: Arc::new(user_index(dataset)?),
-        order: (0..groups).collect(),
-        next: 0,
+        order: GroupOrder::new(groups),
     };
     // Every row group once, in file order: each user's rows in one group.
     let mut group_of = vec![u32::MAX; dataset.n_users()];
@@ -578,16 +575,14 @@ impl LabelSource for SoftLabelFile {
     }
 
     fn start_epoch(&mut self, seed: u64) -> Result<()> {
-        self.order.shuffle(&mut StdRng::seed_from_u64(seed));
-        self.next = 0;
+        self.order.start_epoch(seed);
         Ok(())
     }
 
     fn next_group(&mut self) -> Result<Option<SoftRows>> {
-        let Some(&g) = self.order.get(self.next) else {
+        let Some(g) = self.order.next_group() else {
             return Ok(None);
         };
-        self.next += 1;
         // Training runs on a blocking thread; the read is the runtime's.
         self.runtime.block_on(self.group(g)).map(Some)
     }

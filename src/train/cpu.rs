@@ -445,16 +445,12 @@ impl Trainer {
                 for (r, items) in own_items.chunks_exact(own).enumerate() {
                     for (j, &i) in items.iter().enumerate().filter(|(_, i)| **i != PAD) {
                         let g = f32::from_bits(d_own[r * own + j].load(Ordering::Relaxed));
-                        let i = i as usize;
-                        let e = &table[i * d..(i + 1) * d];
-                        for (a, v) in self.dhv[r * d..(r + 1) * d].iter_mut().zip(e) {
-                            *a += g * v;
-                        }
-                        let de = &mut self.d_table[i * d..(i + 1) * d];
-                        for (a, h) in de.iter_mut().zip(&self.hv[r * d..(r + 1) * d]) {
-                            *a += g * h;
-                        }
-                        mark(&mut self.touched, &mut self.touched_flag, i as u32);
+                        let (h, dh) = (
+                            &self.hv[r * d..(r + 1) * d],
+                            &mut self.dhv[r * d..(r + 1) * d],
+                        );
+                        add_row_item_gradient(table, d, i, g, h, dh, &mut self.d_table);
+                        mark(&mut self.touched, &mut self.touched_flag, i);
                     }
                 }
                 add_candidate_gradients(
@@ -565,16 +561,12 @@ impl Trainer {
                 );
                 for (r, &t) in row_targets.iter().enumerate() {
                     let g = f32::from_bits(d_target[r].load(Ordering::Relaxed));
-                    let t = t as usize;
-                    let e = &table[t * d..(t + 1) * d];
-                    for (a, v) in self.dhv[r * d..(r + 1) * d].iter_mut().zip(e) {
-                        *a += g * v;
-                    }
-                    let de = &mut self.d_table[t * d..(t + 1) * d];
-                    for (a, h) in de.iter_mut().zip(&self.hv[r * d..(r + 1) * d]) {
-                        *a += g * h;
-                    }
-                    mark(&mut self.touched, &mut self.touched_flag, t as u32);
+                    let (h, dh) = (
+                        &self.hv[r * d..(r + 1) * d],
+                        &mut self.dhv[r * d..(r + 1) * d],
+                    );
+                    add_row_item_gradient(table, d, t, g, h, dh, &mut self.d_table);
+                    mark(&mut self.touched, &mut self.touched_flag, t);
                 }
                 add_candidate_gradients(
                     &mut self.d_table,
@@ -622,6 +614,28 @@ impl Trainer {
             self.d_table.fill(0.0);
         }
         Ok(loss)
+    }
+}
+
+/// Back-propagates `g`, the loss gradient of a hidden state `h`'s logit
+/// for `item` (a column scored by a dot product of its own, outside the
+/// shared candidate product): into the state's gradient `dh` and the item's
+/// row of `d_table`.
+fn add_row_item_gradient(
+    table: &[f32],
+    d: usize,
+    item: u32,
+    g: f32,
+    h: &[f32],
+    dh: &mut [f32],
+    d_table: &mut [f32],
+) {
+    let i = item as usize;
+    for (a, v) in dh.iter_mut().zip(&table[i * d..(i + 1) * d]) {
+        *a += g * v;
+    }
+    for (a, x) in d_table[i * d..(i + 1) * d].iter_mut().zip(h) {
+        *a += g * x;
     }
 }
 

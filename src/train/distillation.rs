@@ -170,14 +170,44 @@ pub trait LabelSource: Send {
     fn next_group(&mut self) -> Result<Option<SoftRows>>;
 }
 
+/// The order a [`LabelSource`] hands out its groups in: each epoch a
+/// permutation its seed shuffles, walked once.
+#[derive(Debug, Clone)]
+pub struct GroupOrder {
+    order: Vec<usize>,
+    next: usize,
+}
+
+impl GroupOrder {
+    /// Groups `0..groups`, in file order until the first epoch starts.
+    pub fn new(groups: usize) -> GroupOrder {
+        GroupOrder {
+            order: (0..groups).collect(),
+            next: 0,
+        }
+    }
+
+    /// Starts an epoch: the groups in an order `seed` shuffles.
+    pub fn start_epoch(&mut self, seed: u64) {
+        self.order.shuffle(&mut StdRng::seed_from_u64(seed));
+        self.next = 0;
+    }
+
+    /// The epoch's next group, `None` once every group was handed out.
+    pub fn next_group(&mut self) -> Option<usize> {
+        let group = self.order.get(self.next).copied();
+        self.next += usize::from(group.is_some());
+        group
+    }
+}
+
 /// Soft labels held in memory as groups, handed out like a file's row
 /// groups (small label sets and tests).
 #[derive(Debug, Clone)]
 pub struct HeldLabels {
     info: LabelInfo,
     groups: Vec<SoftRows>,
-    order: Vec<usize>,
-    next: usize,
+    order: GroupOrder,
 }
 
 impl HeldLabels {
@@ -185,9 +215,8 @@ impl HeldLabels {
     pub fn new(info: LabelInfo, groups: Vec<SoftRows>) -> HeldLabels {
         HeldLabels {
             info,
-            order: (0..groups.len()).collect(),
+            order: GroupOrder::new(groups.len()),
             groups,
-            next: 0,
         }
     }
 }
@@ -198,15 +227,12 @@ impl LabelSource for HeldLabels {
     }
 
     fn start_epoch(&mut self, seed: u64) -> Result<()> {
-        self.order.shuffle(&mut StdRng::seed_from_u64(seed));
-        self.next = 0;
+        self.order.start_epoch(seed);
         Ok(())
     }
 
     fn next_group(&mut self) -> Result<Option<SoftRows>> {
-        let group = self.order.get(self.next).map(|&g| self.groups[g].clone());
-        self.next += 1;
-        Ok(group)
+        Ok(self.order.next_group().map(|g| self.groups[g].clone()))
     }
 }
 

@@ -22,7 +22,7 @@ pub mod steps;
 pub mod stopping;
 
 pub use distillation::{
-    Distillation, HeldLabels, LabelInfo, LabelSource, NO_LABEL, ShuffleBuffer, SoftRows,
+    Distillation, GroupOrder, HeldLabels, LabelInfo, LabelSource, NO_LABEL, ShuffleBuffer, SoftRows,
 };
 pub use fit::{
     fill_window, fit, fit_distilled, fit_on_device, fit_with, target_position, train_sequences,
