@@ -6,6 +6,13 @@ and so is 5 (another run of the same date holds the run folder: a retry after
 `retry_delay` finds it free, also when that run was killed, since its lease
 expires after `lake.lease_s`); 3 (invalid input data) and 2 (configuration) fail again until the data or the
 job file is fixed, so alert on them rather than wait for the retries.
+
+The two expensive model stages, soft-labels and evaluate, fan out over
+SHARDS mapped tasks (dynamic task mapping): `--shard I/N` writes part I of N
+on its own, possibly on another worker, and the next stage (distill, then
+commit) joins the parts into exactly what one unsharded task writes. It
+refuses with exit 2 if a part is missing or two shardings overlap; a mapped
+task killed mid-write leaves no part and is simply retried.
 """
 
 from datetime import datetime, timedelta
@@ -19,12 +26,24 @@ LAKE = "s3://my-bucket/lake"
 COMMON = f"--job {JOB} --lake {LAKE} --run-date {{{{ ds }}}} --log-format json"
 
 
-def stage(name: str) -> BashOperator:
+SHARDS = 4
+SHARDED = ("soft-labels", "evaluate")
+RETRIES = {"retries": 3, "retry_delay": timedelta(minutes=10)}
+
+
+def stage(name: str):
+    if name in SHARDED:
+        # One mapped task instance per part, 0/N … N-1/N.
+        return BashOperator.partial(task_id=f"recdistill_{name}", **RETRIES).expand(
+            bash_command=[
+                f"{RECDISTILL} stage {name} {COMMON} --shard {i}/{SHARDS}"
+                for i in range(SHARDS)
+            ]
+        )
     return BashOperator(
         task_id=f"recdistill_{name}",
         bash_command=f"{RECDISTILL} stage {name} {COMMON}",
-        retries=3,
-        retry_delay=timedelta(minutes=10),
+        **RETRIES,
     )
 
 

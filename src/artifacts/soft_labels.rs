@@ -16,6 +16,7 @@
 //! is exact at the file's temperature `T`.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -44,6 +45,7 @@ use crate::model::sasrec::cpu::{self, Workspace};
 use crate::model::sasrec::{PAD, SasRec};
 use crate::model::score::top_k;
 use crate::run::RunFolder;
+use crate::run::shard::Shard;
 use crate::train::{
     GroupOrder, LabelInfo, LabelSource, SoftRows, fill_window, target_position, thread_pool,
 };
@@ -135,12 +137,24 @@ fn labelled_positions(
     (train_len + 1).saturating_sub(m).max(1)..=train_len
 }
 
-/// Runs `model` over every user's train sequence, `USERS_PER_BATCH` users
-/// at a time, handing each batch of soft-label rows to `sink`.
+/// The users a shard labels: its share of the `USERS_PER_BATCH`-user
+/// batches, so the shards' batches are the unsharded stage's batches.
+pub fn shard_users(n_users: usize, shard: Option<Shard>) -> Range<usize> {
+    let Some(shard) = shard else {
+        return 0..n_users;
+    };
+    let batches = shard.units(n_users.div_ceil(USERS_PER_BATCH));
+    (batches.start * USERS_PER_BATCH).min(n_users)..(batches.end * USERS_PER_BATCH).min(n_users)
+}
+
+/// Runs `model` over the train sequences of `users`, `USERS_PER_BATCH`
+/// users at a time, handing each batch of soft-label rows to `sink`.
+#[allow(clippy::too_many_arguments)]
 pub fn label_users(
     model: &SasRec,
     name: &str,
     dataset: &Dataset,
+    users: Range<usize>,
     settings: &SoftLabelSettings,
     schema: &SchemaRef,
     mut sink: impl FnMut(RecordBatch) -> Result<()>,
@@ -156,7 +170,7 @@ pub fn label_users(
     let mut logits = vec![0.0f32; ROWS_PER_BLOCK * n_items];
     let mut targets = vec![PAD; USERS_PER_BATCH * len];
     let mut rows_total = 0;
-    let users: Vec<usize> = (0..dataset.n_users()).collect();
+    let users: Vec<usize> = users.collect();
     for chunk in users.chunks(USERS_PER_BATCH) {
         let b = chunk.len();
         let trains: Vec<Vec<u32>> = chunk.iter().map(|&u| dataset.train_items(u)).collect();
@@ -309,6 +323,26 @@ pub async fn write_soft_labels(
     settings: SoftLabelSettings,
     threads: usize,
 ) -> Result<(WrittenObject, usize)> {
+    let rel = soft_labels_path(&artifact.card.name);
+    write_soft_label_part(run, dataset, artifact, settings, threads, None, &rel).await
+}
+
+/// Key-value metadata of a shard's part: which part (`I/N`). The joined
+/// file leaves it out.
+pub const META_SHARD: &str = "recdistill.soft_labels.shard";
+
+/// [`write_soft_labels`] for the users of `shard` (all users without one),
+/// to `rel` in the run folder. A part has one row group per batch of users,
+/// so [`gather_soft_labels`] can give the writer the unsharded batches.
+pub async fn write_soft_label_part(
+    run: &RunFolder,
+    dataset: Arc<Dataset>,
+    artifact: &ModelArtifact,
+    settings: SoftLabelSettings,
+    threads: usize,
+    shard: Option<Shard>,
+    rel: &str,
+) -> Result<(WrittenObject, usize)> {
     let model = SasRec::from_artifact(artifact)?;
     let name = artifact.card.name.clone();
     let k = settings.k.min(model.config.n_items);
@@ -322,34 +356,62 @@ pub async fn write_soft_labels(
         (META_MODEL_SHA256.to_string(), artifact.sha256()),
         (META_N_ITEMS.to_string(), model.config.n_items.to_string()),
     ];
+    let mut metadata = metadata;
+    let groups = match shard {
+        Some(shard) => {
+            metadata.push((META_SHARD.to_string(), shard.to_string()));
+            RowGroups::PER_BATCH
+        }
+        None => RowGroups::BetweenBatches {
+            rows: ROWS_PER_GROUP,
+        },
+    };
+    let users = shard_users(dataset.n_users(), shard);
     let schema = soft_labels_schema(dataset.user_ids.data_type(), dataset.item_ids.data_type());
     let producer_schema = Arc::clone(&schema);
     let producer_name = name.clone();
     let pool = thread_pool(threads)?;
     let (rows, written) = run
-        .write_parquet_from(
-            &soft_labels_path(&name),
-            schema,
-            metadata,
-            RowGroups::BetweenBatches {
-                rows: ROWS_PER_GROUP,
-            },
-            move |sink| {
-                pool.install(|| {
-                    label_users(
-                        &model,
-                        &producer_name,
-                        &dataset,
-                        &settings,
-                        &producer_schema,
-                        sink,
-                    )
-                })
-            },
-        )
+        .write_parquet_from(rel, schema, metadata, groups, move |sink| {
+            pool.install(|| {
+                label_users(
+                    &model,
+                    &producer_name,
+                    &dataset,
+                    users,
+                    &settings,
+                    &producer_schema,
+                    sink,
+                )
+            })
+        })
         .await?;
     tracing::info!(model = %name, rows, k, temperature = settings.temperature, "soft labels written");
     Ok((written, rows))
+}
+
+/// Joins the shards' parts `parts` (in shard order, relative to the run
+/// folder) into the soft-label file `rel`, byte for byte the file the
+/// unsharded stage writes.
+pub async fn gather_soft_labels(
+    run: &RunFolder,
+    parts: &[String],
+    rel: &str,
+) -> Result<WrittenObject> {
+    let parts: Vec<String> = parts.iter().map(|p| run.rel(p)).collect();
+    let mut written = run
+        .lake()
+        .concat_parquet(
+            &parts,
+            &run.rel(rel),
+            &[META_SHARD],
+            RowGroups::BetweenBatches {
+                rows: ROWS_PER_GROUP,
+            },
+        )
+        .await?;
+    written.path = rel.to_string();
+    Ok(written)
 }
 
 /// What a reader expects of a soft-label file.

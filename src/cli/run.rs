@@ -9,6 +9,7 @@ use crate::config::Job;
 use crate::error::{Error, Result};
 use crate::lake::Lake;
 use crate::model::score::Speed;
+use crate::run::shard::Shard;
 use crate::stages::evaluate::results::ModelResult;
 use crate::stages::{self, RunContext, Stage, StageOutcome};
 use crate::tools::sample::{self, SampleSpec};
@@ -18,6 +19,11 @@ use crate::tools::sample::{self, SampleSpec};
 pub struct StageArgs {
     /// Stage name.
     pub name: String,
+    /// Run part I (0-based) of N of the stage (soft-labels and evaluate
+    /// only), e.g. `--shard 0/4`: each part is written on its own, and the
+    /// next stage joins them into what the unsharded stage writes.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
     /// The job and run.
     #[command(flatten)]
     pub job: JobArgs,
@@ -114,10 +120,11 @@ async fn seed_sample_lake(job: &Job) -> Result<()> {
 /// `recdistill stage NAME`: one stage of a run.
 pub async fn stage(args: StageArgs) -> Result<()> {
     let stage: Stage = args.name.parse()?;
+    let shard: Option<Shard> = args.shard.as_deref().map(str::parse).transpose()?;
     let job = load_job(&args.job)?;
     let date = run_date(&args.job.run_date)?;
     let mut rc = RunContext::new(job, date)?;
-    match stages::run_stage(&mut rc, stage).await? {
+    match stages::run_stage(&mut rc, stage, shard).await? {
         StageOutcome::Validated(ingested) => println!(
             "input valid: {} events in {} files; fingerprint {}",
             ingested.rows, ingested.files, ingested.fingerprint.sha256

@@ -21,6 +21,9 @@ pub struct EvaluationSpec {
     /// users for every model); 0 for every user. The evaluation tables
     /// always rank every test user.
     pub valid_users: usize,
+    /// Throughput (users/s) is timed over whole passes of the first this
+    /// many test users, in batches; 0 for every test user.
+    pub throughput_users: usize,
 }
 
 impl Default for EvaluationSpec {
@@ -31,6 +34,7 @@ impl Default for EvaluationSpec {
             batch_users: 256,
             latency_users: 200,
             valid_users: 0,
+            throughput_users: 20_000,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! [`schema`], the table contracts of `schemas/`. The lake knows the job's
 //! config and nothing of models or runs.
 
+pub mod concat;
 pub mod engine;
 pub mod reader;
 pub mod schema;
@@ -574,6 +575,12 @@ impl Lake {
 
 /// Largest row group a writer buffers, in bytes.
 pub const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+impl RowGroups {
+    /// One row group per batch: a shard's part, whose batches a join
+    /// hands on unchanged (see [`concat`]).
+    pub const PER_BATCH: RowGroups = RowGroups::BetweenBatches { rows: 1 };
+}
 
 /// Where a Parquet writer ends its row groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

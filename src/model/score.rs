@@ -6,6 +6,7 @@
 use std::cmp::Ordering;
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, Target};
 use crate::error::{Error, Result};
@@ -147,7 +148,7 @@ const THROUGHPUT_PASSES: usize = 3;
 const THROUGHPUT_SECONDS: f64 = 0.5;
 
 /// How fast a model recommends, measured in this process.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Speed {
     /// Median milliseconds to score one user and pick their list.
     pub latency_ms_p50: f64,
@@ -279,23 +280,21 @@ pub struct Metrics {
 }
 
 /// Accumulates metrics over ranked targets.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricSums {
     ks: Vec<u32>,
-    hr: Vec<f64>,
-    ndcg: Vec<f64>,
-    mrr: Vec<f64>,
-    users: usize,
+    /// `hits[r]`: targets ranked at `r` (1-based), for `r` up to the largest K.
+    hits: Vec<u64>,
+    users: u64,
 }
 
 impl MetricSums {
     /// Empty sums for cut-offs `ks`.
     pub fn new(ks: &[u32]) -> MetricSums {
+        let top = ks.iter().copied().max().unwrap_or(0) as usize;
         MetricSums {
             ks: ks.to_vec(),
-            hr: vec![0.0; ks.len()],
-            ndcg: vec![0.0; ks.len()],
-            mrr: vec![0.0; ks.len()],
+            hits: vec![0; top + 1],
             users: 0,
         }
     }
@@ -303,26 +302,52 @@ impl MetricSums {
     /// Adds one target's rank.
     pub fn add(&mut self, rank: Option<usize>) {
         self.users += 1;
-        let Some(rank) = rank else { return };
-        for (i, &k) in self.ks.iter().enumerate() {
-            if rank <= k as usize {
-                self.hr[i] += 1.0;
-                self.ndcg[i] += 1.0 / ((rank + 1) as f64).log2();
-                self.mrr[i] += 1.0 / rank as f64;
-            }
+        if let Some(rank) = rank
+            && rank < self.hits.len()
+        {
+            self.hits[rank] += 1;
         }
+    }
+
+    /// Adds the targets another share of the same evaluation counted: the
+    /// counts are exact, so shares add up to the whole bit for bit.
+    pub fn merge(&mut self, other: &MetricSums) -> Result<()> {
+        if other.ks != self.ks || other.hits.len() != self.hits.len() {
+            return Err(Error::internal(format!(
+                "cannot add metrics at K = {:?} to metrics at K = {:?}",
+                other.ks, self.ks
+            )));
+        }
+        for (a, b) in self.hits.iter_mut().zip(&other.hits) {
+            *a += b;
+        }
+        self.users += other.users;
+        Ok(())
     }
 
     /// The means.
     pub fn finish(&self) -> Metrics {
         let n = self.users.max(1) as f64;
-        Metrics {
+        let mut metrics = Metrics {
             ks: self.ks.clone(),
-            hr: self.hr.iter().map(|v| v / n).collect(),
-            ndcg: self.ndcg.iter().map(|v| v / n).collect(),
-            mrr: self.mrr.iter().map(|v| v / n).collect(),
-            users: self.users,
+            hr: Vec::with_capacity(self.ks.len()),
+            ndcg: Vec::with_capacity(self.ks.len()),
+            mrr: Vec::with_capacity(self.ks.len()),
+            users: self.users as usize,
+        };
+        for &k in &self.ks {
+            let (mut hr, mut ndcg, mut mrr) = (0.0, 0.0, 0.0);
+            for rank in 1..=k as usize {
+                let hits = self.hits[rank] as f64;
+                hr += hits;
+                ndcg += hits / ((rank + 1) as f64).log2();
+                mrr += hits / rank as f64;
+            }
+            metrics.hr.push(hr / n);
+            metrics.ndcg.push(ndcg / n);
+            metrics.mrr.push(mrr / n);
         }
+        metrics
     }
 }
 

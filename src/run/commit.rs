@@ -175,13 +175,15 @@ pub async fn record_stage(run: &RunFolder, record: &StageRecord) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the records of `stages`: their outputs no longer follow from the
-/// stage that just ran, so the run cannot be committed until they run again.
+/// Deletes the records of `stages`, and of their shards' parts: their
+/// outputs no longer follow from the stage that just ran, so the run cannot
+/// be committed until they run again.
 pub async fn forget_stages(run: &RunFolder, stages: &[&str]) -> Result<()> {
     for stage in stages {
         run.lake()
             .delete(&run.rel(&format!("{STAGES}/{stage}.json")))
             .await?;
+        super::shard::forget_parts(run, stage).await?;
     }
     Ok(())
 }

@@ -167,8 +167,35 @@ impl Lease {
         purpose: &str,
         lease_s: u64,
     ) -> Result<Lease> {
+        Lease::acquire_in(run, run.rel(LEASES), run_id, purpose, lease_s).await
+    }
+
+    /// Takes the lease of one shard of a stage (`_lease/<stage>.parts/<part>/`):
+    /// shards of one stage run side by side, each writing only its own part,
+    /// but one shard runs once at a time. Refused (exit 5) while another
+    /// run holds the whole folder.
+    pub async fn acquire_shard(
+        run: &RunFolder,
+        scope: &str,
+        run_id: &str,
+        purpose: &str,
+        lease_s: u64,
+    ) -> Result<Lease> {
+        if let Some(record) = holder(run).await? {
+            return Err(busy(run, &record));
+        }
+        let folder = run.rel(&format!("{LEASES}/{scope}"));
+        Lease::acquire_in(run, folder, run_id, purpose, lease_s).await
+    }
+
+    async fn acquire_in(
+        run: &RunFolder,
+        folder: String,
+        run_id: &str,
+        purpose: &str,
+        lease_s: u64,
+    ) -> Result<Lease> {
         let lake = run.lake().clone();
-        let folder = run.rel(LEASES);
         let existing = generations(&lake, &folder).await?;
         if let Some(&newest) = existing.last() {
             let rel = format!("{folder}/{}", lease_name(newest));

@@ -7,5 +7,6 @@ pub mod commit;
 pub mod folder;
 pub mod gc;
 pub mod lease;
+pub mod shard;
 
 pub use folder::RunFolder;

@@ -38,8 +38,10 @@ use crate::lake::{Lake, WrittenObject, engine};
 use crate::model::ModelArtifact;
 use crate::run::RunFolder;
 use crate::run::commit::{self, Manifest, StageRecord};
+use crate::run::folder::STAGES;
 use crate::run::folder::remove_staging_leftovers;
 use crate::run::lease::Lease;
+use crate::run::shard::{self, Shard};
 use evaluate::Evaluation;
 use ingest::Ingested;
 
@@ -112,6 +114,11 @@ impl Stage {
             Stage::Evaluate => "evaluate",
             Stage::Commit => "commit",
         }
+    }
+
+    /// Whether `recdistill stage NAME --shard I/N` splits the stage.
+    pub fn shardable(self) -> bool {
+        matches!(self, Stage::SoftLabels | Stage::Evaluate)
     }
 
     /// The stage names, in order, for messages and `--help`.
@@ -304,7 +311,7 @@ async fn execute(
         }
         Stage::SoftLabels => {
             let teachers = produced.models_of(rc, &[Stage::Teacher]).await?;
-            soft_labels::emit_source_labels(job, run, dataset, &teachers).await?
+            soft_labels::emit_source_labels(job, run, dataset, &teachers, None).await?
         }
         Stage::Distill => {
             produced.require(rc, Stage::SoftLabels).await?;
@@ -418,6 +425,14 @@ async fn run_held(
 
 async fn commit_run(rc: &RunContext, lease: &Lease) -> Result<Manifest> {
     lease.check_held().await?;
+    for stage in Stage::RECORDED {
+        if stage.shardable()
+            && commit::read_stage(&rc.run, stage.name()).await?.is_none()
+            && !shard::read_parts(&rc.run, stage.name()).await?.is_empty()
+        {
+            gather(rc, stage).await?;
+        }
+    }
     let stages: Vec<&str> = Stage::RECORDED.iter().map(|s| s.name()).collect();
     let manifest = commit::commit(&rc.run, &rc.job, &rc.run_id, &stages).await?;
     tracing::info!(folder = %rc.run.display(), files = manifest.outputs.len(), "run committed");
@@ -431,19 +446,71 @@ fn no_features(rc: &RunContext) -> Error {
     ))
 }
 
-/// The outputs an earlier stage of this run recorded; refused when it has not run.
+/// The outputs an earlier stage of this run recorded; refused when it has
+/// not run. A stage that ran as shards is gathered first.
 async fn stage_outputs(rc: &RunContext, stage: Stage) -> Result<Vec<WrittenObject>> {
-    let record = commit::read_stage(&rc.run, stage.name())
-        .await?
-        .ok_or_else(|| {
-            Error::config(format!(
-                "{} has no {} stage yet: run `recdistill stage {}` first",
-                rc.run.display(),
-                stage.name(),
+    if let Some(record) = commit::read_stage(&rc.run, stage.name()).await? {
+        return Ok(record.outputs);
+    }
+    if stage.shardable() && !shard::read_parts(&rc.run, stage.name()).await?.is_empty() {
+        return Ok(gather(rc, stage).await?.0);
+    }
+    Err(Error::config(format!(
+        "{} has no {} stage yet: run `recdistill stage {}` first",
+        rc.run.display(),
+        stage.name(),
+        stage.name()
+    )))
+}
+
+/// Joins the parts the shards of `stage` wrote into what the unsharded
+/// stage writes, records the stage whole, and deletes the parts. Refused
+/// when a part is missing or doubled (see [`shard::check_parts`]).
+async fn gather(rc: &RunContext, stage: Stage) -> Result<(Vec<WrittenObject>, Option<Evaluation>)> {
+    let started = Instant::now();
+    let run = &rc.run;
+    let parts = shard::read_parts(run, stage.name()).await?;
+    let parts = shard::check_parts(run, stage.name(), &parts, &rc.run_id, &rc.job.config_hash())?;
+    tracing::info!(
+        stage = stage.name(),
+        parts = parts.len(),
+        "gathering the shards' parts"
+    );
+    let files: Vec<(String, Vec<WrittenObject>)> = parts
+        .iter()
+        .map(|(s, record)| (s.folder(stage.name()), record.outputs.clone()))
+        .collect();
+    let (written, evaluation) = match stage {
+        Stage::SoftLabels => (soft_labels::gather_source_labels(run, &files).await?, None),
+        Stage::Evaluate => {
+            let evaluation = evaluate::gather_evaluation(&rc.job, run, &rc.run_id, &files).await?;
+            (evaluation.written.clone(), Some(evaluation))
+        }
+        _ => {
+            return Err(Error::internal(format!(
+                "stage {} has no shards",
                 stage.name()
-            ))
-        })?;
-    Ok(record.outputs)
+            )));
+        }
+    };
+    let record = StageRecord {
+        stage: stage.name().into(),
+        run_id: rc.run_id.clone(),
+        config_hash: rc.job.config_hash(),
+        started_at: parts
+            .iter()
+            .map(|(_, r)| r.started_at.clone())
+            .min()
+            .unwrap_or_else(now),
+        // The work of every shard, then the gather.
+        seconds: parts.iter().map(|(_, r)| r.seconds).sum::<f64>()
+            + started.elapsed().as_secs_f64(),
+        outputs: written.clone(),
+        input_fingerprint: None,
+    };
+    commit::record_stage(run, &record).await?;
+    shard::forget_parts(run, stage.name()).await?;
+    Ok((written, evaluation))
 }
 
 /// What running one stage did, for the command line.
@@ -458,8 +525,16 @@ pub enum StageOutcome {
 }
 
 /// Runs one stage, reading its inputs from the run folder. Running a stage
-/// forgets the stages after it: they must run again before a commit.
-pub async fn run_stage(rc: &mut RunContext, stage: Stage) -> Result<StageOutcome> {
+/// forgets the stages after it: they must run again before a commit. With
+/// `shard`, runs that part of a shardable stage (see [`crate::run::shard`]).
+pub async fn run_stage(
+    rc: &mut RunContext,
+    stage: Stage,
+    shard: Option<Shard>,
+) -> Result<StageOutcome> {
+    if let Some(shard) = shard {
+        return run_shard(rc, stage, shard).await;
+    }
     if stage == Stage::Ingest {
         return Ok(StageOutcome::Validated(
             ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?,
@@ -511,8 +586,107 @@ async fn run_stage_held(
         .collect();
     commit::uncommit(&rc.run).await?;
     commit::forget_stages(&rc.run, &later).await?;
+    // Parts of this stage's shards are superseded.
+    shard::forget_parts(&rc.run, stage.name()).await?;
     let written = execute(rc, stage, &mut Produced::default()).await?;
     rc.record(stage, clock, written.clone(), ingested.as_ref())
         .await?;
+    Ok(StageOutcome::Wrote(written))
+}
+
+/// Runs part `shard` of a shardable stage: it takes its own lease, so the
+/// shards of one stage run side by side (on one machine or many), writes
+/// only below its part folder, and records its part last.
+async fn run_shard(rc: &mut RunContext, stage: Stage, shard: Shard) -> Result<StageOutcome> {
+    if !stage.shardable() {
+        return Err(Error::config(format!(
+            "stage {} takes no --shard: only {} are sharded",
+            stage.name(),
+            Stage::ALL
+                .iter()
+                .filter(|s| s.shardable())
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )));
+    }
+    let features = commit::read_stage(&rc.run, Stage::Features.name())
+        .await?
+        .ok_or_else(|| no_features(rc))?;
+    rc.run_id = features.run_id;
+    let purpose = format!("stage {} --shard {shard}", stage.name());
+    let lease = Lease::acquire_shard(
+        &rc.run,
+        &shard.lease_scope(stage.name()),
+        &rc.run_id,
+        &purpose,
+        rc.job.spec.lake.lease_s,
+    )
+    .await?;
+    let outcome = run_shard_held(rc, stage, shard).await;
+    lease.release().await;
+    outcome
+}
+
+async fn run_shard_held(rc: &RunContext, stage: Stage, shard: Shard) -> Result<StageOutcome> {
+    let clock = begin(stage);
+    let run = &rc.run;
+    let folder = shard.folder(stage.name());
+    // What a killed attempt of this shard left half-written; other shards'
+    // files are theirs.
+    for path in run.lake().staging_leftovers(&run.rel(&folder)) {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), "cannot remove a half-written leftover: {e}");
+        }
+    }
+    let later: Vec<&str> = Stage::RECORDED
+        .iter()
+        .skip_while(|s| **s != stage)
+        .skip(1)
+        .map(|s| s.name())
+        .collect();
+    commit::uncommit(run).await?;
+    // The stage is whole again only once its parts are gathered.
+    run.lake()
+        .delete(&run.rel(&format!("{}/{}.json", STAGES, stage.name())))
+        .await?;
+    commit::forget_stages(run, &later).await?;
+    let mut produced = Produced::default();
+    let dataset = produced.dataset(rc).await?;
+    let written = match stage {
+        Stage::SoftLabels => {
+            let teachers = produced.models_of(rc, &[Stage::Teacher]).await?;
+            soft_labels::emit_source_labels(
+                &rc.job,
+                run,
+                dataset,
+                &teachers,
+                Some((shard, &folder)),
+            )
+            .await?
+            .written
+        }
+        Stage::Evaluate => {
+            let models = produced.models_of(rc, &Stage::TRAINING).await?;
+            evaluate::evaluate_shard(&rc.job, run, dataset, &models, shard, &folder).await?
+        }
+        _ => {
+            return Err(Error::internal(format!(
+                "stage {} has no shards",
+                stage.name()
+            )));
+        }
+    };
+    let (started, started_at) = clock;
+    let record = StageRecord {
+        stage: stage.name().into(),
+        run_id: rc.run_id.clone(),
+        config_hash: rc.job.config_hash(),
+        started_at,
+        seconds: started.elapsed().as_secs_f64(),
+        outputs: written.clone(),
+        input_fingerprint: None,
+    };
+    shard::record_part(run, shard, &record).await?;
     Ok(StageOutcome::Wrote(written))
 }

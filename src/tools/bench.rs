@@ -351,7 +351,17 @@ pub async fn soft_labels(
     let scored = {
         let (model, data) = (model.clone(), std::sync::Arc::clone(&data));
         tokio::task::spawn_blocking(move || {
-            pool.install(|| label_users(&model, "bench", &data, &settings, &schema, |_| Ok(())))
+            pool.install(|| {
+                label_users(
+                    &model,
+                    "bench",
+                    &data,
+                    0..data.n_users(),
+                    &settings,
+                    &schema,
+                    |_| Ok(()),
+                )
+            })
         })
         .await
         .map_err(|e| Error::internal(format!("bench failed: {e}")))??

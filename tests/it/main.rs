@@ -11,5 +11,6 @@ mod interop;
 mod pipeline;
 mod s3;
 mod s3server;
+mod shards;
 mod sql;
 mod teacher;

@@ -7,16 +7,21 @@ pub mod results;
 
 use std::sync::Arc;
 
-use results::{ModelResult, OVERLAP_K, evaluation_rows, evaluation_schema, mark_pareto, overlap};
+use results::{
+    ModelResult, OVERLAP_K, evaluation_rows, evaluation_schema, mark_pareto, overlap_counts,
+    overlap_share,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::artifacts::recommendations::{recommendation_batch, recommendations_schema};
 use crate::config::Job;
 use crate::dataset::{Dataset, Split, Target};
 use crate::error::{Error, Result};
 use crate::lake::{RowGroups, WrittenObject};
-use crate::model::score::{MetricSums, Metrics, Speed, measure_speed, rank_targets};
+use crate::model::score::{MetricSums, Speed, measure_speed, rank_targets};
 use crate::model::{ModelArtifact, Scorer};
 use crate::run::RunFolder;
+use crate::run::shard::Shard;
 
 /// What the evaluate stage produced.
 #[derive(Debug, Clone)]
@@ -27,6 +32,29 @@ pub struct Evaluation {
     pub written: Vec<WrittenObject>,
 }
 
+/// One model's share of an evaluation: exact counts, so the shares of a
+/// sharded evaluation add up to the unsharded one bit for bit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ModelShare {
+    name: String,
+    role: String,
+    variant: String,
+    training: String,
+    loss: Option<String>,
+    params: u64,
+    size_bytes: u64,
+    sums: MetricSums,
+    /// Items of the distillation source's top-10 this model's top-10 also
+    /// holds, and the lists compared (`None` without a source).
+    overlap: Option<(u64, u64)>,
+    /// Timed by the unsharded stage, or by shard 0 over every test user.
+    speed: Option<Speed>,
+}
+
+/// What a shard of the evaluate stage leaves for the gather, beside its
+/// recommendation files.
+const SHARE_PATH: &str = "evaluation/share.json";
+
 /// Evaluates every model on the test targets and writes the results.
 pub async fn evaluate_models(
     job: &Job,
@@ -35,25 +63,163 @@ pub async fn evaluate_models(
     dataset: Arc<Dataset>,
     models: &[ModelArtifact],
 ) -> Result<Evaluation> {
-    let targets = Arc::new(dataset.targets(Split::Test));
+    let (shares, written) =
+        evaluate_share(job, run, dataset, models, None, &|rel| rel.into()).await?;
+    finish(job, run, run_id, vec![shares], written).await
+}
+
+/// Evaluates every model on the test targets of `shard` and writes its
+/// recommendations and its counts below `folder`; the gather
+/// ([`gather_evaluation`]) joins the shards' parts.
+pub async fn evaluate_shard(
+    job: &Job,
+    run: &RunFolder,
+    dataset: Arc<Dataset>,
+    models: &[ModelArtifact],
+    shard: Shard,
+    folder: &str,
+) -> Result<Vec<WrittenObject>> {
+    let place = |rel: &str| format!("{folder}/{rel}");
+    let (shares, mut written) =
+        evaluate_share(job, run, dataset, models, Some(shard), &place).await?;
+    let bytes = serde_json::to_vec_pretty(&shares).map_err(|e| Error::internal(e.to_string()))?;
+    written.push(
+        run.put(&place(SHARE_PATH), bytes::Bytes::from(bytes))
+            .await?,
+    );
+    Ok(written)
+}
+
+/// Joins the parts of the evaluate stage's shards, given in shard order as
+/// (folder, files written there): each model's recommendation parts into
+/// the file the unsharded stage writes, their counts into one evaluation
+/// table and report.
+pub async fn gather_evaluation(
+    job: &Job,
+    run: &RunFolder,
+    run_id: &str,
+    parts: &[(String, Vec<WrittenObject>)],
+) -> Result<Evaluation> {
+    let mut files: Vec<(String, Vec<String>)> = Vec::new();
+    let mut shares = Vec::with_capacity(parts.len());
+    for (p, (folder, written)) in parts.iter().enumerate() {
+        let prefix = format!("{folder}/");
+        let mut names = Vec::new();
+        for object in written {
+            let rel = object.path.strip_prefix(&prefix).ok_or_else(|| {
+                Error::internal(format!("part file {} is not below {folder}", object.path))
+            })?;
+            if rel == SHARE_PATH {
+                let location = run.url_of(&object.path);
+                let bytes = run.get(&object.path).await?;
+                let share: Vec<ModelShare> = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::data(location, format!("unreadable evaluation share: {e}"))
+                })?;
+                shares.push(share);
+            } else {
+                names.push(rel.to_string());
+            }
+        }
+        if p == 0 {
+            files = names.into_iter().map(|n| (n, Vec::new())).collect();
+        } else if names.len() != files.len() || names.iter().zip(&files).any(|(a, (b, _))| a != b) {
+            return Err(Error::data(
+                run.url_of(folder),
+                "this part wrote other files than the first part: the parts come from different runs; rerun every shard",
+            ));
+        }
+        for (rel, sources) in files.iter_mut() {
+            sources.push(run.rel(&format!("{folder}/{rel}")));
+        }
+    }
+    if shares.len() != parts.len() {
+        return Err(Error::data(
+            run.display(),
+            format!("a part of the evaluate stage has no {SHARE_PATH}; rerun every shard"),
+        ));
+    }
+    let mut written = Vec::with_capacity(files.len() + 2);
+    for (rel, sources) in &files {
+        let mut object = run
+            .lake()
+            .concat_parquet(sources, &run.rel(rel), &[], RowGroups::Bounded)
+            .await?;
+        object.path = rel.clone();
+        written.push(object);
+    }
+    finish(job, run, run_id, shares, written).await
+}
+
+/// Ranks the targets of `shard` (all without one) with every model,
+/// writing each model's recommendation lists to `place(rel)`.
+async fn evaluate_share(
+    job: &Job,
+    run: &RunFolder,
+    dataset: Arc<Dataset>,
+    models: &[ModelArtifact],
+    shard: Option<Shard>,
+    place: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(Vec<ModelShare>, Vec<WrittenObject>)> {
+    let targets = dataset.targets(Split::Test);
     if targets.is_empty() {
         return Err(Error::data(
             "split table",
             "no user has a test event after an earlier event: nothing to evaluate (too few events per user?)",
         ));
     }
-    let mut results = Vec::new();
+    let spec = &job.spec.evaluation;
+    // Throughput is timed over the first `throughput_users` test users,
+    // by the unsharded stage or by shard 0.
+    let timed = match spec.throughput_users {
+        0 => targets.len(),
+        n => n.min(targets.len()),
+    };
+    let timed_targets = Arc::new(targets[..timed].to_vec());
+    let timing = spec.latency_users > 0 && shard.is_none_or(|s| s.index == 0);
+    let mine = match shard {
+        None => targets,
+        Some(shard) => {
+            let batch = spec.batch_users.max(1);
+            let batches = shard.units(targets.len().div_ceil(batch));
+            let end = (batches.end * batch).min(targets.len());
+            targets[(batches.start * batch).min(end)..end].to_vec()
+        }
+    };
+    let mine = Arc::new(mine);
+    let groups = if shard.is_some() {
+        RowGroups::PER_BATCH
+    } else {
+        RowGroups::Bounded
+    };
+    let mut shares = Vec::new();
     let mut written = Vec::new();
     let mut tops = Vec::new();
     for artifact in models {
-        let (metrics, top, object, speed) = evaluate_one(
+        let rel = place(&format!("recommendations/{}.parquet", artifact.card.name));
+        let (sums, top, object) = rank_one(
             job,
             run,
             Arc::clone(&dataset),
-            Arc::clone(&targets),
+            Arc::clone(&mine),
             artifact,
+            &rel,
+            groups,
         )
         .await?;
+        let speed = if timing {
+            Some(
+                time_one(
+                    job,
+                    Arc::clone(&dataset),
+                    Arc::clone(&timed_targets),
+                    artifact,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let metrics = sums.finish();
         tracing::info!(
             model = %artifact.card.name,
             ndcg_10 = metrics.ndcg_at(10),
@@ -66,7 +232,7 @@ pub async fn evaluate_models(
         );
         written.push(object);
         tops.push(top);
-        results.push(ModelResult {
+        shares.push(ModelShare {
             name: artifact.card.name.clone(),
             role: artifact.card.role.clone(),
             variant: artifact.card.variant.clone(),
@@ -74,23 +240,75 @@ pub async fn evaluate_models(
             loss: artifact.card.loss.clone(),
             params: artifact.params,
             size_bytes: artifact.bytes.len() as u64,
-            metrics,
-            teacher_overlap_10: None,
+            sums,
+            overlap: None,
             speed,
-            pareto: false,
         });
     }
-    mark_pareto(&mut results);
     let source = &job.spec.distill.source;
     if job.spec.distill.enabled
-        && let Some(s) = results.iter().position(|r| &r.name == source)
+        && let Some(s) = shares.iter().position(|r| &r.name == source)
     {
-        for (r, top) in results.iter_mut().zip(&tops) {
-            if &r.name != source {
-                r.teacher_overlap_10 = Some(overlap(&tops[s], top));
+        for (share, top) in shares.iter_mut().zip(&tops) {
+            if &share.name != source {
+                share.overlap = Some(overlap_counts(&tops[s], top));
             }
         }
     }
+    Ok((shares, written))
+}
+
+/// Adds up the shares (one per shard, in order), then writes the
+/// evaluation table and the report.
+async fn finish(
+    job: &Job,
+    run: &RunFolder,
+    run_id: &str,
+    shares: Vec<Vec<ModelShare>>,
+    mut written: Vec<WrittenObject>,
+) -> Result<Evaluation> {
+    let mut shares = shares.into_iter();
+    let mut total = shares
+        .next()
+        .ok_or_else(|| Error::internal("an evaluation of no shares"))?;
+    for share in shares {
+        let names = |s: &[ModelShare]| s.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        if names(&share) != names(&total) {
+            return Err(Error::data(
+                run.display(),
+                format!(
+                    "the evaluate stage's parts evaluated different models ({:?} and {:?}); rerun every shard",
+                    names(&total),
+                    names(&share)
+                ),
+            ));
+        }
+        for (t, s) in total.iter_mut().zip(share) {
+            t.sums.merge(&s.sums)?;
+            t.overlap = match (t.overlap, s.overlap) {
+                (Some((a, b)), Some((c, d))) => Some((a + c, b + d)),
+                _ => None,
+            };
+            t.speed = t.speed.or(s.speed);
+        }
+    }
+    let mut results: Vec<ModelResult> = total
+        .into_iter()
+        .map(|m| ModelResult {
+            name: m.name,
+            role: m.role,
+            variant: m.variant,
+            training: m.training,
+            loss: m.loss,
+            params: m.params,
+            size_bytes: m.size_bytes,
+            metrics: m.sums.finish(),
+            teacher_overlap_10: m.overlap.map(overlap_share),
+            speed: m.speed,
+            pareto: false,
+        })
+        .collect();
+    mark_pareto(&mut results);
     let batch = evaluation_rows(job, run, run_id, &results)?;
     written.push(
         run.write_batches(
@@ -106,29 +324,26 @@ pub async fn evaluate_models(
     Ok(Evaluation { results, written })
 }
 
-/// Ranks all targets with one model on a blocking thread, streaming its
-/// recommendation batches to the lake as they come.
-async fn evaluate_one(
+/// Ranks `targets` with one model on a blocking thread, streaming its
+/// recommendation batches to `rel` as they come.
+async fn rank_one(
     job: &Job,
     run: &RunFolder,
     dataset: Arc<Dataset>,
     targets: Arc<Vec<Target>>,
     artifact: &ModelArtifact,
-) -> Result<(Metrics, Vec<u32>, WrittenObject, Option<Speed>)> {
+    rel: &str,
+    groups: RowGroups,
+) -> Result<(MetricSums, Vec<u32>, WrittenObject)> {
     let scorer: Arc<dyn Scorer> = Arc::from(artifact.scorer(dataset.n_items())?);
-    let timed = Arc::clone(&scorer);
     let name = artifact.card.name.clone();
     let ks = job.spec.evaluation.ks.clone();
     let batch_users = job.spec.evaluation.batch_users;
     let list_len = job.spec.evaluation.list_len();
-    let latency_users = job.spec.evaluation.latency_users;
     let schema = recommendations_schema(dataset.user_ids.data_type(), dataset.item_ids.data_type());
-
-    let rel = format!("recommendations/{name}.parquet");
     let producer_schema = Arc::clone(&schema);
-    let (timed_data, timed_targets) = (Arc::clone(&dataset), Arc::clone(&targets));
-    let ((metrics, tops), written) = run
-        .write_parquet_from(&rel, schema, vec![], RowGroups::Bounded, move |sink| {
+    let ((sums, tops), written) = run
+        .write_parquet_from(rel, schema, vec![], groups, move |sink| {
             let mut sums = MetricSums::new(&ks);
             let mut tops = Vec::with_capacity(targets.len() * OVERLAP_K);
             rank_targets(
@@ -151,26 +366,32 @@ async fn evaluate_one(
                     )?)
                 },
             )?;
-            Ok((sums.finish(), tops))
+            Ok((sums, tops))
         })
         .await?;
-    // Timed after the evaluation pass, alone, so writing does not count.
-    let speed = if latency_users > 0 {
-        let s = tokio::task::spawn_blocking(move || {
-            measure_speed(
-                timed.as_ref(),
-                &timed_data,
-                &timed_targets,
-                batch_users,
-                list_len,
-                latency_users,
-            )
-        })
-        .await
-        .map_err(|e| Error::internal(format!("timing failed: {e}")))??;
-        Some(s)
-    } else {
-        None
-    };
-    Ok((metrics, tops, written, speed))
+    Ok((sums, tops, written))
+}
+
+/// Times one model, alone, after its evaluation pass, so writing does not
+/// count.
+async fn time_one(
+    job: &Job,
+    dataset: Arc<Dataset>,
+    targets: Arc<Vec<Target>>,
+    artifact: &ModelArtifact,
+) -> Result<Speed> {
+    let scorer: Arc<dyn Scorer> = Arc::from(artifact.scorer(dataset.n_items())?);
+    let spec = job.spec.evaluation.clone();
+    tokio::task::spawn_blocking(move || {
+        measure_speed(
+            scorer.as_ref(),
+            &dataset,
+            &targets,
+            spec.batch_users,
+            spec.list_len(),
+            spec.latency_users,
+        )
+    })
+    .await
+    .map_err(|e| Error::internal(format!("timing failed: {e}")))?
 }

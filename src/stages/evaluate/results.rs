@@ -95,12 +95,11 @@ pub fn mark_pareto(results: &mut [ModelResult]) {
     }
 }
 
-/// Mean share of `a`'s lists (rows of [`OVERLAP_K`] items) that `b`'s hold.
-pub fn overlap(a: &[u32], b: &[u32]) -> f64 {
+/// How many of `a`'s list items (rows of [`OVERLAP_K`] items) `b`'s lists
+/// of the same rows hold, and how many rows: exact counts, so the shares of
+/// a sharded evaluation add up to the whole.
+pub fn overlap_counts(a: &[u32], b: &[u32]) -> (u64, u64) {
     let rows = a.len() / OVERLAP_K;
-    if rows == 0 {
-        return 0.0;
-    }
     let shared: usize = a
         .chunks(OVERLAP_K)
         .zip(b.chunks(OVERLAP_K))
@@ -110,7 +109,16 @@ pub fn overlap(a: &[u32], b: &[u32]) -> f64 {
                 .count()
         })
         .sum();
-    shared as f64 / (rows * OVERLAP_K) as f64
+    (shared as u64, rows as u64)
+}
+
+/// Mean share of the listed items two models' lists hold in common, from
+/// [`overlap_counts`].
+pub fn overlap_share((shared, rows): (u64, u64)) -> f64 {
+    if rows == 0 {
+        return 0.0;
+    }
+    shared as f64 / (rows * OVERLAP_K as u64) as f64
 }
 
 /// The tidy evaluation rows of all models.
