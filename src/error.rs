@@ -177,6 +177,11 @@ impl Error {
                 "{what}: memory limit reached ({msg}); raise input.memory_limit_mb"
             )),
             D::IoError(inner) => Error::io(what, inner),
+            // A Ballista job reports its executors' failures as text.
+            D::Execution(msg) if refused_status(&msg) || refused_text(&msg) => Error::config(
+                format!("{what}: access refused (check the executors' credentials): {msg}"),
+            ),
+            D::Execution(msg) if unreachable_text(&msg) => Error::io(what, msg),
             other => Error::internal(format!("{what}: {other}")),
         }
     }
@@ -185,6 +190,36 @@ impl Error {
 /// Whether a store's error text reports HTTP 401 or 403.
 fn refused_status(text: &str) -> bool {
     text.contains("401 Unauthorized") || text.contains("403 Forbidden")
+}
+
+/// Whether an error passed on as text (a Ballista executor's) is a store
+/// refusing credentials.
+fn refused_text(text: &str) -> bool {
+    [
+        "PermissionDenied",
+        "Unauthenticated",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "access refused",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
+/// Whether an error passed on as text is a connection that could not be
+/// made (a Ballista scheduler or executor out of reach).
+fn unreachable_text(text: &str) -> bool {
+    [
+        "GrpcConnectionError",
+        "transport error",
+        "Connection refused",
+        "connection refused",
+        "TonicError",
+        "Unavailable",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
 }
 
 impl Error {

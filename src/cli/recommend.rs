@@ -41,7 +41,7 @@ pub async fn recommend(args: RecommendArgs) -> Result<()> {
     let artifact = tool::read_artifact(&args.model)?;
     let job = load_job(&args.job)?;
     let date = run_date(&args.job.run_date)?;
-    let rc = RunContext::new(job, date)?;
+    let rc = RunContext::new(job, date).await?;
     features::register_features(&rc.ctx, &rc.run, &rc.job).await?;
     let dataset = dataset::load_dataset(&rc.ctx).await?;
     let users = tool::select_users(&dataset, args.users.as_deref())?;

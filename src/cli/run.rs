@@ -36,7 +36,7 @@ pub async fn run(args: JobArgs) -> Result<()> {
     if args.job.is_none() {
         seed_sample_lake(&job).await?;
     }
-    let rc = RunContext::new(job, date)?;
+    let rc = RunContext::new(job, date).await?;
     let summary = stages::run_all(&rc).await?;
     let mut out = std::io::stdout().lock();
     let io = |e: std::io::Error| Error::io("stdout", e);
@@ -123,7 +123,7 @@ pub async fn stage(args: StageArgs) -> Result<()> {
     let shard: Option<Shard> = args.shard.as_deref().map(str::parse).transpose()?;
     let job = load_job(&args.job)?;
     let date = run_date(&args.job.run_date)?;
-    let mut rc = RunContext::new(job, date)?;
+    let mut rc = RunContext::new(job, date).await?;
     match stages::run_stage(&mut rc, stage, shard).await? {
         StageOutcome::Validated(ingested) => println!(
             "input valid: {} events in {} files; fingerprint {}",

@@ -22,6 +22,10 @@ pub struct SqlArgs {
     /// Query this run date's run instead of the latest.
     #[arg(long)]
     run_date: Option<String>,
+    /// Where the query runs: `df://HOST:PORT` for a Ballista scheduler,
+    /// "" for in-process DataFusion (default: the job's lake.engine).
+    #[arg(long)]
+    engine: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: OutputFormat,
@@ -44,6 +48,10 @@ pub async fn sql(args: SqlArgs) -> Result<()> {
     };
     if let Some(lake) = &args.lake {
         spec.lake.url = lake.clone();
+    }
+    if let Some(engine) = &args.engine {
+        spec.lake.engine = engine.clone();
+        spec.lake.ballista_scheduler().map_err(Error::config)?;
     }
     let run_date = args.run_date.as_deref().map(parse_run_date).transpose()?;
     let (ctx, catalog) = query::open(&spec, job_name.as_deref(), run_date).await?;

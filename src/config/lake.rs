@@ -34,6 +34,39 @@ pub struct LakeSpec {
     /// quarter; a killed run's folder is free again this long after its
     /// last renewal.
     pub lease_s: u64,
+    /// Where the job's SQL runs: empty for in-process DataFusion, or
+    /// `df://HOST:PORT` for an Apache Ballista scheduler (its executors then
+    /// read the lake with their own credentials).
+    pub engine: String,
+}
+
+/// The Ballista scheduler port when `lake.engine` names none.
+pub const BALLISTA_DEFAULT_PORT: u16 = 50050;
+
+impl LakeSpec {
+    /// The Ballista scheduler `lake.engine` names, as `(host, port)`;
+    /// `None` for in-process DataFusion.
+    pub fn ballista_scheduler(&self) -> std::result::Result<Option<(String, u16)>, String> {
+        let engine = self.engine.trim();
+        if engine.is_empty() {
+            return Ok(None);
+        }
+        let bad = || {
+            format!(
+                "lake.engine = {engine:?}: expected \"\" (in-process DataFusion) or df://HOST[:PORT] (a Ballista scheduler)"
+            )
+        };
+        let rest = engine.strip_prefix("df://").ok_or_else(bad)?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
+            None => (rest, BALLISTA_DEFAULT_PORT),
+        };
+        if host.is_empty() || host.contains('/') || host.contains('@') {
+            return Err(bad());
+        }
+        Ok(Some((host.to_string(), port)))
+    }
 }
 
 impl Default for LakeSpec {
@@ -51,6 +84,7 @@ impl Default for LakeSpec {
             request_timeout_s: 30,
             connect_timeout_s: 5,
             lease_s: 60,
+            engine: String::new(),
         }
     }
 }

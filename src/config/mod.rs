@@ -311,6 +311,7 @@ impl JobSpec {
                 return Err(at(format!("{key} must be at least 1")));
             }
         }
+        self.lake.ballista_scheduler().map_err(at)?;
         if self.lake.retry_backoff_ms > self.lake.retry_backoff_max_ms {
             return Err(at(
                 "lake.retry_backoff_ms must not exceed lake.retry_backoff_max_ms".into(),

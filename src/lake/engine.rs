@@ -1,8 +1,11 @@
 //! DataFusion, set up once per process: memory limit, partitions and batch
 //! size from the job, and the read-only rules of ad hoc SQL.
 
-use std::sync::Arc;
+use std::time::Duration;
 
+use ballista::prelude::SessionContextExt;
+use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
@@ -10,7 +13,7 @@ use datafusion::sql::sqlparser::ast::Statement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
-use crate::config::InputSpec;
+use crate::config::{InputSpec, LakeSpec};
 use crate::error::{Error, Result};
 
 /// Cores DataFusion may use: the job's `target_partitions`, or every core.
@@ -26,7 +29,12 @@ pub fn partitions(input: &InputSpec) -> usize {
 
 /// A session with the job's limits. Memory-hungry operators (sorts, joins,
 /// aggregations) fail cleanly rather than take more than `memory_limit_mb`.
-pub fn session(input: &InputSpec) -> Result<SessionContext> {
+///
+/// With `lake.engine = "df://HOST:PORT"` the session sends its queries to
+/// that Ballista scheduler, whose executors run them and read the lake
+/// with their own credentials; results stream back. The scheduler is
+/// reached once here: out of reach is exit 4, before anything is written.
+pub async fn session(input: &InputSpec, lake: &LakeSpec) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_limit(input.memory_limit_mb * 1024 * 1024, 1.0)
         .build_arc()
@@ -35,10 +43,39 @@ pub fn session(input: &InputSpec) -> Result<SessionContext> {
         .with_target_partitions(partitions(input))
         .with_batch_size(input.batch_size)
         .with_information_schema(true);
-    Ok(SessionContext::new_with_config_rt(
-        config,
-        Arc::clone(&runtime),
-    ))
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .build();
+    let Some((host, port)) = lake.ballista_scheduler().map_err(Error::config)? else {
+        return Ok(SessionContext::new_with_state(state));
+    };
+    if lake.url.trim().starts_with("memory:") {
+        return Err(Error::config(format!(
+            "lake.engine = {:?} runs queries on Ballista executors, which cannot reach this process's memory:// lake; use a file or object store lake",
+            lake.engine
+        )));
+    }
+    let endpoint = format!("http://{host}:{port}");
+    let wait = Duration::from_secs(lake.connect_timeout_s.max(1));
+    let unreachable = |why: String| {
+        Error::io(
+            &lake.engine,
+            format!(
+                "the Ballista scheduler at {endpoint} is unreachable: {why}; start it (ballista-scheduler) or fix lake.engine"
+            ),
+        )
+    };
+    match tokio::time::timeout(wait, SchedulerGrpcClient::connect(endpoint.clone())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(unreachable(format!("{e:?}"))),
+        Err(_) => return Err(unreachable(format!("no answer in {} s", wait.as_secs()))),
+    }
+    tracing::info!(scheduler = %endpoint, "queries run on Ballista");
+    SessionContext::remote_with_state(lake.engine.trim(), state)
+        .await
+        .map_err(|e| Error::from_datafusion(format!("connecting to {endpoint}"), e))
 }
 
 /// Checks that `sql` is one read-only query before DataFusion plans it:
@@ -155,6 +192,40 @@ mod tests {
         ] {
             let err = check_read_only(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn ballista_needs_a_shared_lake() {
+        let input = InputSpec::default();
+        let lake = LakeSpec {
+            url: "memory://x".into(),
+            engine: "df://localhost:50050".into(),
+            ..LakeSpec::default()
+        };
+        let Err(err) = session(&input, &lake).await else {
+            panic!("a memory:// lake on Ballista was accepted");
+        };
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(err.to_string().contains("memory://"), "{err}");
+        // In process, any lake.
+        let lake = LakeSpec {
+            engine: String::new(),
+            ..lake
+        };
+        session(&input, &lake).await.unwrap();
+        for (engine, ok) in [
+            ("df://host", true),
+            ("df://10.0.0.1:50050/", true),
+            ("ballista://host:1", false),
+            ("df://:50050", false),
+            ("df://host:port", false),
+        ] {
+            let lake = LakeSpec {
+                engine: engine.into(),
+                ..LakeSpec::default()
+            };
+            assert_eq!(lake.ballista_scheduler().is_ok(), ok, "{engine}");
         }
     }
 }

@@ -168,9 +168,9 @@ pub struct RunContext {
 
 impl RunContext {
     /// Opens the lake and sets up DataFusion for `job` on `run_date`.
-    pub fn new(job: Job, run_date: NaiveDate) -> Result<RunContext> {
+    pub async fn new(job: Job, run_date: NaiveDate) -> Result<RunContext> {
         let lake = Lake::open(&job.spec.lake)?;
-        let ctx = engine::session(&job.spec.input)?;
+        let ctx = engine::session(&job.spec.input, &job.spec.lake).await?;
         lake.register(&ctx);
         let run = RunFolder::new(lake, &job.spec.lake.output_prefix, &job.spec.name, run_date);
         Ok(RunContext {

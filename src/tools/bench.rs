@@ -62,7 +62,7 @@ fn median(values: &mut [f64]) -> f64 {
 /// throwaway in-memory lake (the job's lake is only read).
 pub async fn load_job_dataset(job: &Job) -> Result<Dataset> {
     let lake = Lake::open(&job.spec.lake)?;
-    let ctx = engine::session(&job.spec.input)?;
+    let ctx = engine::session(&job.spec.input, &job.spec.lake).await?;
     lake.register(&ctx);
     ingest::ingest(job, &lake, &ctx).await?;
     let scratch = Lake::open(&LakeSpec {

@@ -51,7 +51,7 @@ pub async fn open(
     run_date: Option<chrono::NaiveDate>,
 ) -> Result<(SessionContext, Catalog)> {
     let lake = Lake::open(&spec.lake)?;
-    let ctx = engine::session(&spec.input)?;
+    let ctx = engine::session(&spec.input, &spec.lake).await?;
     lake.register(&ctx);
     let mut catalog = Catalog::default();
     for (name, folder) in [

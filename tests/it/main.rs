@@ -2,6 +2,7 @@
 //! temporary folders. One test binary, a module per area.
 
 mod bad_input;
+mod ballista;
 mod common;
 mod compress;
 mod crash;
