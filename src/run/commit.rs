@@ -180,12 +180,17 @@ pub async fn record_stage(run: &RunFolder, record: &StageRecord) -> Result<()> {
 /// be committed until they run again.
 pub async fn forget_stages(run: &RunFolder, stages: &[&str]) -> Result<()> {
     for stage in stages {
-        run.lake()
-            .delete(&run.rel(&format!("{STAGES}/{stage}.json")))
-            .await?;
+        forget_record(run, stage).await?;
         super::shard::forget_parts(run, stage).await?;
     }
     Ok(())
+}
+
+/// Deletes `stage`'s record alone (a shard of it is running: its parts stay).
+pub async fn forget_record(run: &RunFolder, stage: &str) -> Result<()> {
+    run.lake()
+        .delete(&run.rel(&format!("{STAGES}/{stage}.json")))
+        .await
 }
 
 /// Reads a stage's record, `None` when the stage has not run.

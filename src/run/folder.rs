@@ -185,10 +185,10 @@ pub fn is_bookkeeping(rel: &str) -> bool {
         || rel.starts_with(&format!("{LEASES}/"))
 }
 
-/// Removes the files a killed writer left half-written in the run folder
-/// (local lakes).
-pub fn remove_staging_leftovers(run: &RunFolder) {
-    for path in run.lake().staging_leftovers(&run.rel("")) {
+/// Removes the files a killed writer left half-written in the folder `rel`
+/// of the run folder (`""` for all of it; local lakes).
+pub fn remove_staging_leftovers(run: &RunFolder, rel: &str) {
+    for path in run.lake().staging_leftovers(&run.rel(rel)) {
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::info!(file = %path.display(), "removed a half-written leftover"),
             Err(e) => {

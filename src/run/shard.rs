@@ -212,6 +212,44 @@ pub fn check_parts(
     Ok(parts.iter().map(|(s, r)| (*s, r.clone())).collect())
 }
 
+/// The files the checked `parts` (in shard order) wrote, as (the name the
+/// unsharded stage writes, the parts' files of that name in shard order),
+/// all relative to the run folder. Refused (exit 3) when a part wrote other
+/// files than the first: the parts come from different runs.
+pub fn joined_files(
+    run: &RunFolder,
+    stage: &str,
+    parts: &[(Shard, StageRecord)],
+) -> Result<Vec<(String, Vec<String>)>> {
+    let mut files: Vec<(String, Vec<String>)> = Vec::new();
+    for (p, (shard, record)) in parts.iter().enumerate() {
+        let folder = shard.folder(stage);
+        let prefix = format!("{folder}/");
+        let mut names = Vec::with_capacity(record.outputs.len());
+        for object in &record.outputs {
+            let rel = object.path.strip_prefix(&prefix).ok_or_else(|| {
+                Error::internal(format!("part file {} is not below {folder}", object.path))
+            })?;
+            names.push(rel.to_string());
+        }
+        if p == 0 {
+            files = names.into_iter().map(|n| (n, Vec::new())).collect();
+        } else if names.len() != files.len() || names.iter().zip(&files).any(|(a, (b, _))| a != b) {
+            return Err(Error::data(
+                run.url_of(&folder),
+                format!(
+                    "part {shard} of stage {stage} wrote other files than part {}: the parts come from different runs; rerun every shard",
+                    parts[0].0
+                ),
+            ));
+        }
+        for (rel, sources) in files.iter_mut() {
+            sources.push(format!("{folder}/{rel}"));
+        }
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

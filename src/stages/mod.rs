@@ -38,7 +38,6 @@ use crate::lake::{Lake, WrittenObject, engine};
 use crate::model::ModelArtifact;
 use crate::run::RunFolder;
 use crate::run::commit::{self, Manifest, StageRecord};
-use crate::run::folder::STAGES;
 use crate::run::folder::remove_staging_leftovers;
 use crate::run::lease::Lease;
 use crate::run::shard::{self, Shard};
@@ -116,6 +115,17 @@ impl Stage {
         }
     }
 
+    /// The names of the recorded stages after this one: what running it
+    /// makes stale.
+    fn later(self) -> Vec<&'static str> {
+        Stage::RECORDED
+            .iter()
+            .skip_while(|s| **s != self)
+            .skip(1)
+            .map(|s| s.name())
+            .collect()
+    }
+
     /// Whether `recdistill stage NAME --shard I/N` splits the stage.
     pub fn shardable(self) -> bool {
         matches!(self, Stage::SoftLabels | Stage::Evaluate)
@@ -190,8 +200,28 @@ impl RunContext {
     async fn take_folder(&self, purpose: &str) -> Result<Lease> {
         let lease =
             Lease::acquire(&self.run, &self.run_id, purpose, self.job.spec.lake.lease_s).await?;
-        remove_staging_leftovers(&self.run);
+        remove_staging_leftovers(&self.run, "");
         Ok(lease)
+    }
+
+    /// The record of `stage` of this run, as it ran with this job.
+    fn stage_record(
+        &self,
+        stage: Stage,
+        started_at: String,
+        seconds: f64,
+        outputs: Vec<WrittenObject>,
+        input: Option<&Ingested>,
+    ) -> StageRecord {
+        StageRecord {
+            stage: stage.name().into(),
+            run_id: self.run_id.clone(),
+            config_hash: self.job.config_hash(),
+            started_at,
+            seconds,
+            outputs,
+            input_fingerprint: input.map(|i| i.fingerprint.clone()),
+        }
     }
 
     async fn record(
@@ -201,15 +231,8 @@ impl RunContext {
         outputs: Vec<WrittenObject>,
         input: Option<&Ingested>,
     ) -> Result<()> {
-        let record = StageRecord {
-            stage: stage.name().into(),
-            run_id: self.run_id.clone(),
-            config_hash: self.job.config_hash(),
-            started_at,
-            seconds: started.elapsed().as_secs_f64(),
-            outputs,
-            input_fingerprint: input.map(|i| i.fingerprint.clone()),
-        };
+        let seconds = started.elapsed().as_secs_f64();
+        let record = self.stage_record(stage, started_at, seconds, outputs, input);
         commit::record_stage(&self.run, &record).await
     }
 }
@@ -426,10 +449,7 @@ async fn run_held(
 async fn commit_run(rc: &RunContext, lease: &Lease) -> Result<Manifest> {
     lease.check_held().await?;
     for stage in Stage::RECORDED {
-        if stage.shardable()
-            && commit::read_stage(&rc.run, stage.name()).await?.is_none()
-            && !shard::read_parts(&rc.run, stage.name()).await?.is_empty()
-        {
+        if stage.shardable() && commit::read_stage(&rc.run, stage.name()).await?.is_none() {
             gather(rc, stage).await?;
         }
     }
@@ -452,8 +472,10 @@ async fn stage_outputs(rc: &RunContext, stage: Stage) -> Result<Vec<WrittenObjec
     if let Some(record) = commit::read_stage(&rc.run, stage.name()).await? {
         return Ok(record.outputs);
     }
-    if stage.shardable() && !shard::read_parts(&rc.run, stage.name()).await?.is_empty() {
-        return Ok(gather(rc, stage).await?.0);
+    if stage.shardable()
+        && let Some(written) = gather(rc, stage).await?
+    {
+        return Ok(written);
     }
     Err(Error::config(format!(
         "{} has no {} stage yet: run `recdistill stage {}` first",
@@ -464,27 +486,29 @@ async fn stage_outputs(rc: &RunContext, stage: Stage) -> Result<Vec<WrittenObjec
 }
 
 /// Joins the parts the shards of `stage` wrote into what the unsharded
-/// stage writes, records the stage whole, and deletes the parts. Refused
-/// when a part is missing or doubled (see [`shard::check_parts`]).
-async fn gather(rc: &RunContext, stage: Stage) -> Result<(Vec<WrittenObject>, Option<Evaluation>)> {
+/// stage writes, records the stage whole, deletes the parts, and returns
+/// the joined files; `None` when no shard of it ran. Refused when a part is
+/// missing or doubled (see [`shard::check_parts`]).
+async fn gather(rc: &RunContext, stage: Stage) -> Result<Option<Vec<WrittenObject>>> {
     let started = Instant::now();
     let run = &rc.run;
     let parts = shard::read_parts(run, stage.name()).await?;
+    if parts.is_empty() {
+        return Ok(None);
+    }
     let parts = shard::check_parts(run, stage.name(), &parts, &rc.run_id, &rc.job.config_hash())?;
     tracing::info!(
         stage = stage.name(),
         parts = parts.len(),
         "gathering the shards' parts"
     );
-    let files: Vec<(String, Vec<WrittenObject>)> = parts
-        .iter()
-        .map(|(s, record)| (s.folder(stage.name()), record.outputs.clone()))
-        .collect();
-    let (written, evaluation) = match stage {
-        Stage::SoftLabels => (soft_labels::gather_source_labels(run, &files).await?, None),
+    let files = shard::joined_files(run, stage.name(), &parts)?;
+    let written = match stage {
+        Stage::SoftLabels => soft_labels::gather_source_labels(run, &files).await?,
         Stage::Evaluate => {
-            let evaluation = evaluate::gather_evaluation(&rc.job, run, &rc.run_id, &files).await?;
-            (evaluation.written.clone(), Some(evaluation))
+            evaluate::gather_evaluation(&rc.job, run, &rc.run_id, &files)
+                .await?
+                .written
         }
         _ => {
             return Err(Error::internal(format!(
@@ -493,24 +517,18 @@ async fn gather(rc: &RunContext, stage: Stage) -> Result<(Vec<WrittenObject>, Op
             )));
         }
     };
-    let record = StageRecord {
-        stage: stage.name().into(),
-        run_id: rc.run_id.clone(),
-        config_hash: rc.job.config_hash(),
-        started_at: parts
-            .iter()
-            .map(|(_, r)| r.started_at.clone())
-            .min()
-            .unwrap_or_else(now),
-        // The work of every shard, then the gather.
-        seconds: parts.iter().map(|(_, r)| r.seconds).sum::<f64>()
-            + started.elapsed().as_secs_f64(),
-        outputs: written.clone(),
-        input_fingerprint: None,
-    };
+    let started_at = parts
+        .iter()
+        .map(|(_, r)| r.started_at.clone())
+        .min()
+        .unwrap_or_else(now);
+    // The work of every shard, then the gather.
+    let seconds =
+        parts.iter().map(|(_, r)| r.seconds).sum::<f64>() + started.elapsed().as_secs_f64();
+    let record = rc.stage_record(stage, started_at, seconds, written.clone(), None);
     commit::record_stage(run, &record).await?;
     shard::forget_parts(run, stage.name()).await?;
-    Ok((written, evaluation))
+    Ok(Some(written))
 }
 
 /// What running one stage did, for the command line.
@@ -578,14 +596,8 @@ async fn run_stage_held(
             )));
         }
     }
-    let later: Vec<&str> = Stage::RECORDED
-        .iter()
-        .skip_while(|s| **s != stage)
-        .skip(1)
-        .map(|s| s.name())
-        .collect();
     commit::uncommit(&rc.run).await?;
-    commit::forget_stages(&rc.run, &later).await?;
+    commit::forget_stages(&rc.run, &stage.later()).await?;
     // Parts of this stage's shards are superseded.
     shard::forget_parts(&rc.run, stage.name()).await?;
     let written = execute(rc, stage, &mut Produced::default()).await?;
@@ -634,23 +646,11 @@ async fn run_shard_held(rc: &RunContext, stage: Stage, shard: Shard) -> Result<S
     let folder = shard.folder(stage.name());
     // What a killed attempt of this shard left half-written; other shards'
     // files are theirs.
-    for path in run.lake().staging_leftovers(&run.rel(&folder)) {
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(file = %path.display(), "cannot remove a half-written leftover: {e}");
-        }
-    }
-    let later: Vec<&str> = Stage::RECORDED
-        .iter()
-        .skip_while(|s| **s != stage)
-        .skip(1)
-        .map(|s| s.name())
-        .collect();
+    remove_staging_leftovers(run, &folder);
     commit::uncommit(run).await?;
     // The stage is whole again only once its parts are gathered.
-    run.lake()
-        .delete(&run.rel(&format!("{}/{}.json", STAGES, stage.name())))
-        .await?;
-    commit::forget_stages(run, &later).await?;
+    commit::forget_record(run, stage.name()).await?;
+    commit::forget_stages(run, &stage.later()).await?;
     let mut produced = Produced::default();
     let dataset = produced.dataset(rc).await?;
     let written = match stage {
@@ -678,15 +678,8 @@ async fn run_shard_held(rc: &RunContext, stage: Stage, shard: Shard) -> Result<S
         }
     };
     let (started, started_at) = clock;
-    let record = StageRecord {
-        stage: stage.name().into(),
-        run_id: rc.run_id.clone(),
-        config_hash: rc.job.config_hash(),
-        started_at,
-        seconds: started.elapsed().as_secs_f64(),
-        outputs: written.clone(),
-        input_fingerprint: None,
-    };
+    let seconds = started.elapsed().as_secs_f64();
+    let record = rc.stage_record(stage, started_at, seconds, written.clone(), None);
     shard::record_part(run, shard, &record).await?;
     Ok(StageOutcome::Wrote(written))
 }

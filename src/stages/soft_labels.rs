@@ -67,35 +67,16 @@ pub async fn emit_source_labels(
     Ok(out)
 }
 
-/// Joins the shards' parts, given in shard order as (folder, files written
-/// there), into the files the unsharded stage writes.
+/// Joins the shards' parts, given as (file, its parts in shard order; see
+/// [`crate::run::shard::joined_files`]), into the files the unsharded stage
+/// writes.
 pub async fn gather_source_labels(
     run: &RunFolder,
-    parts: &[(String, Vec<WrittenObject>)],
+    files: &[(String, Vec<String>)],
 ) -> Result<Vec<WrittenObject>> {
-    let Some((first_folder, first)) = parts.first() else {
-        return Ok(Vec::new());
-    };
-    let mut written = Vec::with_capacity(first.len());
-    for object in first {
-        let rel = object
-            .path
-            .strip_prefix(&format!("{first_folder}/"))
-            .ok_or_else(|| Error::internal(format!("part file {} is misplaced", object.path)))?;
-        let mut sources = Vec::with_capacity(parts.len());
-        for (folder, files) in parts {
-            let path = format!("{folder}/{rel}");
-            if !files.iter().any(|f| f.path == path) {
-                return Err(Error::data(
-                    run.url_of(folder),
-                    format!(
-                        "this part has no {rel}, which the first part wrote: the parts come from different runs; rerun every shard"
-                    ),
-                ));
-            }
-            sources.push(path);
-        }
-        written.push(gather_soft_labels(run, &sources, rel).await?);
+    let mut written = Vec::with_capacity(files.len());
+    for (rel, sources) in files {
+        written.push(gather_soft_labels(run, sources, rel).await?);
     }
     Ok(written)
 }

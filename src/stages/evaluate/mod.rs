@@ -90,62 +90,45 @@ pub async fn evaluate_shard(
     Ok(written)
 }
 
-/// Joins the parts of the evaluate stage's shards, given in shard order as
-/// (folder, files written there): each model's recommendation parts into
-/// the file the unsharded stage writes, their counts into one evaluation
-/// table and report.
+/// Joins the parts of the evaluate stage's shards, given as (file, its
+/// parts in shard order; see [`crate::run::shard::joined_files`]): each
+/// model's recommendation parts into the file the unsharded stage writes,
+/// their counts into one evaluation table and report.
 pub async fn gather_evaluation(
     job: &Job,
     run: &RunFolder,
     run_id: &str,
-    parts: &[(String, Vec<WrittenObject>)],
+    files: &[(String, Vec<String>)],
 ) -> Result<Evaluation> {
-    let mut files: Vec<(String, Vec<String>)> = Vec::new();
-    let mut shares = Vec::with_capacity(parts.len());
-    for (p, (folder, written)) in parts.iter().enumerate() {
-        let prefix = format!("{folder}/");
-        let mut names = Vec::new();
-        for object in written {
-            let rel = object.path.strip_prefix(&prefix).ok_or_else(|| {
-                Error::internal(format!("part file {} is not below {folder}", object.path))
-            })?;
-            if rel == SHARE_PATH {
-                let location = run.url_of(&object.path);
-                let bytes = run.get(&object.path).await?;
+    let mut shares = Vec::new();
+    let mut written = Vec::with_capacity(files.len() + 1);
+    for (rel, sources) in files {
+        if rel == SHARE_PATH {
+            for source in sources {
+                let bytes = run.get(source).await?;
                 let share: Vec<ModelShare> = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::data(location, format!("unreadable evaluation share: {e}"))
+                    Error::data(
+                        run.url_of(source),
+                        format!("unreadable evaluation share: {e}"),
+                    )
                 })?;
                 shares.push(share);
-            } else {
-                names.push(rel.to_string());
             }
+            continue;
         }
-        if p == 0 {
-            files = names.into_iter().map(|n| (n, Vec::new())).collect();
-        } else if names.len() != files.len() || names.iter().zip(&files).any(|(a, (b, _))| a != b) {
-            return Err(Error::data(
-                run.url_of(folder),
-                "this part wrote other files than the first part: the parts come from different runs; rerun every shard",
-            ));
-        }
-        for (rel, sources) in files.iter_mut() {
-            sources.push(run.rel(&format!("{folder}/{rel}")));
-        }
-    }
-    if shares.len() != parts.len() {
-        return Err(Error::data(
-            run.display(),
-            format!("a part of the evaluate stage has no {SHARE_PATH}; rerun every shard"),
-        ));
-    }
-    let mut written = Vec::with_capacity(files.len() + 2);
-    for (rel, sources) in &files {
+        let sources: Vec<String> = sources.iter().map(|p| run.rel(p)).collect();
         let mut object = run
             .lake()
-            .concat_parquet(sources, &run.rel(rel), &[], RowGroups::Bounded)
+            .concat_parquet(&sources, &run.rel(rel), &[], RowGroups::Bounded)
             .await?;
         object.path = rel.clone();
         written.push(object);
+    }
+    if shares.is_empty() {
+        return Err(Error::data(
+            run.display(),
+            format!("the evaluate stage's parts have no {SHARE_PATH}; rerun every shard"),
+        ));
     }
     finish(job, run, run_id, shares, written).await
 }
@@ -174,8 +157,8 @@ async fn evaluate_share(
         0 => targets.len(),
         n => n.min(targets.len()),
     };
-    let timed_targets = Arc::new(targets[..timed].to_vec());
-    let timing = spec.latency_users > 0 && shard.is_none_or(|s| s.index == 0);
+    let timed_targets = (spec.latency_users > 0 && shard.is_none_or(|s| s.index == 0))
+        .then(|| Arc::new(targets[..timed].to_vec()));
     let mine = match shard {
         None => targets,
         Some(shard) => {
@@ -206,18 +189,11 @@ async fn evaluate_share(
             groups,
         )
         .await?;
-        let speed = if timing {
-            Some(
-                time_one(
-                    job,
-                    Arc::clone(&dataset),
-                    Arc::clone(&timed_targets),
-                    artifact,
-                )
-                .await?,
-            )
-        } else {
-            None
+        let speed = match &timed_targets {
+            Some(timed) => {
+                Some(time_one(job, Arc::clone(&dataset), Arc::clone(timed), artifact).await?)
+            }
+            None => None,
         };
         let metrics = sums.finish();
         tracing::info!(
