@@ -2,6 +2,9 @@
 -- (timestamp, item_id); the last one is `test`, the second-to-last `valid`,
 -- the rest `train`. Users with fewer than 3 events are `train` only.
 --
+-- The window sorts each user's events in the output's own order, so the
+-- final ORDER BY only merges the already sorted partitions.
+--
 -- Input:  events, user_map, item_map
 -- Output: user_id, item_id, timestamp, split, user_index, item_index
 --         (schemas/split.json), ordered by user_index, timestamp, item_index
@@ -12,10 +15,10 @@ WITH ranked AS (
         e."timestamp",
         u.user_index,
         i.item_index,
-        ROW_NUMBER() OVER (
+        CAST(ROW_NUMBER() OVER (
             PARTITION BY u.user_index
-            ORDER BY e."timestamp" DESC, i.item_index DESC
-        ) AS from_end,
+            ORDER BY e."timestamp", i.item_index
+        ) AS BIGINT) AS position,
         COUNT(*) OVER (PARTITION BY u.user_index) AS user_events
     FROM events e
     JOIN user_map u ON e.user_id = u.user_id
@@ -27,8 +30,8 @@ SELECT
     "timestamp",
     CASE
         WHEN user_events < 3 THEN 'train'
-        WHEN from_end = 1 THEN 'test'
-        WHEN from_end = 2 THEN 'valid'
+        WHEN position = user_events THEN 'test'
+        WHEN position = user_events - 1 THEN 'valid'
         ELSE 'train'
     END AS split,
     user_index,
