@@ -110,6 +110,11 @@ pub struct InputSpec {
     pub min_timestamp: String,
     /// Events at or after this instant (RFC 3339) are refused as invalid.
     pub max_timestamp: String,
+    /// Days of `dt=` partitions a run reads, ending with its run date: 7
+    /// reads `dt` from D-6 to D. 0 reads all of history up to D. Partitions
+    /// after the run date are never read, so a backfill sees what its own
+    /// day saw.
+    pub window_days: u32,
 }
 
 impl Default for InputSpec {
@@ -123,6 +128,7 @@ impl Default for InputSpec {
             batch_size: 8192,
             min_timestamp: "1990-01-01T00:00:00Z".into(),
             max_timestamp: "2100-01-01T00:00:00Z".into(),
+            window_days: 0,
         }
     }
 }

@@ -47,6 +47,58 @@ pub struct Fingerprint {
     pub sha256: String,
     /// The files.
     pub files: Vec<InputFile>,
+    /// The `dt=` partitions of the interactions the run was allowed to read.
+    #[serde(default)]
+    pub bounds: InputBounds,
+}
+
+/// The `dt=` partitions of the interactions a run reads: from `from` to
+/// `to`, both inclusive, as `YYYY-MM-DD`. An empty bound is open. A table
+/// that is not partitioned by `dt` is read whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputBounds {
+    /// First partition read; empty: the first there is.
+    pub from: String,
+    /// Last partition read (the run date); empty: the last there is.
+    pub to: String,
+}
+
+impl InputBounds {
+    /// A run on `run_date` reads partitions up to that date, and with
+    /// `window_days` > 0 only the last `window_days` of them.
+    pub fn for_run(run_date: NaiveDate, window_days: u32) -> InputBounds {
+        // A window reaching before the calendar's first day is all of history.
+        let from = (window_days > 0)
+            .then(|| run_date.checked_sub_days(chrono::Days::new(u64::from(window_days) - 1)))
+            .flatten()
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .unwrap_or_default();
+        InputBounds {
+            from,
+            to: run_date.format("%Y-%m-%d").to_string(),
+        }
+    }
+
+    /// Every partition (benchmarks and tools that are not a run).
+    pub fn everything() -> InputBounds {
+        InputBounds::default()
+    }
+
+    /// Whether the partition `dt` (YYYY-MM-DD) is read.
+    pub fn contains(&self, dt: &str) -> bool {
+        (self.from.is_empty() || dt >= self.from.as_str())
+            && (self.to.is_empty() || dt <= self.to.as_str())
+    }
+
+    /// The bounds in words, for messages: `dt <= 2025-01-31`.
+    pub fn describe(&self) -> String {
+        match (self.from.is_empty(), self.to.is_empty()) {
+            (true, true) => "every dt".to_string(),
+            (true, false) => format!("dt <= {}", self.to),
+            (false, true) => format!("dt >= {}", self.from),
+            (false, false) => format!("{} <= dt <= {}", self.from, self.to),
+        }
+    }
 }
 
 impl Fingerprint {
@@ -65,6 +117,7 @@ impl Fingerprint {
         Fingerprint {
             sha256: hex::encode(hasher.finalize()),
             files,
+            bounds: InputBounds::default(),
         }
     }
 }
@@ -302,12 +355,8 @@ pub async fn read_manifest(run: &RunFolder) -> Result<Option<Manifest>> {
         .map_err(|e| Error::data(run.lake().url_of(&rel), format!("unreadable manifest: {e}")))
 }
 
-/// The newest committed run of `job` in the lake, if any.
-pub async fn latest_committed(
-    lake: &Lake,
-    output_prefix: &str,
-    job: &str,
-) -> Result<Option<(RunFolder, Manifest)>> {
+/// The run dates of `job` that have a folder in the lake, in order.
+async fn run_dates(lake: &Lake, output_prefix: &str, job: &str) -> Result<Vec<NaiveDate>> {
     let folders = lake
         .list_folders(&format!("{}/{job}", output_prefix.trim_matches('/')))
         .await?;
@@ -317,6 +366,39 @@ pub async fn latest_committed(
         .filter_map(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
         .collect();
     dates.sort();
+    Ok(dates)
+}
+
+/// Every committed run of `job`, oldest first. A run whose manifest cannot
+/// be read is left out with a warning: one damaged day does not hide the
+/// others.
+pub async fn committed_runs(
+    lake: &Lake,
+    output_prefix: &str,
+    job: &str,
+) -> Result<Vec<(RunFolder, Manifest)>> {
+    let mut runs = Vec::new();
+    for date in run_dates(lake, output_prefix, job).await? {
+        let run = RunFolder::new(lake.clone(), output_prefix, job, date);
+        match read_manifest(&run).await {
+            Ok(Some(manifest)) => runs.push((run, manifest)),
+            Ok(None) => {}
+            Err(err @ Error::Data { .. }) => {
+                tracing::warn!(run = %run.display(), %err, "a committed run's manifest is unreadable; left out of the history");
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(runs)
+}
+
+/// The newest committed run of `job` in the lake, if any.
+pub async fn latest_committed(
+    lake: &Lake,
+    output_prefix: &str,
+    job: &str,
+) -> Result<Option<(RunFolder, Manifest)>> {
+    let dates = run_dates(lake, output_prefix, job).await?;
     for date in dates.into_iter().rev() {
         let run = RunFolder::new(lake.clone(), output_prefix, job, date);
         if let Some(manifest) = read_manifest(&run).await? {
@@ -368,5 +450,27 @@ mod tests {
         let c = Fingerprint::of(vec![f("a", 1), f("b", 3)]);
         assert_eq!(a.sha256, b.sha256);
         assert_ne!(a.sha256, c.sha256);
+    }
+
+    #[test]
+    fn input_bounds_end_at_the_run_date_and_span_the_window() {
+        let d = NaiveDate::from_ymd_opt(2025, 3, 1).unwrap();
+        let all = InputBounds::for_run(d, 0);
+        assert_eq!((all.from.as_str(), all.to.as_str()), ("", "2025-03-01"));
+        assert!(all.contains("1999-12-31") && all.contains("2025-03-01"));
+        assert!(!all.contains("2025-03-02"));
+        // Seven days, the run date included, across a month end.
+        let week = InputBounds::for_run(d, 7);
+        assert_eq!(week.from, "2025-02-23");
+        assert!(!week.contains("2025-02-22") && week.contains("2025-02-23"));
+        assert!(week.contains("2025-03-01") && !week.contains("2025-03-02"));
+        assert_eq!(week.describe(), "2025-02-23 <= dt <= 2025-03-01");
+        let one = InputBounds::for_run(d, 1);
+        assert_eq!(
+            (one.from.as_str(), one.to.as_str()),
+            ("2025-03-01", "2025-03-01")
+        );
+        assert!(InputBounds::everything().contains("2999-01-01"));
+        assert_eq!(InputBounds::for_run(d, u32::MAX).from, "");
     }
 }

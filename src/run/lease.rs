@@ -15,6 +15,12 @@
 //! appeared (its lease expired while it was stalled); if one did it does not
 //! commit.
 //!
+//! A lease whose holder ran on this host and is gone (its process no longer
+//! exists, or its pid now belongs to a process started at another time) is
+//! taken over at once, without waiting for the expiry: the record names the
+//! host, the kernel's boot id, the pid namespace, the pid and the process's
+//! start time. Holders on other hosts are waited out.
+//!
 //! Stores without conditional puts (`NotImplemented`) get a lease written
 //! with a plain put: runs are still told apart, but two runs starting in the
 //! same instant are not excluded (see docs/reliability.md).
@@ -48,6 +54,52 @@ pub struct LeaseRecord {
     pub acquired_at: String,
     /// The lease is void after this instant unless renewed (RFC 3339).
     pub expires_at: String,
+    /// The holder's process on its host (empty from older versions).
+    #[serde(default)]
+    pub process: ProcessIdentity,
+}
+
+/// What tells a process apart on one host, beyond its pid: pids are reused,
+/// so the process's start time; containers share a kernel, so the boot id
+/// and the pid namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+    /// The pid namespace (`/proc/self/ns/pid`).
+    pub pid_namespace: String,
+    /// Start time of the process, in clock ticks after boot (`/proc/PID/stat`).
+    pub started: u64,
+}
+
+impl ProcessIdentity {
+    /// This process's identity; empty where `/proc` does not tell.
+    fn current() -> ProcessIdentity {
+        ProcessIdentity {
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|id| id.trim().to_string())
+                .unwrap_or_default(),
+            pid_namespace: std::fs::read_link("/proc/self/ns/pid")
+                .map(|ns| ns.display().to_string())
+                .unwrap_or_default(),
+            started: process_started(std::process::id()).unwrap_or(0),
+        }
+    }
+}
+
+/// Start time of process `pid` in clock ticks after boot (field 22 of
+/// `/proc/PID/stat`); `None` when there is no such process.
+fn process_started(pid: u32) -> Option<u64> {
+    start_time_in_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Field 22 (`starttime`) of a `/proc/PID/stat` line.
+fn start_time_in_stat(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold anything,
+    // spaces and parentheses included; fields from the third on follow the
+    // last ')'.
+    let after_name = stat.get(stat.rfind(')')? + 1..)?;
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl LeaseRecord {
@@ -57,9 +109,28 @@ impl LeaseRecord {
             .map(|t| t.with_timezone(&Utc))
     }
 
-    /// Whether the lease still holds at `now`.
+    /// Whether the lease still holds at `now`: not expired, and not held by
+    /// a process of this host that is gone.
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
-        self.expires().is_some_and(|t| t > now)
+        self.expires().is_some_and(|t| t > now) && !self.holder_is_gone()
+    }
+
+    /// Whether the holder ran on this host, in this boot and pid namespace,
+    /// and its process is gone (or its pid names a later process). Unknown
+    /// identities are never judged gone.
+    fn holder_is_gone(&self) -> bool {
+        let here = ProcessIdentity::current();
+        let ours = &self.process;
+        if self.host != host_name()
+            || ours.boot_id.is_empty()
+            || ours.pid_namespace.is_empty()
+            || ours.started == 0
+            || ours.boot_id != here.boot_id
+            || ours.pid_namespace != here.pid_namespace
+        {
+            return false;
+        }
+        process_started(self.pid) != Some(ours.started)
     }
 }
 
@@ -216,6 +287,7 @@ impl Lease {
             purpose: purpose.to_string(),
             acquired_at: rfc3339(now),
             expires_at: rfc3339(now + lease_time),
+            process: ProcessIdentity::current(),
         };
         let rel = format!("{folder}/{}", lease_name(generation));
         match lake.put_create(&rel, to_bytes(&record)?).await? {
@@ -408,6 +480,7 @@ mod tests {
             purpose: "run".into(),
             acquired_at: rfc3339(Utc::now()),
             expires_at: rfc3339(Utc::now() - chrono::Duration::seconds(1)),
+            process: ProcessIdentity::default(),
         };
         let dead_rel = run.rel(&format!("{LEASES}/{}", lease_name(2)));
         run.lake()
@@ -421,6 +494,102 @@ mod tests {
         assert_eq!(left, vec![3], "older generations are deleted");
         assert_eq!(holder(&run).await.unwrap().unwrap().run_id, "d");
         next.release().await;
+    }
+
+    /// Puts a lease of generation 1, valid for an hour, held by `pid` on
+    /// `host` with `process`.
+    async fn lease_held_by(run: &RunFolder, host: &str, pid: u32, process: ProcessIdentity) {
+        let record = LeaseRecord {
+            generation: 1,
+            run_id: "holder".into(),
+            host: host.into(),
+            pid,
+            purpose: "run".into(),
+            acquired_at: rfc3339(Utc::now()),
+            expires_at: rfc3339(Utc::now() + chrono::Duration::hours(1)),
+            process,
+        };
+        let rel = run.rel(&format!("{LEASES}/{}", lease_name(1)));
+        run.lake()
+            .put(&rel, to_bytes(&record).unwrap())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_gone_holder_on_this_host_is_taken_over_at_once_and_others_are_waited_out() {
+        let here = ProcessIdentity::current();
+        assert!(here.started > 0 && !here.boot_id.is_empty(), "{here:?}");
+        // A process that has exited: its lease is taken over before expiry.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let child_pid = child.id();
+        let started = process_started(child_pid).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let dead = ProcessIdentity {
+            started,
+            ..here.clone()
+        };
+        let run = run_folder("lease-gone");
+        lease_held_by(&run, &host_name(), child_pid, dead.clone()).await;
+        assert!(holder(&run).await.unwrap().is_none());
+        let taken = Lease::acquire(&run, "next", "run", 60).await.unwrap();
+        assert_eq!(taken.generation, 2);
+        taken.release().await;
+
+        // A reused pid: this process's pid, recorded with another start time.
+        let run = run_folder("lease-reused-pid");
+        let reused = ProcessIdentity {
+            started: here.started + 1,
+            ..here.clone()
+        };
+        lease_held_by(&run, &host_name(), std::process::id(), reused).await;
+        Lease::acquire(&run, "next", "run", 60)
+            .await
+            .unwrap()
+            .release()
+            .await;
+
+        // Live holders are waited out: a live process of this host, the
+        // same dead process recorded on another host, in another boot, or
+        // by an older version that recorded no identity.
+        let other_boot = ProcessIdentity {
+            boot_id: "another-boot".into(),
+            ..dead.clone()
+        };
+        for (i, (host, pid, process)) in [
+            (host_name(), std::process::id(), here.clone()),
+            ("another-host".to_string(), child_pid, dead.clone()),
+            (host_name(), child_pid, other_boot),
+            (host_name(), child_pid, ProcessIdentity::default()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let run = run_folder(&format!("lease-live-{i}"));
+            lease_held_by(&run, &host, pid, process).await;
+            let err = Lease::acquire(&run, "next", "run", 60).await.err().unwrap();
+            assert_eq!(err.exit_code(), 5, "case {i}");
+        }
+    }
+
+    #[test]
+    fn process_start_times_are_read_past_odd_command_names() {
+        let fields = |name: &str| {
+            let mut line = format!("4242 ({name}) S");
+            for field in 4..=21 {
+                line.push_str(&format!(" {field}"));
+            }
+            line + " 987654 23 24"
+        };
+        assert_eq!(start_time_in_stat(&fields("recdistill")), Some(987654));
+        assert_eq!(start_time_in_stat(&fields("a) b (c) 9 9")), Some(987654));
+        assert_eq!(start_time_in_stat("4242 (cut"), None);
+        assert!(process_started(std::process::id()).is_some());
+        assert_eq!(process_started(u32::MAX), None);
     }
 
     #[tokio::test]

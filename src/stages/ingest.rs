@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use arrow::array::{Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::TableProvider;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
-use datafusion::prelude::SessionContext;
+use datafusion::logical_expr::{Operator, binary_expr};
+use datafusion::prelude::{SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectMeta, ObjectStoreExt};
@@ -23,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::lake::Lake;
 use crate::lake::engine::{SqlParams, collect_sql};
 use crate::lake::schema::{Contract, contract, type_name};
-use crate::run::commit::{Fingerprint, InputFile};
+use crate::run::commit::{Fingerprint, InputBounds, InputFile};
 
 /// Rows shown in an error about bad rows.
 const SAMPLE_ROWS: usize = 5;
@@ -59,7 +61,15 @@ struct InputTable {
 }
 
 /// Validates the job's inputs and registers `interactions` (and `items`).
-pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Ingested> {
+/// Of a `dt=`-partitioned interactions table only the partitions within
+/// `bounds` are listed, checked and registered: a run never sees a day
+/// after its own.
+pub async fn ingest(
+    job: &Job,
+    lake: &Lake,
+    ctx: &SessionContext,
+    bounds: &InputBounds,
+) -> Result<Ingested> {
     let interactions_contract = contract("interactions")?;
     let folder = job
         .spec
@@ -67,7 +77,7 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
         .interactions
         .trim_end_matches('/')
         .to_string();
-    let interactions = scan_table(lake, &folder, &interactions_contract, true)
+    let interactions = scan_table(lake, &folder, &interactions_contract, true, Some(bounds))
         .await?
         .expect("required tables are always returned");
     if interactions.rows == 0 {
@@ -79,7 +89,7 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
             ),
         ));
     }
-    register(lake, ctx, "interactions", &interactions)?;
+    register(lake, ctx, "interactions", &interactions, Some(bounds))?;
     check_rows(job, lake, ctx, &interactions).await?;
 
     let user_id_type = interactions
@@ -104,11 +114,11 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
         None
     } else {
         let folder = job.spec.input.items.trim_end_matches('/').to_string();
-        scan_table(lake, &folder, &contract("items")?, false).await?
+        scan_table(lake, &folder, &contract("items")?, false, None).await?
     };
     if let Some(items) = &items {
         check_id_type(lake, items, &item_id_type)?;
-        register(lake, ctx, "items", items)?;
+        register(lake, ctx, "items", items, None)?;
         inputs.push(items);
     }
 
@@ -121,11 +131,11 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
             .item_content
             .trim_end_matches('/')
             .to_string();
-        scan_table(lake, &folder, &contract("item_content")?, true).await?
+        scan_table(lake, &folder, &contract("item_content")?, true, None).await?
     };
     if let Some(content) = &content {
         check_id_type(lake, content, &item_id_type)?;
-        register(lake, ctx, "item_content", content)?;
+        register(lake, ctx, "item_content", content, None)?;
         inputs.push(content);
     }
 
@@ -150,8 +160,12 @@ pub async fn ingest(job: &Job, lake: &Lake, ctx: &SessionContext) -> Result<Inge
         .buffered(FETCH_CONCURRENCY)
         .try_collect()
         .await?;
+    let mut fingerprint = Fingerprint::of(files);
+    if interactions.partitioned {
+        fingerprint.bounds = bounds.clone();
+    }
     Ok(Ingested {
-        fingerprint: Fingerprint::of(files),
+        fingerprint,
         rows: interactions.rows,
         files: interactions.files.len(),
         user_id_type,
@@ -180,18 +194,23 @@ fn check_id_type(lake: &Lake, table: &InputTable, item_id_type: &DataType) -> Re
     Ok(())
 }
 
-/// Lists and checks one table's files. Returns `None` for a missing optional table.
+/// Lists and checks one table's files. Returns `None` for a missing optional
+/// table. With `bounds`, files in `dt=` partitions outside them are skipped
+/// before they are checked or read.
 async fn scan_table(
     lake: &Lake,
     folder: &str,
     contract: &Contract,
     required: bool,
+    bounds: Option<&InputBounds>,
 ) -> Result<Option<InputTable>> {
     let folder_url = lake.url_of(&format!("{folder}/"));
     let base = lake.path(folder);
     let listed = lake.list(folder).await?;
     let mut files = Vec::new();
     let mut depth: Option<usize> = None;
+    // Partitions skipped by `bounds`: (first, last, how many files).
+    let mut outside: Option<(String, String, usize)> = None;
     for meta in listed {
         let rel = Lake::relative_to(&base, &meta.location);
         let parts: Vec<&str> = rel.split('/').collect();
@@ -200,6 +219,24 @@ async fn scan_table(
             .iter()
             .any(|p| p.starts_with('_') || p.starts_with('.'))
         {
+            continue;
+        }
+        let partition = (parts.len() == 2)
+            .then(|| parts[0].strip_prefix("dt="))
+            .flatten()
+            .filter(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
+        if let (Some(bounds), Some(dt)) = (bounds, partition)
+            && !bounds.contains(dt)
+        {
+            let (first, last, count) =
+                outside.get_or_insert_with(|| (dt.to_string(), dt.to_string(), 0));
+            if dt < first.as_str() {
+                *first = dt.to_string();
+            }
+            if dt > last.as_str() {
+                *last = dt.to_string();
+            }
+            *count += 1;
             continue;
         }
         let url = lake.display(&meta.location);
@@ -244,6 +281,16 @@ async fn scan_table(
         files.push(meta);
     }
     if files.is_empty() {
+        if let (Some(bounds), Some((first, last, count))) = (bounds, &outside) {
+            return Err(Error::data(
+                folder_url,
+                format!(
+                    "no input files within {} (input.window_days and the run date): the {} table's {count} file(s) lie in partitions from dt={first} to dt={last}",
+                    bounds.describe(),
+                    contract.table
+                ),
+            ));
+        }
         if !required {
             return Ok(None);
         }
@@ -254,6 +301,16 @@ async fn scan_table(
                 contract.table
             ),
         ));
+    }
+    if let (Some(bounds), Some((first, last, count))) = (bounds, &outside) {
+        tracing::info!(
+            table = %contract.table,
+            bounds = %bounds.describe(),
+            skipped_files = count,
+            skipped_from = %first,
+            skipped_to = %last,
+            "partitions outside the run's bounds are not read"
+        );
     }
 
     let mut merged: Vec<Field> = Vec::new();
@@ -399,8 +456,16 @@ async fn read_footer(lake: &Lake, meta: &ObjectMeta) -> Result<(Schema, u64)> {
     Ok((schema, file.num_rows().max(0) as u64))
 }
 
-/// Registers a validated table with DataFusion.
-fn register(lake: &Lake, ctx: &SessionContext, name: &str, table: &InputTable) -> Result<()> {
+/// Registers a validated table with DataFusion. A partitioned table with
+/// `bounds` is a view filtered on `dt`, which DataFusion prunes at listing
+/// time: files outside the bounds are never opened.
+fn register(
+    lake: &Lake,
+    ctx: &SessionContext,
+    name: &str,
+    table: &InputTable,
+    bounds: Option<&InputBounds>,
+) -> Result<()> {
     let url = lake.url_of(&format!("{}/", table.folder));
     let table_url = ListingTableUrl::parse(&url).map_err(|e| Error::from_datafusion(&url, e))?;
     let mut options =
@@ -412,9 +477,23 @@ fn register(lake: &Lake, ctx: &SessionContext, name: &str, table: &InputTable) -
         .with_listing_options(options)
         .with_schema(Arc::clone(&table.schema));
     let listing = ListingTable::try_new(config).map_err(|e| Error::from_datafusion(&url, e))?;
+    let mut provider: Arc<dyn TableProvider> = Arc::new(listing);
+    if let Some(bounds) = bounds.filter(|b| table.partitioned && **b != InputBounds::everything()) {
+        let mut frame = ctx
+            .read_table(provider)
+            .map_err(|e| Error::from_datafusion(name, e))?;
+        for (bound, op) in [(&bounds.from, Operator::GtEq), (&bounds.to, Operator::LtEq)] {
+            if !bound.is_empty() {
+                frame = frame
+                    .filter(binary_expr(col("dt"), op, lit(bound.as_str())))
+                    .map_err(|e| Error::from_datafusion(name, e))?;
+            }
+        }
+        provider = frame.into_view();
+    }
     ctx.deregister_table(name)
         .map_err(|e| Error::from_datafusion(name, e))?;
-    ctx.register_table(name, Arc::new(listing))
+    ctx.register_table(name, provider)
         .map_err(|e| Error::from_datafusion(name, e))?;
     Ok(())
 }

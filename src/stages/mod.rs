@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::lake::{Lake, WrittenObject, engine};
 use crate::model::ModelArtifact;
 use crate::run::RunFolder;
-use crate::run::commit::{self, Manifest, StageRecord};
+use crate::run::commit::{self, InputBounds, Manifest, StageRecord};
 use crate::run::folder::remove_staging_leftovers;
 use crate::run::lease::Lease;
 use crate::run::shard::{self, Shard};
@@ -177,6 +177,12 @@ pub struct RunContext {
 }
 
 impl RunContext {
+    /// The `dt` partitions this run reads: up to its run date, within
+    /// `input.window_days`.
+    pub fn input_bounds(&self) -> InputBounds {
+        InputBounds::for_run(self.run.run_date(), self.job.spec.input.window_days)
+    }
+
     /// Opens the lake and sets up DataFusion for `job` on `run_date`.
     pub async fn new(job: Job, run_date: NaiveDate) -> Result<RunContext> {
         let lake = Lake::open(&job.spec.lake)?;
@@ -401,7 +407,7 @@ pub struct RunSummary {
 /// Runs every stage and commits.
 pub async fn run_all(rc: &RunContext) -> Result<RunSummary> {
     let started = (Instant::now(), now());
-    let ingested = ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?;
+    let ingested = ingest::ingest(&rc.job, rc.lake(), &rc.ctx, &rc.input_bounds()).await?;
     tracing::info!(
         files = ingested.files,
         rows = ingested.rows,
@@ -555,13 +561,13 @@ pub async fn run_stage(
     }
     if stage == Stage::Ingest {
         return Ok(StageOutcome::Validated(
-            ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?,
+            ingest::ingest(&rc.job, rc.lake(), &rc.ctx, &rc.input_bounds()).await?,
         ));
     }
     // Nothing touches the folder before the features stage has validated the
     // input, or (later stages) before it is known that the run has begun.
     let ingested = if stage == Stage::Features {
-        Some(ingest::ingest(&rc.job, rc.lake(), &rc.ctx).await?)
+        Some(ingest::ingest(&rc.job, rc.lake(), &rc.ctx, &rc.input_bounds()).await?)
     } else {
         if commit::read_stage(&rc.run, Stage::Features.name())
             .await?

@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::lake::{Lake, engine};
 use crate::model::sasrec::{PAD, SasRec, SasRecConfig};
 use crate::run::RunFolder;
+use crate::run::commit::InputBounds;
 use crate::stages::{features, ingest};
 use crate::train::cpu::Trainer;
 use crate::train::{
@@ -64,7 +65,7 @@ pub async fn load_job_dataset(job: &Job) -> Result<Dataset> {
     let lake = Lake::open(&job.spec.lake)?;
     let ctx = engine::session(&job.spec.input, &job.spec.lake).await?;
     lake.register(&ctx);
-    ingest::ingest(job, &lake, &ctx).await?;
+    ingest::ingest(job, &lake, &ctx, &InputBounds::everything()).await?;
     let scratch = Lake::open(&LakeSpec {
         url: format!("memory://bench-{}", std::process::id()),
         ..Default::default()

@@ -4,8 +4,13 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{
+    ArrayRef, Date32Array, Float64Array, Float64Builder, ListBuilder, RecordBatch, StringArray,
+    StringBuilder, StructBuilder, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Fields, Schema};
 use clap::ValueEnum;
+use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -14,6 +19,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::config::{JobSpec, check_segment};
 use crate::error::{Error, Result};
+use crate::lake::reader::ParquetObject;
 use crate::lake::{Lake, engine};
 use crate::run::RunFolder;
 use crate::run::commit::{self, Manifest};
@@ -58,10 +64,23 @@ pub async fn open(
         ("interactions", &spec.input.interactions),
         ("items", &spec.input.items),
     ] {
-        if !folder.is_empty()
-            && register_folder(&lake, &ctx, name, folder.trim_end_matches('/')).await?
-        {
-            catalog.tables.push(name.to_string());
+        if folder.is_empty() {
+            continue;
+        }
+        // A damaged input file (or one still being written) leaves that
+        // table out, with a warning naming it; the run tables still answer.
+        match register_folder(&lake, &ctx, name, folder.trim_end_matches('/')).await {
+            Ok(true) => catalog.tables.push(name.to_string()),
+            Ok(false) => {}
+            Err(Error::Data { message, .. }) => {
+                let file = first_unreadable(&lake, folder.trim_end_matches('/')).await;
+                tracing::warn!(
+                    table = name,
+                    file = file.as_deref().unwrap_or("?"),
+                    "input table left out: a file cannot be read ({message})"
+                );
+            }
+            Err(err) => return Err(err),
         }
     }
 
@@ -92,8 +111,172 @@ pub async fn open(
             register_run(&ctx, &run, &manifest, &mut catalog.tables).await?;
             catalog.run = Some(run.display());
         }
+        let history = commit::committed_runs(&lake, prefix, &job).await?;
+        register_history(&ctx, &history, &mut catalog.tables).await?;
     }
     Ok((ctx, catalog))
+}
+
+/// The evaluation file every committed run lists.
+const EVALUATION_FILE: &str = "evaluation/evaluation.parquet";
+
+/// Registers `runs` (one row per committed run) and `evaluation_history`
+/// (every committed run's evaluation rows; `run_date` is a column), when
+/// there are committed runs.
+async fn register_history(
+    ctx: &SessionContext,
+    history: &[(RunFolder, Manifest)],
+    tables: &mut Vec<String>,
+) -> Result<()> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let batch = runs_batch(history)?;
+    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
+        .map_err(|e| Error::from_datafusion("runs", e))?;
+    ctx.register_table("runs", Arc::new(table))
+        .map_err(|e| Error::from_datafusion("runs", e))?;
+    tables.push("runs".to_string());
+
+    let urls = history
+        .iter()
+        .filter(|(_, m)| m.outputs.iter().any(|o| o.path == EVALUATION_FILE))
+        .map(|(run, _)| {
+            let url = run.url_of(EVALUATION_FILE);
+            ListingTableUrl::parse(&url).map_err(|e| Error::from_datafusion(&url, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if urls.is_empty() {
+        return Ok(());
+    }
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .infer_schema(&ctx.state())
+        .await
+        .map_err(|e| Error::from_datafusion("evaluation_history", e))?;
+    let listing = ListingTable::try_new(config)
+        .map_err(|e| Error::from_datafusion("evaluation_history", e))?;
+    ctx.register_table("evaluation_history", Arc::new(listing))
+        .map_err(|e| Error::from_datafusion("evaluation_history", e))?;
+    tables.push("evaluation_history".to_string());
+    Ok(())
+}
+
+/// One row per committed run: what ran, on what input, and how long each
+/// stage took.
+fn runs_batch(history: &[(RunFolder, Manifest)]) -> Result<RecordBatch> {
+    let stage_fields = Fields::from(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("seconds", DataType::Float64, false),
+    ]);
+    let mut stages =
+        ListBuilder::new(StructBuilder::from_fields(stage_fields.clone(), 0)).with_field(
+            Field::new_list_field(DataType::Struct(stage_fields.clone()), false),
+        );
+    let mut total = Vec::new();
+    for (_, m) in history {
+        let entry = stages.values();
+        for stage in &m.stages {
+            entry
+                .field_builder::<StringBuilder>(0)
+                .ok_or_else(|| Error::internal("runs: stage name builder"))?
+                .append_value(&stage.name);
+            entry
+                .field_builder::<Float64Builder>(1)
+                .ok_or_else(|| Error::internal("runs: stage seconds builder"))?
+                .append_value(stage.seconds);
+            entry.append(true);
+        }
+        stages.append(true);
+        total.push(m.stages.iter().map(|s| s.seconds).sum::<f64>());
+    }
+    let text = |f: &dyn Fn(&Manifest) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(
+            history.iter().map(|(_, m)| f(m)),
+        ))
+    };
+    let bound = |f: &dyn Fn(&Manifest) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter(history.iter().map(|(_, m)| {
+            let b = f(m);
+            (!b.is_empty()).then_some(b)
+        })))
+    };
+    let days_since_epoch = |run: &RunFolder| {
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+        (run.run_date() - epoch).num_days() as i32
+    };
+    let columns: Vec<(&str, ArrayRef, bool)> = vec![
+        ("run_id", text(&|m| m.run_id.clone()), false),
+        (
+            "run_date",
+            Arc::new(Date32Array::from_iter_values(
+                history.iter().map(|(run, _)| days_since_epoch(run)),
+            )),
+            false,
+        ),
+        ("job", text(&|m| m.job.clone()), false),
+        ("config_hash", text(&|m| m.config_hash.clone()), false),
+        (
+            "seed",
+            Arc::new(UInt64Array::from_iter_values(
+                history.iter().map(|(_, m)| m.seed),
+            )),
+            false,
+        ),
+        (
+            "input_from",
+            bound(&|m| &m.input_fingerprint.bounds.from),
+            true,
+        ),
+        ("input_to", bound(&|m| &m.input_fingerprint.bounds.to), true),
+        (
+            "input_sha256",
+            text(&|m| m.input_fingerprint.sha256.clone()),
+            false,
+        ),
+        (
+            "input_files",
+            Arc::new(UInt64Array::from_iter_values(
+                history
+                    .iter()
+                    .map(|(_, m)| m.input_fingerprint.files.len() as u64),
+            )),
+            false,
+        ),
+        ("seconds", Arc::new(Float64Array::from(total)), false),
+        ("stages", Arc::new(stages.finish()), false),
+        ("version", text(&|m| m.tool.version.clone()), false),
+        ("committed_at", text(&|m| m.committed_at.clone()), false),
+    ];
+    let schema = Schema::new(
+        columns
+            .iter()
+            .map(|(name, array, nullable)| Field::new(*name, array.data_type().clone(), *nullable))
+            .collect::<Vec<_>>(),
+    );
+    RecordBatch::try_new(
+        Arc::new(schema),
+        columns.into_iter().map(|(_, array, _)| array).collect(),
+    )
+    .map_err(|e| Error::internal(format!("runs table: {e}")))
+}
+
+/// The first Parquet file under `folder` whose footer cannot be read, for
+/// a message that names it.
+async fn first_unreadable(lake: &Lake, folder: &str) -> Option<String> {
+    use parquet::arrow::async_reader::AsyncFileReader;
+    for meta in lake.list(folder).await.ok()? {
+        if !meta.location.as_ref().ends_with(".parquet") {
+            continue;
+        }
+        let mut object = ParquetObject::new(lake.store(), meta.location.clone(), meta.size);
+        if object.get_metadata(None).await.is_err() {
+            return Some(lake.display(&meta.location));
+        }
+    }
+    None
 }
 
 /// Registers a Parquet folder (Hive-partitioned by `dt` or flat) as `name`.

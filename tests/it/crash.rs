@@ -224,8 +224,18 @@ impl Moments {
 
 /// Starts the job with stderr read line by line on a thread.
 fn spawn(target: &Target) -> (Child, mpsc::Receiver<String>) {
+    spawn_with(target, &[], &[])
+}
+
+/// [`spawn`] with `extra` arguments and `env` variables.
+fn spawn_with(
+    target: &Target,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, mpsc::Receiver<String>) {
     let mut child = target
-        .run(&[])
+        .run(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -400,6 +410,40 @@ fn twenty_kills_on_the_s3_server() {
         killed >= 15,
         "only {killed} of 20 kills landed before the job ended"
     );
+}
+
+/// A run killed on this host is taken over by an immediate rerun, without
+/// waiting out its lease; one killed on another host (its lease names that
+/// host) holds the folder until the lease expires.
+#[test]
+fn a_killed_run_is_taken_over_at_once_on_its_own_host_only() {
+    const LEASE: [&str; 2] = ["--set", "lake.lease_s=60"];
+    for host in [None, Some("another-host")] {
+        let target = Target::local();
+        let env: Vec<(&str, &str)> = host.map(|h| ("HOSTNAME", h)).into_iter().collect();
+        let (mut child, lines) = spawn_with(&target, &LEASE, &env);
+        assert!(kill_in_stage(&mut child, &lines, "teacher", Duration::ZERO));
+        assert_eq!(
+            files_under(&target.folder().join("_lease")).len(),
+            1,
+            "the killed run's lease is left behind"
+        );
+        let mut again = target.run(&LEASE);
+        match host {
+            None => {
+                ok(&mut again);
+                assert!(check_folder(&target.folder()));
+                assert!(target.folder().join("_SUCCESS").is_file());
+            }
+            Some(other) => {
+                let err = fails(&mut again, 5);
+                assert!(
+                    err.contains("is in use by run") && err.contains(other),
+                    "{err}"
+                );
+            }
+        }
+    }
 }
 
 /// Two runs of one job and run date at once: exactly one commits, the other

@@ -6,6 +6,7 @@ mod ballista;
 mod common;
 mod compress;
 mod crash;
+mod daily;
 mod distill;
 mod import;
 mod interop;

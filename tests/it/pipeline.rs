@@ -4,6 +4,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::common::*;
+use crate::crash::QUICK;
 
 #[test]
 fn run_writes_every_output_and_a_manifest_that_lists_them() {
@@ -121,10 +122,23 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
     );
 }
 
+/// The quick job's short training (`crash::QUICK`), with the item content
+/// teacher kept: what these tests check does not depend on how long the
+/// models train.
+fn quick_with_content() -> Vec<&'static str> {
+    QUICK
+        .chunks(2)
+        .filter(|pair| !pair[1].contains("content"))
+        .flatten()
+        .copied()
+        .collect()
+}
+
 #[test]
 fn rerun_gives_identical_recommendations_and_values() {
     let lake = TestLake::with_sample();
-    ok(&mut lake.run_job("jobs/sample.toml", &[]));
+    let quick = quick_with_content();
+    ok(&mut lake.run_job("jobs/sample.toml", &quick));
     let run = lake.run_folder("sample");
     let first_recs = std::fs::read(run.join("recommendations/meanpool.parquet")).unwrap();
     let first_split = std::fs::read(run.join("features/split.parquet")).unwrap();
@@ -132,7 +146,7 @@ fn rerun_gives_identical_recommendations_and_values() {
     let first_manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("_SUCCESS")).unwrap()).unwrap();
 
-    ok(&mut lake.run_job("jobs/sample.toml", &[]));
+    ok(&mut lake.run_job("jobs/sample.toml", &quick));
     assert_eq!(
         first_recs,
         std::fs::read(run.join("recommendations/meanpool.parquet")).unwrap()
@@ -154,7 +168,9 @@ fn rerun_gives_identical_recommendations_and_values() {
     );
 
     // A different seed trains a different model.
-    ok(&mut lake.run_job("jobs/sample.toml", &["--set", "seed=7"]));
+    ok(lake
+        .run_job("jobs/sample.toml", &quick)
+        .args(["--set", "seed=7"]));
     assert_ne!(
         first_recs,
         std::fs::read(run.join("recommendations/meanpool.parquet")).unwrap()
@@ -163,8 +179,9 @@ fn rerun_gives_identical_recommendations_and_values() {
 
 #[test]
 fn stages_one_at_a_time_equal_a_whole_run() {
+    let quick = quick_with_content();
     let whole = TestLake::with_sample();
-    ok(&mut whole.run_job("jobs/sample.toml", &[]));
+    ok(&mut whole.run_job("jobs/sample.toml", &quick));
 
     let staged = TestLake::with_sample();
     let stage = |name: &str| {
@@ -173,7 +190,8 @@ fn stages_one_at_a_time_equal_a_whole_run() {
             .arg(repo().join("jobs/sample.toml"))
             .arg("--lake")
             .arg(staged.path())
-            .args(["--run-date", RUN_DATE]);
+            .args(["--run-date", RUN_DATE])
+            .args(&quick);
         cmd
     };
     // Later stages refuse to run before the ones they read from.

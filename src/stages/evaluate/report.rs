@@ -122,10 +122,104 @@ size is the bytes of each model's artifact as stored. Bold rows and the line mar
     page
 }
 
+/// A rectangle on the chart: left, top, right, bottom (SVG pixels).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rect {
+    x0: f64,
+    y0: f64,
+    x1: f64,
+    y1: f64,
+}
+
+impl Rect {
+    fn overlaps(&self, other: &Rect) -> bool {
+        self.x0 < other.x1 && other.x0 < self.x1 && self.y0 < other.y1 && other.y0 < self.y1
+    }
+
+    fn inside(&self, area: &Rect) -> bool {
+        self.x0 >= area.x0 && self.x1 <= area.x1 && self.y0 >= area.y0 && self.y1 <= area.y1
+    }
+}
+
+/// Label font size (px).
+const LABEL_PX: f64 = 11.0;
+
+/// A generous width for `text` at [`LABEL_PX`] in a sans-serif face: 0.62 em
+/// per character (most faces average 0.5–0.6).
+fn label_width(text: &str) -> f64 {
+    text.chars().count() as f64 * LABEL_PX * 0.62
+}
+
+/// Where a label sits: its anchor point (SVG `x`, baseline `y`), whether it
+/// is anchored at its end (placed left of its dot), and the box it covers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Placed {
+    x: f64,
+    y: f64,
+    end: bool,
+    rect: Rect,
+}
+
+/// Places the label of each `(cx, cy, text)` next to its dot without
+/// covering another label or any dot, inside `area`. Tries beside the dot
+/// (right, then left; above, level, below), then one and two lines further
+/// out. A label with no free place is left
+/// off (`None`): its model's name still shows on hover, and in the table.
+fn place_labels(
+    labels: &[(f64, f64, &str)],
+    dots: &[(f64, f64)],
+    area: Rect,
+) -> Vec<Option<Placed>> {
+    let (ascent, descent, gap, line) = (LABEL_PX * 0.8, LABEL_PX * 0.25, 8.0, LABEL_PX + 3.0);
+    let dot_rects: Vec<Rect> = dots
+        .iter()
+        .map(|&(x, y)| Rect {
+            x0: x - 6.0,
+            y0: y - 6.0,
+            x1: x + 6.0,
+            y1: y + 6.0,
+        })
+        .collect();
+    let mut taken: Vec<Rect> = Vec::new();
+    labels
+        .iter()
+        .map(|&(cx, cy, text)| {
+            let width = label_width(text);
+            let mut baselines = vec![cy - 6.0, cy + ascent / 2.0, cy + 6.0 + ascent];
+            for far in [1.0, 2.0] {
+                baselines.push(cy - 6.0 - far * line);
+                baselines.push(cy + 6.0 + ascent + far * line);
+            }
+            let found = baselines.iter().find_map(|&y| {
+                [false, true].into_iter().find_map(|end| {
+                    let x = if end { cx - gap } else { cx + gap };
+                    let x0 = if end { x - width } else { x };
+                    let rect = Rect {
+                        x0,
+                        y0: y - ascent,
+                        x1: x0 + width,
+                        y1: y + descent,
+                    };
+                    let free = rect.inside(&area)
+                        && !taken.iter().chain(&dot_rects).any(|r| r.overlaps(&rect));
+                    free.then_some(Placed { x, y, end, rect })
+                })
+            });
+            if let Some(placed) = &found {
+                taken.push(placed.rect);
+            }
+            found
+        })
+        .collect()
+}
+
 /// The scatter plot: x = log10 bytes, y = NDCG, one dot per model coloured
-/// by role, the frontier as a step line, labels on the frontier's points.
+/// by role, the frontier as a step line, labels on the frontier's points
+/// where they fit without overlapping (every dot names its model on hover).
 fn chart(points: &[(&ModelResult, u64, f64)], k: u32) -> String {
-    let (w, h, left, right, top, bottom) = (760.0, 420.0, 70.0, 30.0, 20.0, 50.0);
+    // The legend runs along the top margin, outside the plot, so no model's
+    // dot or label ever sits under it.
+    let (w, h, left, right, top, bottom) = (760.0, 436.0, 70.0, 30.0, 36.0, 50.0);
     if points.is_empty() {
         return "<p>No model has an NDCG to plot.</p>\n".into();
     }
@@ -205,8 +299,12 @@ fn chart(points: &[(&ModelResult, u64, f64)], k: u32) -> String {
             "<path d=\"{path}\" fill=\"none\" stroke=\"#2e7d32\" stroke-width=\"2\" stroke-dasharray=\"6 3\"/>"
         );
     }
-    for ((r, _, ndcg), &x) in points.iter().zip(&lx) {
-        let (cx, cy) = (sx(x), sy(*ndcg));
+    let dots: Vec<(f64, f64)> = points
+        .iter()
+        .zip(&lx)
+        .map(|((_, _, ndcg), &x)| (sx(x), sy(*ndcg)))
+        .collect();
+    for ((r, _, ndcg), &(cx, cy)) in points.iter().zip(&dots) {
         let _ = writeln!(
             svg,
             "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"{}\" fill=\"{}\" stroke=\"{}\" stroke-width=\"2\"><title>{} ({}): {}, NDCG@{k} {ndcg:.4}</title></circle>",
@@ -217,24 +315,42 @@ fn chart(points: &[(&ModelResult, u64, f64)], k: u32) -> String {
             escape(&r.variant),
             human_bytes(r.size_bytes),
         );
-        if r.pareto {
+    }
+    // Labels on the frontier, smallest model first.
+    let mut frontier: Vec<(f64, f64, &str)> = points
+        .iter()
+        .zip(&dots)
+        .filter(|(p, _)| p.0.pareto)
+        .map(|(p, &(cx, cy))| (cx, cy, p.0.name.as_str()))
+        .collect();
+    frontier.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let area = Rect {
+        x0: left,
+        y0: top,
+        x1: w - right,
+        y1: h - bottom,
+    };
+    let placed = place_labels(&frontier, &dots, area);
+    for ((_, _, name), spot) in frontier.iter().zip(placed) {
+        if let Some(spot) = spot {
             let _ = writeln!(
                 svg,
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">{}</text>",
-                cx + 8.0,
-                cy - 6.0,
-                escape(&r.name)
+                "<text class=\"label\" x=\"{:.1}\" y=\"{:.1}\" font-size=\"{LABEL_PX}\"{}>{}</text>",
+                spot.x,
+                spot.y,
+                if spot.end { " text-anchor=\"end\"" } else { "" },
+                escape(name)
             );
         }
     }
-    // Legend.
+    // Legend, in a row above the plot.
     for (i, (role, c)) in COLORS.iter().enumerate() {
-        let y = top + 14.0 + i as f64 * 16.0;
+        let x = left + 10.0 + i as f64 * 100.0;
+        let y = top / 2.0;
         let _ = writeln!(
             svg,
-            "<circle cx=\"{lx:.1}\" cy=\"{y:.1}\" r=\"5\" fill=\"{c}\"/><text x=\"{tx:.1}\" y=\"{ty:.1}\" font-size=\"12\">{role}</text>",
-            lx = w - right - 110.0,
-            tx = w - right - 100.0,
+            "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"5\" fill=\"{c}\"/><text x=\"{tx:.1}\" y=\"{ty:.1}\" font-size=\"12\">{role}</text>",
+            tx = x + 10.0,
             ty = y + 4.0
         );
     }
@@ -245,6 +361,151 @@ fn chart(points: &[(&ModelResult, u64, f64)], k: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::score::Metrics;
+
+    fn result(name: &str, role: &str, size_bytes: u64, ndcg: f64, pareto: bool) -> ModelResult {
+        ModelResult {
+            name: name.into(),
+            role: role.into(),
+            variant: "fp32".into(),
+            training: "supervised".into(),
+            loss: None,
+            params: 1,
+            size_bytes,
+            metrics: Metrics {
+                ks: vec![10],
+                hr: vec![ndcg * 2.0],
+                ndcg: vec![ndcg],
+                mrr: vec![ndcg / 2.0],
+                users: 100,
+            },
+            teacher_overlap_10: None,
+            speed: None,
+            pareto,
+        }
+    }
+
+    /// The boxes of the chart's labels, from their `x`, `y`, anchor and text.
+    fn label_boxes(svg: &str) -> Vec<(String, Rect)> {
+        svg.lines()
+            .filter(|l| l.starts_with("<text class=\"label\""))
+            .map(|l| {
+                let attr = |name: &str| -> f64 {
+                    let start = l.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+                    l[start..start + l[start..].find('"').unwrap()]
+                        .parse()
+                        .unwrap()
+                };
+                let text = &l[l.find('>').unwrap() + 1..l.rfind("</text>").unwrap()];
+                let width = label_width(text);
+                let (x, y) = (attr("x"), attr("y"));
+                let x0 = if l.contains("text-anchor=\"end\"") {
+                    x - width
+                } else {
+                    x
+                };
+                let rect = Rect {
+                    x0,
+                    y0: y - LABEL_PX * 0.8,
+                    x1: x0 + width,
+                    y1: y + LABEL_PX * 0.25,
+                };
+                (text.to_string(), rect)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frontier_labels_do_not_collide_where_models_cluster() {
+        // Twelve students on the frontier within a few percent of size and
+        // accuracy (their dots nearly touch), a teacher far off, and models
+        // off the frontier.
+        let mut results: Vec<ModelResult> = (0..12)
+            .map(|i| {
+                result(
+                    &format!("student-kd-teacher-{i}@int8"),
+                    "student",
+                    20_000 + i * 400,
+                    0.20 + i as f64 * 0.0008,
+                    true,
+                )
+            })
+            .collect();
+        results.push(result("teacher", "teacher", 2_000_000, 0.35, true));
+        results.push(result("popularity", "baseline", 10, 0.02, true));
+        for i in 0..5 {
+            results.push(result(
+                &format!("off-{i}"),
+                "student",
+                30_000 + i * 100,
+                0.1,
+                false,
+            ));
+        }
+        let points: Vec<(&ModelResult, u64, f64)> = results
+            .iter()
+            .map(|r| (r, r.size_bytes, r.metrics.ndcg[0]))
+            .collect();
+        let svg = chart(&points, 10);
+        let boxes = label_boxes(&svg);
+        // The isolated models are labelled, and so are several clustered ones.
+        let names: Vec<&str> = boxes.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&"teacher") && names.contains(&"popularity"),
+            "{names:?}"
+        );
+        assert!(names.len() >= 6, "{names:?}");
+        assert!(names.iter().all(|n| !n.starts_with("off-")), "{names:?}");
+        for (i, (a, ra)) in boxes.iter().enumerate() {
+            for (b, rb) in &boxes[i + 1..] {
+                assert!(!ra.overlaps(rb), "{a} {ra:?} overlaps {b} {rb:?}");
+            }
+            assert!(
+                ra.x0 >= 70.0 && ra.x1 <= 730.0 && ra.y0 >= 36.0 && ra.y1 <= 386.0,
+                "{a} {ra:?}"
+            );
+        }
+        // Every model, labelled or not, names itself on hover.
+        for r in &results {
+            assert!(svg.contains(&format!("<title>{} (", r.name)), "{}", r.name);
+        }
+    }
+
+    #[test]
+    fn a_label_goes_left_when_the_right_is_taken_or_off_the_chart() {
+        let area = Rect {
+            x0: 0.0,
+            y0: 0.0,
+            x1: 300.0,
+            y1: 200.0,
+        };
+        // At the right edge: the label goes to the left of its dot.
+        let placed = place_labels(&[(290.0, 100.0, "teacher")], &[(290.0, 100.0)], area);
+        let spot = placed[0].unwrap();
+        assert!(spot.end && spot.rect.x1 <= 282.0, "{spot:?}");
+        // Two labels on one dot's spot: the second moves elsewhere.
+        let placed = place_labels(
+            &[
+                (100.0, 100.0, "a-long-name"),
+                (100.0, 100.0, "another-name"),
+            ],
+            &[(100.0, 100.0)],
+            area,
+        );
+        let (a, b) = (placed[0].unwrap(), placed[1].unwrap());
+        assert!(!a.rect.overlaps(&b.rect), "{a:?} {b:?}");
+        // No room at all: the label is left off.
+        let tiny = Rect {
+            x0: 0.0,
+            y0: 0.0,
+            x1: 20.0,
+            y1: 20.0,
+        };
+        assert_eq!(
+            place_labels(&[(10.0, 10.0, "teacher")], &[(10.0, 10.0)], tiny),
+            vec![None]
+        );
+    }
 
     #[test]
     fn decades_read_as_bytes_kilobytes_and_megabytes() {
