@@ -119,11 +119,12 @@ impl LeaseRecord {
     /// and its process is gone (or its pid names a later process). Unknown
     /// identities are never judged gone.
     fn holder_is_gone(&self) -> bool {
-        let here = ProcessIdentity::current();
         let ours = &self.process;
-        if self.host != host_name()
-            || ours.boot_id.is_empty()
-            || ours.pid_namespace.is_empty()
+        if self.host != host_name() || ours.boot_id.is_empty() {
+            return false;
+        }
+        let here = ProcessIdentity::current();
+        if ours.pid_namespace.is_empty()
             || ours.started == 0
             || ours.boot_id != here.boot_id
             || ours.pid_namespace != here.pid_namespace

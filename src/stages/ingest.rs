@@ -222,9 +222,8 @@ async fn scan_table(
             continue;
         }
         let partition = (parts.len() == 2)
-            .then(|| parts[0].strip_prefix("dt="))
-            .flatten()
-            .filter(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
+            .then(|| partition_day(parts[0]))
+            .flatten();
         if let (Some(bounds), Some(dt)) = (bounds, partition)
             && !bounds.contains(dt)
         {
@@ -250,10 +249,7 @@ async fn scan_table(
         }
         let dirs = &parts[..parts.len() - 1];
         for dir in dirs {
-            let valid_dt = dir
-                .strip_prefix("dt=")
-                .is_some_and(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
-            if !valid_dt {
+            if partition_day(dir).is_none() {
                 return Err(Error::data(
                     url,
                     format!("folder {dir:?} is not a partition of the form dt=YYYY-MM-DD"),
@@ -398,8 +394,16 @@ async fn scan_table(
 /// Requests to the store in flight at once while reading footers and tags.
 const FETCH_CONCURRENCY: usize = 16;
 
-/// Reads one file's footer: its Arrow schema and row count.
-async fn read_footer(lake: &Lake, meta: &ObjectMeta) -> Result<(Schema, u64)> {
+/// The day of a `dt=YYYY-MM-DD` partition folder; `None` for any other name.
+fn partition_day(folder: &str) -> Option<&str> {
+    folder
+        .strip_prefix("dt=")
+        .filter(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok())
+}
+
+/// Reads one file's footer: its Arrow schema and row count. A file it
+/// refuses is a data error naming the file.
+pub async fn read_footer(lake: &Lake, meta: &ObjectMeta) -> Result<(Schema, u64)> {
     let url = lake.display(&meta.location);
     if meta.size == 0 {
         return Err(Error::data(url, "zero-byte file, not a Parquet file"));

@@ -19,10 +19,10 @@ use datafusion::prelude::SessionContext;
 
 use crate::config::{JobSpec, check_segment};
 use crate::error::{Error, Result};
-use crate::lake::reader::ParquetObject;
 use crate::lake::{Lake, engine};
 use crate::run::RunFolder;
 use crate::run::commit::{self, Manifest};
+use crate::stages::ingest;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -266,13 +266,10 @@ fn runs_batch(history: &[(RunFolder, Manifest)]) -> Result<RecordBatch> {
 /// The first Parquet file under `folder` whose footer cannot be read, for
 /// a message that names it.
 async fn first_unreadable(lake: &Lake, folder: &str) -> Option<String> {
-    use parquet::arrow::async_reader::AsyncFileReader;
     for meta in lake.list(folder).await.ok()? {
-        if !meta.location.as_ref().ends_with(".parquet") {
-            continue;
-        }
-        let mut object = ParquetObject::new(lake.store(), meta.location.clone(), meta.size);
-        if object.get_metadata(None).await.is_err() {
+        if meta.location.as_ref().ends_with(".parquet")
+            && ingest::read_footer(lake, &meta).await.is_err()
+        {
             return Some(lake.display(&meta.location));
         }
     }

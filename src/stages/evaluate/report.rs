@@ -317,13 +317,10 @@ fn chart(points: &[(&ModelResult, u64, f64)], k: u32) -> String {
         );
     }
     // Labels on the frontier, smallest model first.
-    let mut frontier: Vec<(f64, f64, &str)> = points
+    let frontier: Vec<(f64, f64, &str)> = front
         .iter()
-        .zip(&dots)
-        .filter(|(p, _)| p.0.pareto)
-        .map(|(p, &(cx, cy))| (cx, cy, p.0.name.as_str()))
+        .map(|&(x, ndcg, name)| (sx(x), sy(ndcg), name))
         .collect();
-    frontier.sort_by(|a, b| a.0.total_cmp(&b.0));
     let area = Rect {
         x0: left,
         y0: top,
