@@ -13,6 +13,11 @@ on its own, possibly on another worker, and the next stage (distill, then
 commit) joins the parts into exactly what one unsharded task writes. It
 refuses with exit 2 if a part is missing or two shardings overlap; a mapped
 task killed mid-write leaves no part and is simply retried.
+
+The last task offers the committed run's `publish.model` to the publish
+gate. Exit 6 means the run is committed but the gate refused its model (the
+model published before still serves): the task is marked skipped, not
+failed, and not retried. A retried publish never publishes twice.
 """
 
 from datetime import datetime, timedelta
@@ -68,8 +73,17 @@ with DAG(
             "commit",
         )
     ]
+    publish = BashOperator(
+        task_id="recdistill_publish",
+        bash_command=f"{RECDISTILL} publish {COMMON}",
+        skip_on_exit_code=6,
+        **RETRIES,
+    )
+    stages.append(publish)
     for upstream, downstream in zip(stages, stages[1:]):
         upstream >> downstream
 
-    # The whole job in one task, as an alternative to the chain above:
-    # BashOperator(task_id="recdistill_run", bash_command=f"{RECDISTILL} run {COMMON}")
+    # The whole job in one task (it publishes after its commit), as an
+    # alternative to the chain above:
+    # BashOperator(task_id="recdistill_run", bash_command=f"{RECDISTILL} run {COMMON}",
+    #              skip_on_exit_code=6)

@@ -21,6 +21,9 @@ pub mod exit_code {
     /// Another run holds the run folder (or took it over): this one wrote
     /// nothing there and did not commit. Retry after the other finishes.
     pub const BUSY: i32 = 5;
+    /// The run committed, but its model failed the publish gate: the model
+    /// that served before still serves. Do not retry; look at the run.
+    pub const NOT_PUBLISHED: i32 = 6;
 }
 
 /// The library's error.
@@ -51,6 +54,10 @@ pub enum Error {
     /// Another run holds the run folder.
     #[error("run folder busy: {0}")]
     Busy(String),
+
+    /// The run committed, but the publish gate refused its model.
+    #[error("not published: {0}")]
+    NotPublished(String),
 
     /// Something that should not happen: a bug in recdistill.
     #[error("internal error: {0}")]
@@ -96,6 +103,7 @@ impl Error {
             Error::Data { .. } => exit_code::DATA,
             Error::Io { .. } => exit_code::TRANSIENT_IO,
             Error::Busy(_) => exit_code::BUSY,
+            Error::NotPublished(_) => exit_code::NOT_PUBLISHED,
             Error::Internal(_) => exit_code::INTERNAL,
         }
     }

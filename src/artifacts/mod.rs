@@ -3,6 +3,8 @@
 //! What two stages share lives here, below them, so that no stage imports
 //! another.
 
+pub mod evaluation;
 pub mod models;
 pub mod recommendations;
 pub mod soft_labels;
+pub mod warm;

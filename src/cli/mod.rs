@@ -21,7 +21,7 @@ use data::{ImportSource, SampleArgs};
 use gc::GcArgs;
 use job::JobArgs;
 use recommend::RecommendArgs;
-use run::StageArgs;
+use run::{PublishArgs, StageArgs};
 use sql::SqlArgs;
 
 #[derive(Debug, Parser)]
@@ -61,6 +61,11 @@ pub enum Command {
     /// Run one stage of a run: ingest, features, baselines, teacher,
     /// soft-labels, distill, compress, evaluate or commit.
     Stage(StageArgs),
+    /// Publish the `publish.model` of a committed run (--run-date) when it
+    /// passes the gate: NDCG@10 at least publish.min_ratio x the published
+    /// run's and above popularity's. --force publishes it regardless (how to
+    /// roll back). `run` does this after its commit.
+    Publish(PublishArgs),
     /// Convert a public dataset into lake tables.
     Import {
         #[command(subcommand)]
@@ -94,6 +99,7 @@ pub async fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => run::run(args).await,
         Command::Stage(args) => run::stage(args).await,
+        Command::Publish(args) => run::publish(args).await,
         Command::Import { source } => data::import(source).await,
         Command::Sql(args) => sql::sql(args).await,
         Command::Sample(args) => data::sample(args).await,

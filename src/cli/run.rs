@@ -9,9 +9,11 @@ use crate::config::Job;
 use crate::error::{Error, Result};
 use crate::lake::Lake;
 use crate::model::score::Speed;
+use crate::run::publish::Published;
 use crate::run::shard::Shard;
 use crate::stages::evaluate::results::ModelResult;
 use crate::stages::{self, RunContext, Stage, StageOutcome};
+use crate::tools::publish::publish_run;
 use crate::tools::sample::{self, SampleSpec};
 
 /// `recdistill stage NAME`.
@@ -27,6 +29,48 @@ pub struct StageArgs {
     /// The job and run.
     #[command(flatten)]
     pub job: JobArgs,
+}
+
+/// `recdistill publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The job and the committed run (--run-date) whose model to publish.
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Publish whatever the gate says (a rollback to an older run, or a
+    /// model that scores below the published one).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `recdistill publish`: offers a committed run's model for publication.
+pub async fn publish(args: PublishArgs) -> Result<()> {
+    let job = load_job(&args.job)?;
+    let date = run_date(&args.job.run_date)?;
+    let outcome = publish_run(&job, date, args.force).await?;
+    report_publication(&outcome)
+}
+
+/// Prints what publishing did; a model the gate refused is exit 6.
+fn report_publication(outcome: &Published) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| Error::io("stdout", e);
+    let line = match outcome {
+        Published::Now(p) => format!(
+            "published {} of run {} (generation {}): {}",
+            p.model, p.run_date, p.generation, p.reason
+        ),
+        Published::Already(p) => format!(
+            "{} of run {} is already published (generation {})",
+            p.model, p.run_date, p.generation
+        ),
+        Published::LaterRunServes(p) => format!(
+            "not published: {} of the later run {} serves (publish --force replaces it)",
+            p.model, p.run_date
+        ),
+        Published::Refused(why) => return Err(Error::NotPublished(why.clone())),
+    };
+    writeln!(out, "{line}").map_err(io)
 }
 
 /// `recdistill run`: the whole job, then a summary and the results table.
@@ -54,7 +98,13 @@ pub async fn run(args: JobArgs) -> Result<()> {
         summary.manifest.outputs.len()
     )
     .map_err(io)?;
-    results_table(&mut out, &summary.evaluation.results).map_err(io)
+    results_table(&mut out, &summary.evaluation.results).map_err(io)?;
+    drop(out);
+    if rc.job.spec.publish.enabled() {
+        let outcome = publish_run(&rc.job, date, false).await?;
+        report_publication(&outcome)?;
+    }
+    Ok(())
 }
 
 /// One line per model: accuracy at 10, size, speed, and whether it is on

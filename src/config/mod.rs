@@ -14,6 +14,8 @@ pub mod evaluation;
 pub mod features;
 pub mod lake;
 pub mod models;
+pub mod publish;
+pub mod warm_start;
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +28,8 @@ pub use evaluation::EvaluationSpec;
 pub use features::{FeatureSpec, Protocol, SplitSpec};
 pub use lake::{InputSpec, LakeSpec};
 pub use models::{MeanPoolSpec, ModelsSpec, PopularitySpec, Sampling, Softmax, TeacherSpec};
+pub use publish::PublishSpec;
+pub use warm_start::WarmStartSpec;
 
 use crate::error::{Error, Result};
 
@@ -62,6 +66,10 @@ pub struct JobSpec {
     pub distill: DistillSpec,
     /// Compressed variants of the distilled students.
     pub compress: CompressSpec,
+    /// Learned models begin from an earlier run's.
+    pub warm_start: WarmStartSpec,
+    /// The model a committed run offers to serve, and its gate.
+    pub publish: PublishSpec,
 }
 
 impl Default for JobSpec {
@@ -79,6 +87,8 @@ impl Default for JobSpec {
             models: ModelsSpec::default(),
             distill: DistillSpec::default(),
             compress: CompressSpec::default(),
+            warm_start: WarmStartSpec::default(),
+            publish: PublishSpec::default(),
         }
     }
 }
@@ -312,6 +322,10 @@ impl JobSpec {
             }
         }
         self.lake.ballista_scheduler().map_err(at)?;
+        self.warm_start.from_date().map_err(at)?;
+        self.publish
+            .check(self.models.popularity.enabled)
+            .map_err(at)?;
         if self.lake.retry_backoff_ms > self.lake.retry_backoff_max_ms {
             return Err(at(
                 "lake.retry_backoff_ms must not exceed lake.retry_backoff_max_ms".into(),

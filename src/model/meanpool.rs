@@ -55,7 +55,27 @@ impl MeanPool {
 
     /// Saves it as an artifact named `name`.
     pub fn to_artifact(&self, name: &str) -> Result<ModelArtifact> {
-        let card = ModelCard {
+        self.artifact(self.card(name)?)
+    }
+
+    /// Its architecture settings.
+    pub fn config(&self) -> MeanPoolConfig {
+        self.config
+    }
+
+    /// Its tensors as values: input embeddings (`n_items × d`), output
+    /// embeddings (`n_items × d`) and biases (`n_items`).
+    pub fn tensors(&self) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok((
+            self.item_in.clone(),
+            self.item_out.flatten_all()?.to_vec1::<f32>()?,
+            self.bias.to_vec1::<f32>()?,
+        ))
+    }
+
+    /// Its card, named `name`.
+    pub fn card(&self, name: &str) -> Result<ModelCard> {
+        Ok(ModelCard {
             name: name.to_string(),
             kind: KIND.into(),
             role: "baseline".into(),
@@ -66,7 +86,12 @@ impl MeanPool {
                 .map_err(|e| Error::internal(e.to_string()))?,
             distilled_from: None,
             variant: crate::model::FP32.into(),
-        };
+            warm_started_from: None,
+        })
+    }
+
+    /// Saves it as an artifact with `card` (from [`MeanPool::card`]).
+    pub fn artifact(&self, card: ModelCard) -> Result<ModelArtifact> {
         let d = self.config.d_model;
         let item_out = self.item_out.flatten_all()?.to_vec1::<f32>()?;
         let bias = self.bias.to_vec1::<f32>()?;

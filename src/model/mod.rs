@@ -15,6 +15,7 @@ pub mod popularity;
 pub mod sasrec;
 pub mod score;
 pub mod stored;
+pub mod warm;
 
 use std::collections::HashMap;
 
@@ -60,6 +61,9 @@ pub struct ModelCard {
     /// `fp32`, or the compression applied (`int8`, `lowrank-16+int8`, …).
     #[serde(default = "fp32")]
     pub variant: String,
+    /// For a warm-started model: the earlier run's model it began from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_started_from: Option<warm::WarmOrigin>,
 }
 
 fn fp32() -> String {
@@ -300,6 +304,7 @@ mod tests {
             config: serde_json::json!({}),
             distilled_from: None,
             variant: FP32.into(),
+            warm_started_from: None,
         }
     }
 

@@ -34,6 +34,7 @@ impl Popularity {
             config: serde_json::json!({}),
             distilled_from: None,
             variant: crate::model::FP32.into(),
+            warm_started_from: None,
         };
         ModelArtifact::from_f32(
             card,

@@ -10,12 +10,17 @@
 //! - an uncommitted folder (a killed or failed run) is reported, and deleted
 //!   whole with `--uncommitted`;
 //! - lease objects of dead runs are deleted, and empty local folders removed.
+//!
+//! The run that `_PUBLISHED` points at is never deleted, committed or not
+//! (a rerun of its date that was killed leaves it uncommitted); when the
+//! publication log cannot be read, no uncommitted folder of the job is.
 
 use chrono::NaiveDate;
 
 use super::commit;
 use super::folder::{LEASES, RunFolder, is_bookkeeping};
 use super::lease::{self, Lease};
+use super::publish;
 use crate::config::{JobSpec, check_segment};
 use crate::error::{Error, Result};
 use crate::lake::Lake;
@@ -46,6 +51,9 @@ pub struct GcReport {
     pub unlisted: Vec<String>,
     /// Uncommitted run folders.
     pub uncommitted: Vec<String>,
+    /// Uncommitted run folders kept because the job's publication names
+    /// their date (or cannot be read).
+    pub published_kept: Vec<String>,
     /// Whether they were removed (`--uncommitted`) or kept.
     pub uncommitted_removed: bool,
     /// Whether anything was deleted.
@@ -72,6 +80,9 @@ impl std::fmt::Display for GcReport {
         };
         for folder in &self.uncommitted {
             writeln!(f, "uncommitted run {uncommitted}: {folder}")?;
+        }
+        for folder in &self.published_kept {
+            writeln!(f, "uncommitted run kept, it is the published one: {folder}")?;
         }
         Ok(())
     }
@@ -108,19 +119,40 @@ pub async fn gc(spec: &JobSpec, options: &GcOptions) -> Result<GcReport> {
             .filter(|d| options.run_date.is_none_or(|only| only == *d))
             .collect();
         dates.sort();
+        let published = match publish::published_run_date(&lake, &prefix, &job).await {
+            Ok(date) => Published::Date(date),
+            Err(err @ Error::Data { .. }) => {
+                tracing::warn!(%job, %err, "the publication log is unreadable: no uncommitted run folder of the job is removed");
+                Published::Unknown
+            }
+            Err(err) => return Err(err),
+        };
         for date in dates {
             let run = RunFolder::new(lake.clone(), &prefix, &job, date);
             report.folders += 1;
-            clean_folder(&run, spec.lake.lease_s, options, &mut report).await?;
+            let protected = match &published {
+                Published::Date(d) => d.as_deref() == Some(date.to_string().as_str()),
+                Published::Unknown => true,
+            };
+            clean_folder(&run, spec.lake.lease_s, options, protected, &mut report).await?;
         }
     }
     Ok(report)
+}
+
+/// The run date the job's publication names, as far as `gc` can tell.
+enum Published {
+    /// The date (`None`: the job never published).
+    Date(Option<String>),
+    /// The log cannot be read: every date may be the published one.
+    Unknown,
 }
 
 async fn clean_folder(
     run: &RunFolder,
     lease_s: u64,
     options: &GcOptions,
+    published: bool,
     report: &mut GcReport,
 ) -> Result<()> {
     let lease = if options.dry_run {
@@ -139,7 +171,7 @@ async fn clean_folder(
             Err(e) => return Err(e),
         }
     };
-    let outcome = clean_held(run, options, report).await;
+    let outcome = clean_held(run, options, published, report).await;
     if let Some(lease) = lease {
         lease.release().await;
     }
@@ -147,7 +179,12 @@ async fn clean_folder(
     outcome
 }
 
-async fn clean_held(run: &RunFolder, options: &GcOptions, report: &mut GcReport) -> Result<()> {
+async fn clean_held(
+    run: &RunFolder,
+    options: &GcOptions,
+    published: bool,
+    report: &mut GcReport,
+) -> Result<()> {
     let lake = run.lake();
     for path in lake.staging_leftovers(&run.rel("")) {
         if !options.dry_run {
@@ -174,6 +211,11 @@ async fn clean_held(run: &RunFolder, options: &GcOptions, report: &mut GcReport)
                     report.unlisted.push(run.url_of(&rel));
                 }
             }
+        }
+        None if !objects.is_empty() && published => {
+            report
+                .published_kept
+                .push(format!("{} ({} objects)", run.display(), objects.len()));
         }
         None if !objects.is_empty() => {
             if options.remove_uncommitted && !options.dry_run {

@@ -7,6 +7,7 @@ pub mod commit;
 pub mod folder;
 pub mod gc;
 pub mod lease;
+pub mod publish;
 pub mod shard;
 
 pub use folder::RunFolder;

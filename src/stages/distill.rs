@@ -4,7 +4,8 @@
 //! machines), trains on `α · hard + (1 − α) · soft`, and — when a later link
 //! learns from it — emits its own soft labels. The student is also trained
 //! from scratch, directly from the teacher, and via the assistants, once per
-//! loss family: the ablation that shows what each route is worth.
+//! loss family: the ablation that shows what each route is worth. With
+//! `warm_start`, each model starts from the earlier run's of the same name.
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use crate::artifacts::soft_labels::{
     SoftLabelFile, SoftLabelSettings, open_soft_labels, open_source_labels, soft_labels_path,
     write_soft_labels,
 };
+use crate::artifacts::warm::{WarmSource, start_sasrec};
 use crate::config::{Job, LinkSpec, LossFamily};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
@@ -41,6 +43,7 @@ pub async fn distill_chain(
     job: &Job,
     run: &RunFolder,
     dataset: Arc<Dataset>,
+    warm: Option<&WarmSource>,
 ) -> Result<StageOutput> {
     let spec = &job.spec.distill;
     let mut out = StageOutput::default();
@@ -92,7 +95,7 @@ pub async fn distill_chain(
                 seed,
                 distillation: learn(&labels, assistant, &family),
             };
-            let artifact = train_link(job, run, &dataset, plan, &mut out.written).await?;
+            let artifact = train_link(job, run, &dataset, plan, warm, &mut out.written).await?;
             let settings = SoftLabelSettings::for_link(spec, i + 1);
             let (written, _) = write_soft_labels(
                 run,
@@ -145,7 +148,7 @@ pub async fn distill_chain(
             }
         }
         for plan in plans {
-            let artifact = train_link(job, run, &dataset, plan, &mut out.written).await?;
+            let artifact = train_link(job, run, &dataset, plan, warm, &mut out.written).await?;
             out.models.push(artifact);
         }
     }
@@ -159,6 +162,7 @@ async fn train_link(
     run: &RunFolder,
     dataset: &Arc<Dataset>,
     plan: Plan,
+    warm: Option<&WarmSource>,
     written: &mut Vec<WrittenObject>,
 ) -> Result<ModelArtifact> {
     let config = SasRecConfig::for_link(&plan.link, dataset.n_items());
@@ -172,12 +176,14 @@ async fn train_link(
         .distillation
         .as_ref()
         .map_or_else(|| "ce".to_string(), |(d, _)| d.mix.label());
+    let (model, origin) = start_sasrec(warm, &plan.name, config, Vec::new(), plan.seed).await?;
+    if let Some(warm) = warm.filter(|_| origin.is_some()) {
+        warm.bound(&mut settings.epochs, &mut settings.patience);
+    }
     let data = Arc::clone(dataset);
     let threads = job.spec.threads;
     let distillation = plan.distillation.clone();
-    let seed = plan.seed;
     let (model, log): (SasRec, Vec<EpochLog>) = tokio::task::spawn_blocking(move || {
-        let model = SasRec::new(config, Vec::new(), seed)?;
         train::thread_pool(threads)?.install(|| match distillation {
             Some((d, mut labels)) => train::fit_distilled(model, &data, &settings, d, &mut labels),
             None => train::fit(model, &data, &settings),
@@ -202,7 +208,9 @@ async fn train_link(
         alpha: d.mix.alpha,
         temperature: d.mix.temperature,
     });
-    let artifact = model.to_artifact(&plan.name, plan.role, plan.training, &loss, lineage)?;
+    let mut card = model.card(&plan.name, plan.role, plan.training, &loss, lineage)?;
+    card.warm_started_from = origin;
+    let artifact = model.artifact(card)?;
     written.extend(write_trained(run, &artifact, Some(&log)).await?);
     Ok(artifact)
 }

@@ -31,6 +31,7 @@ use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
 
 use crate::artifacts::models::load_models;
+use crate::artifacts::warm::WarmSource;
 use crate::config::Job;
 use crate::dataset::{self, Dataset, ItemContent};
 use crate::error::{Error, Result};
@@ -185,6 +186,16 @@ impl RunContext {
 
     /// Opens the lake and sets up DataFusion for `job` on `run_date`.
     pub async fn new(job: Job, run_date: NaiveDate) -> Result<RunContext> {
+        let warm = &job.spec.warm_start;
+        if warm.enabled
+            && let Some(from) = warm.from_date().map_err(Error::config)?
+            && from >= run_date
+        {
+            return Err(Error::config(format!(
+                "warm_start.from = {:?} in {}: a run starts only from an earlier run, and this run's date is {run_date}",
+                warm.from, job.source
+            )));
+        }
         let lake = Lake::open(&job.spec.lake)?;
         let ctx = engine::session(&job.spec.input, &job.spec.lake).await?;
         lake.register(&ctx);
@@ -262,9 +273,25 @@ struct Produced {
     /// The stages that ran, with the models each trained.
     stages: Vec<(Stage, Vec<ModelArtifact>)>,
     evaluation: Option<Evaluation>,
+    /// The earlier run the learned models start from: looked up once,
+    /// by the first stage that trains one.
+    warm: Option<Option<Arc<WarmSource>>>,
 }
 
 impl Produced {
+    /// The earlier run this run's learned models start from, if any.
+    async fn warm(&mut self, rc: &RunContext) -> Result<Option<Arc<WarmSource>>> {
+        if let Some(warm) = &self.warm {
+            return Ok(warm.clone());
+        }
+        let dataset = self.dataset(rc).await?;
+        let warm = WarmSource::find(&rc.job, &rc.run, &dataset.item_ids)
+            .await?
+            .map(Arc::new);
+        self.warm = Some(warm.clone());
+        Ok(warm)
+    }
+
     /// The models `stage` trained, if it ran in this process.
     fn ran(&self, stage: Stage) -> Option<&[ModelArtifact]> {
         self.stages
@@ -333,10 +360,14 @@ async fn execute(
     }
     let dataset = produced.dataset(rc).await?;
     let output = match stage {
-        Stage::Baselines => baselines::train_baselines(job, run, dataset).await?,
+        Stage::Baselines => {
+            let warm = produced.warm(rc).await?;
+            baselines::train_baselines(job, run, dataset, warm.as_deref()).await?
+        }
         Stage::Teacher => {
             let content = load_content(rc, &dataset).await?;
-            teacher::train_teachers(job, run, dataset, content).await?
+            let warm = produced.warm(rc).await?;
+            teacher::train_teachers(job, run, dataset, content, warm.as_deref()).await?
         }
         Stage::SoftLabels => {
             let teachers = produced.models_of(rc, &[Stage::Teacher]).await?;
@@ -344,7 +375,8 @@ async fn execute(
         }
         Stage::Distill => {
             produced.require(rc, Stage::SoftLabels).await?;
-            distill::distill_chain(job, run, dataset).await?
+            let warm = produced.warm(rc).await?;
+            distill::distill_chain(job, run, dataset, warm.as_deref()).await?
         }
         Stage::Compress => {
             let students = produced.models_of(rc, &[Stage::Distill]).await?;

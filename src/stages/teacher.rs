@@ -2,12 +2,14 @@
 //! item content, `teacher-content` — on the train split, early-stopped on
 //! the valid split. Each is saved as `models/<name>/model.safetensors`
 //! (config in the metadata) with its per-epoch history in
-//! `training/<name>.parquet`.
+//! `training/<name>.parquet`. With `warm_start`, each starts from the
+//! earlier run's teacher of the same name.
 
 use std::sync::Arc;
 
 use super::StageOutput;
 use crate::artifacts::models::write_trained;
+use crate::artifacts::warm::{WarmSource, start_sasrec};
 use crate::config::Job;
 use crate::dataset::{Dataset, ItemContent};
 use crate::error::{Error, Result};
@@ -26,6 +28,7 @@ pub async fn train_teachers(
     run: &RunFolder,
     dataset: Arc<Dataset>,
     content: Option<Arc<ItemContent>>,
+    warm: Option<&WarmSource>,
 ) -> Result<StageOutput> {
     let spec = &job.spec.models.teacher;
     let mut out = StageOutput::default();
@@ -50,11 +53,15 @@ pub async fn train_teachers(
             .map_err(|e| Error::config(format!("models.teacher in {}: {e}", job.source)))?;
         let mut settings = TrainSettings::for_teacher(spec, job.spec.seed, name);
         settings.valid_users = job.spec.evaluation.valid_users;
+        let values = content.map(|c| c.values.clone()).unwrap_or_default();
+        let (model, origin) = start_sasrec(warm, name, config, values, settings.seed).await?;
+        if let Some(warm) = warm.filter(|_| origin.is_some()) {
+            warm.bound(&mut settings.epochs, &mut settings.patience);
+        }
         let (device, threads) = (job.spec.device.clone(), job.spec.threads);
         let data = Arc::clone(&dataset);
         let (model, log) = tokio::task::spawn_blocking(move || {
-            let values = content.map(|c| c.values.clone()).unwrap_or_default();
-            train::fit_on_device(config, values, &data, &settings, &device, threads)
+            train::fit_on_device(model, &data, &settings, &device, threads)
         })
         .await
         .map_err(|e| Error::internal(format!("{name} training failed: {e}")))??;
@@ -67,7 +74,9 @@ pub async fn train_teachers(
                 "teacher trained"
             );
         }
-        let artifact = model.to_artifact(name, "teacher", "supervised", "ce", None)?;
+        let mut card = model.card(name, "teacher", "supervised", "ce", None)?;
+        card.warm_started_from = origin;
+        let artifact = model.artifact(card)?;
         out.written
             .extend(write_trained(run, &artifact, Some(&log)).await?);
         out.models.push(artifact);

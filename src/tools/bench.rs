@@ -88,7 +88,9 @@ pub async fn teacher(job: &Job, epochs: usize, peer: Option<Peer>) -> Result<Str
     settings.patience = epochs;
     let (device, threads) = (job.spec.device.clone(), job.spec.threads);
     let log = tokio::task::spawn_blocking(move || {
-        fit_on_device(config, Vec::new(), &data, &settings, &device, threads).map(|(_, log)| log)
+        SasRec::new(config, Vec::new(), settings.seed)
+            .and_then(|model| fit_on_device(model, &data, &settings, &device, threads))
+            .map(|(_, log)| log)
     })
     .await
     .map_err(|e| Error::internal(format!("bench failed: {e}")))??;

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod import;
+pub mod publish;
 pub mod query;
 pub mod recommend;
 pub mod sample;

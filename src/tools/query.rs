@@ -5,8 +5,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Date32Array, Float64Array, Float64Builder, ListBuilder, RecordBatch, StringArray,
-    StringBuilder, StructBuilder, UInt64Array,
+    ArrayRef, BooleanArray, Date32Array, Float64Array, Float64Builder, ListBuilder, RecordBatch,
+    StringArray, StringBuilder, StructBuilder, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Fields, Schema};
 use clap::ValueEnum;
@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 use crate::lake::{Lake, engine};
 use crate::run::RunFolder;
 use crate::run::commit::{self, Manifest};
+use crate::run::publish;
+use crate::stages::evaluate::results::evaluation_schema;
 use crate::stages::ingest;
 
 /// How results are printed.
@@ -112,7 +114,15 @@ pub async fn open(
             catalog.run = Some(run.display());
         }
         let history = commit::committed_runs(&lake, prefix, &job).await?;
-        register_history(&ctx, &history, &mut catalog.tables).await?;
+        let published = match publish::published_run_date(&lake, prefix, &job).await {
+            Ok(date) => date,
+            Err(err @ Error::Data { .. }) => {
+                tracing::warn!(%err, "the publication log is unreadable: runs.published is false for every run");
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        register_history(&ctx, &history, published.as_deref(), &mut catalog.tables).await?;
     }
     Ok((ctx, catalog))
 }
@@ -126,12 +136,13 @@ const EVALUATION_FILE: &str = "evaluation/evaluation.parquet";
 async fn register_history(
     ctx: &SessionContext,
     history: &[(RunFolder, Manifest)],
+    published: Option<&str>,
     tables: &mut Vec<String>,
 ) -> Result<()> {
     if history.is_empty() {
         return Ok(());
     }
-    let batch = runs_batch(history)?;
+    let batch = runs_batch(history, published)?;
     let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
         .map_err(|e| Error::from_datafusion("runs", e))?;
     ctx.register_table("runs", Arc::new(table))
@@ -151,11 +162,11 @@ async fn register_history(
     }
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    // The schema this version writes: a run committed before a column was
+    // added reads it as null, whichever run comes first.
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
-        .infer_schema(&ctx.state())
-        .await
-        .map_err(|e| Error::from_datafusion("evaluation_history", e))?;
+        .with_schema(evaluation_schema());
     let listing = ListingTable::try_new(config)
         .map_err(|e| Error::from_datafusion("evaluation_history", e))?;
     ctx.register_table("evaluation_history", Arc::new(listing))
@@ -164,9 +175,9 @@ async fn register_history(
     Ok(())
 }
 
-/// One row per committed run: what ran, on what input, and how long each
-/// stage took.
-fn runs_batch(history: &[(RunFolder, Manifest)]) -> Result<RecordBatch> {
+/// One row per committed run: what ran, on what input, how long each
+/// stage took, and whether it is the run whose model is published.
+fn runs_batch(history: &[(RunFolder, Manifest)], published: Option<&str>) -> Result<RecordBatch> {
     let stage_fields = Fields::from(vec![
         Field::new("name", DataType::Utf8, false),
         Field::new("seconds", DataType::Float64, false),
@@ -249,6 +260,15 @@ fn runs_batch(history: &[(RunFolder, Manifest)]) -> Result<RecordBatch> {
         ("stages", Arc::new(stages.finish()), false),
         ("version", text(&|m| m.tool.version.clone()), false),
         ("committed_at", text(&|m| m.committed_at.clone()), false),
+        (
+            "published",
+            Arc::new(BooleanArray::from_iter(
+                history
+                    .iter()
+                    .map(|(_, m)| Some(published == Some(m.run_date.as_str()))),
+            )),
+            false,
+        ),
     ];
     let schema = Schema::new(
         columns

@@ -18,7 +18,7 @@ use super::steps::{Steps, TrainSettings};
 use super::stopping::{EarlyStopping, EpochLog};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::model::sasrec::{PAD, SasRec, SasRecConfig};
+use crate::model::sasrec::{PAD, SasRec};
 
 /// A user's train sequence, as the inputs and next-item targets of one
 /// window of `len` positions, right-aligned (the most recent last).
@@ -232,18 +232,16 @@ pub fn fit_with(
     Ok((model, log))
 }
 
-/// Trains a fresh SASRec model of `config` on `device` (`cpu`: the
-/// hand-written CPU trainer; otherwise candle's autograd on that device) in
-/// a pool of `threads` threads.
+/// Trains `model` (fresh, or warm-started from an earlier run's) on
+/// `device` (`cpu`: the hand-written CPU trainer; otherwise candle's
+/// autograd on that device) in a pool of `threads` threads.
 pub fn fit_on_device(
-    config: SasRecConfig,
-    content: Vec<f32>,
+    model: SasRec,
     dataset: &Dataset,
     settings: &TrainSettings,
     device_name: &str,
     threads: usize,
 ) -> Result<(SasRec, Vec<EpochLog>)> {
-    let model = SasRec::new(config, content, settings.seed)?;
     thread_pool(threads)?.install(|| {
         if device_name == "cpu" {
             fit(model, dataset, settings)

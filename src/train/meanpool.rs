@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -16,6 +16,7 @@ use crate::config::MeanPoolSpec;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::model::meanpool::{MeanPool, MeanPoolConfig};
+use crate::model::warm::copy_rows;
 
 /// Standard deviation of the initial embeddings.
 const INIT_STD: f32 = 0.02;
@@ -27,14 +28,28 @@ struct Params {
     bias: Var,
 }
 
+/// An earlier run's mean-pool model a new one starts from, with, for each
+/// of this run's items, its row in the earlier model (see
+/// [`crate::model::warm::carry_items`]).
+pub type WarmMeanPool<'a> = (&'a MeanPool, &'a [Option<usize>]);
+
+/// The first setting of `spec` whose change from `previous` alters a
+/// tensor's shape, so that the model cannot start from it.
+pub fn warm_start_blocker(previous: &MeanPool, spec: &MeanPoolSpec) -> Option<&'static str> {
+    (previous.config().d_model != spec.d_model).then_some("d_model")
+}
+
 /// Trains a mean-pool model on `dataset`'s train split, early-stopping on
 /// its valid split (`valid_users` of it, as [`EarlyStopping::new`]).
-/// Returns the best epoch's model and the per-epoch log.
+/// With `warm`, it starts from an earlier model: the rows of items it
+/// knew are copied, new items start as in a cold start. Returns the best
+/// epoch's model and the per-epoch log.
 pub fn fit(
     dataset: &Dataset,
     spec: &MeanPoolSpec,
     seed: u64,
     valid_users: usize,
+    warm: Option<WarmMeanPool>,
 ) -> Result<(MeanPool, Vec<EpochLog>)> {
     let device = Device::Cpu;
     let n = dataset.n_items();
@@ -44,7 +59,7 @@ pub fn fit(
         window: spec.window,
     };
     let mut rng = StdRng::seed_from_u64(seed);
-    let params = init_params(n, d, &mut rng, &device)?;
+    let params = init_params(n, d, &mut rng, &device, warm)?;
     let mut optimizer = AdamW::new(
         vec![
             params.item_in.clone(),
@@ -117,17 +132,37 @@ fn from_params(params: &Params, config: MeanPoolConfig, n: usize) -> Result<Mean
     ))
 }
 
-fn init_params(n: usize, d: usize, rng: &mut StdRng, device: &Device) -> Result<Params> {
+fn init_params(
+    n: usize,
+    d: usize,
+    rng: &mut StdRng,
+    device: &Device,
+    warm: Option<WarmMeanPool>,
+) -> Result<Params> {
     let normal = Normal::new(0.0f32, INIT_STD).map_err(|e| Error::internal(e.to_string()))?;
     let mut sample =
         |rows: usize| -> Vec<f32> { (0..rows * d).map(|_| normal.sample(rng)).collect() };
     // One extra input row: the padding of short contexts (masked out).
-    let item_in = Tensor::from_vec(sample(n + 1), (n + 1, d), device)?;
-    let item_out = Tensor::from_vec(sample(n), (n, d), device)?;
+    let mut item_in = sample(n + 1);
+    let mut item_out = sample(n);
+    let mut bias = vec![0f32; n];
+    if let Some((previous, rows)) = warm {
+        if rows.len() != n || previous.config().d_model != d {
+            return Err(Error::internal(format!(
+                "meanpool warm start: {} carried rows of width {} for {n} items of width {d}",
+                rows.len(),
+                previous.config().d_model
+            )));
+        }
+        let (old_in, old_out, old_bias) = previous.tensors()?;
+        copy_rows(&mut item_in[..n * d], &old_in, d, rows);
+        copy_rows(&mut item_out, &old_out, d, rows);
+        copy_rows(&mut bias, &old_bias, 1, rows);
+    }
     Ok(Params {
-        item_in: Var::from_tensor(&item_in)?,
-        item_out: Var::from_tensor(&item_out)?,
-        bias: Var::zeros(n, DType::F32, device)?,
+        item_in: Var::from_tensor(&Tensor::from_vec(item_in, (n + 1, d), device)?)?,
+        item_out: Var::from_tensor(&Tensor::from_vec(item_out, (n, d), device)?)?,
+        bias: Var::from_tensor(&Tensor::from_vec(bias, n, device)?)?,
     })
 }
 
@@ -230,7 +265,7 @@ mod tests {
             lr: 0.02,
             ..MeanPoolSpec::default()
         };
-        let (model, log) = fit(&data, &spec, 7, 0).unwrap();
+        let (model, log) = fit(&data, &spec, 7, 0, None).unwrap();
         assert!(
             log.last().unwrap().loss < log[0].loss,
             "loss must fall: {log:?}"
@@ -250,6 +285,53 @@ mod tests {
     }
 
     #[test]
+    fn a_warm_start_keeps_what_was_learned_when_the_item_indices_move() {
+        let yesterday = cyclic(40, 30, 12);
+        let spec = MeanPoolSpec {
+            window: 1,
+            d_model: 16,
+            epochs: 40,
+            patience: 40,
+            lr: 0.02,
+            ..MeanPoolSpec::default()
+        };
+        let (previous, _) = fit(&yesterday, &spec, 7, 0, None).unwrap();
+        // Today the same walks, but item i of yesterday has index
+        // (7 i + 3) mod 30: the maps differ, the items do not.
+        let moved = |i: u32| (7 * i + 3) % 30;
+        let mut today = yesterday.clone();
+        today.items.iter_mut().for_each(|i| *i = moved(*i));
+        let mut rows = vec![None; 30];
+        for old in 0..30u32 {
+            rows[moved(old) as usize] = Some(old as usize);
+        }
+        let one_epoch = MeanPoolSpec {
+            epochs: 1,
+            lr: 0.001,
+            ..spec
+        };
+        let test = today.targets(Test);
+        let hr1 = |warm: Option<WarmMeanPool>| {
+            let (model, _) = fit(&today, &one_epoch, 7, 0, warm).unwrap();
+            score::evaluate(&model, &today, &test, &[1], 64).unwrap().hr[0]
+        };
+        let (warm, cold) = (hr1(Some((&previous, &rows))), hr1(None));
+        assert!(warm > 0.9, "warm-started HR@1 {warm}");
+        assert!(cold < 0.5, "cold HR@1 after one epoch {cold}");
+        // Rows matched by index instead of id lose it.
+        let by_index: Vec<Option<usize>> = (0..30).map(Some).collect();
+        let wrong = hr1(Some((&previous, &by_index)));
+        assert!(wrong < 0.5, "rows carried by index: HR@1 {wrong}");
+        // Another width cannot start from it.
+        let wider = MeanPoolSpec {
+            d_model: 32,
+            ..spec
+        };
+        assert_eq!(warm_start_blocker(&previous, &wider), Some("d_model"));
+        assert_eq!(warm_start_blocker(&previous, &spec), None);
+    }
+
+    #[test]
     fn same_seed_same_model() {
         let data = cyclic(10, 12, 8);
         let spec = MeanPoolSpec {
@@ -257,8 +339,8 @@ mod tests {
             epochs: 2,
             ..MeanPoolSpec::default()
         };
-        let (a, _) = fit(&data, &spec, 3, 0).unwrap();
-        let (b, _) = fit(&data, &spec, 3, 0).unwrap();
+        let (a, _) = fit(&data, &spec, 3, 0, None).unwrap();
+        let (b, _) = fit(&data, &spec, 3, 0, None).unwrap();
         assert_eq!(
             a.to_artifact("m").unwrap().bytes,
             b.to_artifact("m").unwrap().bytes

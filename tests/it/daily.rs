@@ -1,6 +1,7 @@
 //! Daily runs: a run for date D reads only the `dt=` partitions up to D
 //! (within `input.window_days`), records those bounds, and a backfill made
-//! after later days landed equals the run made on day D.
+//! after later days landed equals the run made on day D. With warm start,
+//! each learned model begins from the earlier run's model of its name.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -74,8 +75,10 @@ fn a_backfill_after_later_days_landed_equals_the_run_made_on_its_day() {
     let unfinished = later.path().join("interactions/dt=2025-12-31");
     std::fs::create_dir_all(&unfinished).unwrap();
     std::fs::write(unfinished.join("part-00000.parquet"), b"half a file").unwrap();
-    ok(&mut run_on(on_the_day.path(), DAY, &[]));
-    ok(&mut run_on(later.path(), DAY, &[]));
+    // Warm start is on: the run on DAY has no earlier run, nor has its
+    // backfill, though later runs may exist by then.
+    ok(&mut run_on(on_the_day.path(), DAY, &WARM));
+    ok(&mut run_on(later.path(), DAY, &WARM));
 
     let made = folder(on_the_day.path(), DAY);
     let backfill = folder(later.path(), DAY);
@@ -127,9 +130,30 @@ fn a_backfill_after_later_days_landed_equals_the_run_made_on_its_day() {
     }
     assert_eq!(evaluation_values(&made), evaluation_values(&backfill));
 
-    // The latest day's run sees the later days.
-    ok(&mut run_on(later.path(), "2025-04-05", &[]));
+    assert!(
+        card(&backfill, "teacher")
+            .get("warm_started_from")
+            .is_none()
+    );
+
+    // The latest day's run sees the later days, and starts from the run on
+    // DAY, its fine-tune bounded by warm_start.epochs.
+    let mut warm_latest = WARM.to_vec();
+    warm_latest.extend(["--set", "warm_start.epochs=2"]);
+    ok(&mut run_on(later.path(), "2025-04-05", &warm_latest));
     let latest = manifest(&folder(later.path(), "2025-04-05"));
+    warm_started_from(
+        &backfill,
+        &folder(later.path(), "2025-04-05"),
+        &[
+            "meanpool",
+            "teacher",
+            "assistant",
+            "student-scratch",
+            "student-kd-teacher-kl",
+            "student-kd-assistant-kl",
+        ],
+    );
     assert_eq!(
         partitions_read(&latest).last().map(String::as_str),
         Some("2025-04-05")
@@ -212,6 +236,153 @@ fn a_backfill_after_later_days_landed_equals_the_run_made_on_its_day() {
         stderr.contains("unreadable") && stderr.contains(DAY),
         "{stderr}"
     );
+
+    // The report charts the job's history: both runs' dates.
+    let report =
+        std::fs::read_to_string(folder(later.path(), "2025-04-05").join("report.html")).unwrap();
+    assert!(
+        report.contains("<h2>History</h2>") && report.contains(&format!(">{DAY}</text>")),
+        "no history chart in the report"
+    );
+
+    // The evaluation shows which models began from which run.
+    let warm = query(
+        "SELECT model, CAST(warm_started_from AS VARCHAR) AS w FROM evaluation \
+         WHERE metric = 'ndcg' AND k = 10 ORDER BY model",
+    );
+    for line in warm.lines().skip(1) {
+        let (model, from) = line.split_once(',').unwrap();
+        let expected = if model == "popularity" { "" } else { DAY };
+        assert_eq!(from, expected, "{model}: {warm}");
+    }
+    assert!(warm.contains("student-kd-teacher-kl@int8,"), "{warm}");
+
+    // A from date that is not before the run date: exit 2, nothing written.
+    let next = "2025-04-06";
+    let mut too_late = WARM.to_vec();
+    too_late.extend(["--set", "warm_start.from=\"2025-04-06\""]);
+    let err = fails(&mut run_on(later.path(), next, &too_late), 2);
+    assert!(err.contains("warm_start.from"), "{err}");
+    assert!(!folder(later.path(), next).exists());
+
+    // The teacher's shape changed since the earlier run, and the earlier
+    // meanpool file is damaged: both start cold, each with a warning
+    // naming why; the run succeeds. A one-week window shrinks the
+    // catalogue: the other models keep the rows of the items still in it.
+    let earlier = folder(later.path(), "2025-04-05");
+    let meanpool = earlier.join("models/meanpool/model.safetensors");
+    let mut bytes = std::fs::read(&meanpool).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&meanpool, bytes).unwrap();
+    let mut changed = WARM.to_vec();
+    changed.extend([
+        "--set",
+        "warm_start.from=\"2025-04-05\"",
+        "--set",
+        "models.teacher.d_model=16",
+        "--set",
+        "input.window_days=7",
+        "--set",
+        "warm_start.epochs=2",
+    ]);
+    let out = run_on(later.path(), next, &changed).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let teacher_warning = stderr
+        .lines()
+        .find(|l| l.contains("changed the model's shape"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        teacher_warning.contains("teacher") && teacher_warning.contains("d_model"),
+        "{teacher_warning}"
+    );
+    let meanpool_warning = stderr
+        .lines()
+        .find(|l| l.contains("damaged or unreadable"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        meanpool_warning.contains("meanpool") && meanpool_warning.contains("sha256"),
+        "{meanpool_warning}"
+    );
+    let run = folder(later.path(), next);
+    assert!(card(&run, "teacher").get("warm_started_from").is_none());
+    assert!(card(&run, "meanpool").get("warm_started_from").is_none());
+    assert!(item_ids(&run).len() < item_ids(&earlier).len());
+    warm_started_from(
+        &earlier,
+        &run,
+        &[
+            "assistant",
+            "student-scratch",
+            "student-kd-teacher-kl",
+            "student-kd-assistant-kl",
+        ],
+    );
+}
+
+/// Warm start on, as `jobs/movielens-100k.toml` has it.
+const WARM: [&str; 2] = ["--set", "warm_start.enabled=true"];
+
+/// The card stored in a model file of a run folder.
+fn card(run: &Path, model: &str) -> serde_json::Value {
+    let bytes = std::fs::read(run.join(format!("models/{model}/model.safetensors"))).unwrap();
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let card = &metadata.metadata().as_ref().unwrap()["recdistill.model"];
+    serde_json::from_str(card).unwrap()
+}
+
+/// The item ids of a run's catalogue, as text.
+fn item_ids(run: &Path) -> std::collections::BTreeSet<String> {
+    let map = read_all(&run.join("features/item_map.parquet"));
+    let ids = arrow::compute::cast(
+        map.column_by_name("item_id").unwrap(),
+        &arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap();
+    let ids = ids
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .unwrap();
+    ids.iter().map(|id| id.unwrap().to_string()).collect()
+}
+
+/// Checks that each of `models` in run folder `later` began from the model
+/// of the same name in run folder `earlier`: its card names that run, the
+/// file's SHA-256 as that run's manifest lists it, and the items kept,
+/// added and dropped between the two catalogues; and that popularity,
+/// which is not learned, has no such entry.
+fn warm_started_from(earlier: &Path, later: &Path, models: &[&str]) {
+    let listed = manifest(earlier);
+    let (before, after) = (item_ids(earlier), item_ids(later));
+    let kept = before.intersection(&after).count() as u64;
+    assert!(kept > 0);
+    for model in models {
+        let card = card(later, model);
+        let from = &card["warm_started_from"];
+        assert_eq!(from["run_id"], listed["run_id"], "{model}: {card}");
+        assert_eq!(from["run_date"], listed["run_date"], "{model}");
+        assert_eq!(from["model"], *model);
+        let path = format!("models/{model}/model.safetensors");
+        let sha = listed["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["path"] == path.as_str())
+            .map(|o| o["sha256"].clone());
+        assert_eq!(Some(from["sha256"].clone()), sha, "{model}");
+        assert_eq!(from["kept"], kept, "{model}");
+        assert_eq!(from["added"], after.len() as u64 - kept, "{model}");
+        assert_eq!(from["dropped"], before.len() as u64 - kept, "{model}");
+        // Bounded by warm_start.epochs = 2 (its own cap is larger).
+        let history = read_all(&later.join(format!("training/{model}.parquet")));
+        assert!(
+            history.num_rows() <= 2,
+            "{model}: {} epochs",
+            history.num_rows()
+        );
+    }
+    assert!(card(later, "popularity").get("warm_started_from").is_none());
 }
 
 #[test]
@@ -257,4 +428,165 @@ fn a_window_keeps_the_last_days_and_an_empty_window_is_a_data_error() {
         "{err}"
     );
     assert!(!folder(lake.path(), "2024-12-01").exists());
+}
+
+/// The publish gate: a committed run's model serves from `_PUBLISHED` when
+/// it beats popularity and the published run; a refused one exits 6 and
+/// changes nothing; `publish --force` promotes by hand (a rollback); a
+/// publish repeated after a kill never publishes twice; `gc` keeps the
+/// published run.
+#[test]
+fn the_publish_gate_promotes_good_runs_only_and_never_twice() {
+    let lake = TestLake::with_sample();
+    let job = lake.path().join("recdistill/sample");
+    let publish_teacher = [
+        "--set",
+        "publish.model=\"teacher\"",
+        "--set",
+        "publish.min_ratio=0.5",
+        "--set",
+        "distill.enabled=false",
+    ];
+    let pointer = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(job.join("_PUBLISHED")).unwrap()).unwrap()
+    };
+    let log_len = || std::fs::read_dir(job.join("_publish")).unwrap().count();
+    let publish = |date: &str, extra: &[&str]| {
+        let mut cmd = recdistill();
+        cmd.arg("publish")
+            .arg("--job")
+            .arg(repo().join("jobs/sample.toml"))
+            .arg("--lake")
+            .arg(lake.path())
+            .args(["--run-date", date])
+            .args(QUICK)
+            .args(publish_teacher)
+            .args(extra);
+        cmd
+    };
+
+    // The first run publishes: its teacher beats popularity.
+    let out = ok(&mut run_on(lake.path(), "2025-03-01", &publish_teacher));
+    assert!(
+        out.contains("published teacher of run 2025-03-01 (generation 1)"),
+        "{out}"
+    );
+    let first = pointer();
+    let run = folder(lake.path(), "2025-03-01");
+    let listed = manifest(&run)["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["path"] == "models/teacher/model.safetensors")
+        .unwrap()
+        .clone();
+    assert_eq!(first["sha256"], listed["sha256"]);
+    assert_eq!(first["run_id"], manifest(&run)["run_id"]);
+    let served = lake.path().join(first["model_path"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(served).unwrap()
+        )),
+        listed["sha256"].as_str().unwrap()
+    );
+    assert!(
+        first["metrics"]["ndcg@10"].as_f64().unwrap()
+            > first["metrics"]["popularity_ndcg@10"].as_f64().unwrap()
+    );
+
+    // A gate no model can pass: the run commits, exits 6, and the first
+    // run's model still serves.
+    let err = fails(
+        &mut run_on(
+            lake.path(),
+            "2025-03-02",
+            &[&publish_teacher[..], &["--set", "publish.min_ratio=100"]].concat(),
+        ),
+        6,
+    );
+    assert!(
+        err.contains("not published") && err.contains("below 100"),
+        "{err}"
+    );
+    assert!(folder(lake.path(), "2025-03-02").join("_SUCCESS").exists());
+    assert_eq!(pointer(), first);
+    assert_eq!(log_len(), 1);
+
+    // By hand, past the gate; then back to the first run (a rollback needs
+    // --force too: an earlier date never replaces a later one by itself).
+    let out = ok(&mut publish("2025-03-02", &["--force"]));
+    assert!(out.contains("(generation 2)"), "{out}");
+    assert_eq!(pointer()["forced"], true);
+    let out = ok(&mut publish("2025-03-01", &[]));
+    assert!(out.contains("later run 2025-03-02 serves"), "{out}");
+    assert_eq!(pointer()["run_date"], "2025-03-02");
+    ok(&mut publish("2025-03-01", &["--force"]));
+    assert_eq!(pointer()["run_date"], "2025-03-01");
+    assert_eq!(pointer()["generation"], 3);
+
+    // A run killed between its commit and its publish (here: committed
+    // without publishing) is published by the publish its rerun does, once.
+    ok(&mut run_on(
+        lake.path(),
+        "2025-03-03",
+        &["--set", "distill.enabled=false"],
+    ));
+    assert_eq!(pointer()["run_date"], "2025-03-01");
+    let out = ok(&mut publish("2025-03-03", &[]));
+    assert!(
+        out.contains("published teacher of run 2025-03-03 (generation 4)"),
+        "{out}"
+    );
+    // Killed after the log's record, before the pointer: the repeat
+    // repairs the pointer and adds no generation.
+    let newest = pointer();
+    std::fs::remove_file(job.join("_PUBLISHED")).unwrap();
+    let out = ok(&mut publish("2025-03-03", &[]));
+    assert!(out.contains("already published (generation 4)"), "{out}");
+    assert_eq!(pointer(), newest);
+    assert_eq!(log_len(), 4);
+
+    // `runs.published` marks the run that serves.
+    let published = ok(recdistill()
+        .args([
+            "sql",
+            "SELECT CAST(run_date AS VARCHAR) AS d, published FROM runs ORDER BY run_date",
+            "--format",
+            "csv",
+            "--lake",
+        ])
+        .arg(lake.path()));
+    assert_eq!(
+        published.lines().skip(1).collect::<Vec<_>>(),
+        vec!["2025-03-01,false", "2025-03-02,false", "2025-03-03,true"],
+        "{published}"
+    );
+
+    // A killed rerun of the published date leaves it uncommitted: gc
+    // removes other uncommitted runs, never that one.
+    for date in ["2025-03-02", "2025-03-03"] {
+        std::fs::remove_file(folder(lake.path(), date).join("_SUCCESS")).unwrap();
+    }
+    let report = ok(recdistill()
+        .args(["gc", "--uncommitted", "--lake"])
+        .arg(lake.path()));
+    assert!(report.contains("kept, it is the published one"), "{report}");
+    assert!(
+        folder(lake.path(), "2025-03-03")
+            .join("models/teacher/model.safetensors")
+            .exists()
+    );
+    assert!(!folder(lake.path(), "2025-03-02").exists(), "{report}");
+
+    // Publishing without a model to publish, or a run that is not
+    // committed: exit 2.
+    let err = fails(
+        recdistill()
+            .args(["publish", "--run-date", "2025-03-01", "--lake"])
+            .arg(lake.path()),
+        2,
+    );
+    assert!(err.contains("publish.model"), "{err}");
+    let err = fails(&mut publish("2025-03-02", &[]), 2);
+    assert!(err.contains("not a committed run"), "{err}");
 }

@@ -96,6 +96,8 @@ fn imports_day_partitions_and_items_then_runs() {
             "distill.enabled=false",
             "--set",
             "features.sql_dir=",
+            "--set",
+            "publish.model=\"\"",
         ],
     ));
     let content = read_all(

@@ -352,7 +352,19 @@ impl SasRec {
         loss: &str,
         distilled_from: Option<crate::model::Lineage>,
     ) -> Result<ModelArtifact> {
-        let card = ModelCard {
+        self.artifact(self.card(name, role, training, loss, distilled_from)?)
+    }
+
+    /// Its card, named `name`, with the given fields.
+    pub fn card(
+        &self,
+        name: &str,
+        role: &str,
+        training: &str,
+        loss: &str,
+        distilled_from: Option<crate::model::Lineage>,
+    ) -> Result<ModelCard> {
+        Ok(ModelCard {
             name: name.to_string(),
             kind: KIND.into(),
             role: role.into(),
@@ -363,7 +375,12 @@ impl SasRec {
                 .map_err(|e| Error::internal(e.to_string()))?,
             distilled_from,
             variant: crate::model::FP32.into(),
-        };
+            warm_started_from: None,
+        })
+    }
+
+    /// Saves it as an artifact with `card` (from [`SasRec::card`]).
+    pub fn artifact(&self, card: ModelCard) -> Result<ModelArtifact> {
         let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = Vec::new();
         let named = self.weights.named(&self.config);
         for (n, shape, data) in &named {
@@ -437,6 +454,57 @@ impl Scorer for SasRec {
     }
 }
 
+impl SasRec {
+    /// A model of `config` (this run's catalogue) that starts from
+    /// `previous` (an earlier run's model of the same name): every tensor
+    /// copied, item rows by id through `rows` (see
+    /// [`crate::model::warm::carry_items`]), the rows of new items as
+    /// [`SasRec::new`] with `seed` draws them. `Err` names the first setting
+    /// whose change alters a tensor's shape: the caller trains that model
+    /// from scratch instead.
+    pub fn warm_started(
+        config: SasRecConfig,
+        content: Vec<f32>,
+        seed: u64,
+        previous: &SasRec,
+        rows: &[Option<usize>],
+    ) -> Result<std::result::Result<SasRec, &'static str>> {
+        let (now, then) = (&config, &previous.config);
+        let changed = [
+            ("d_model", now.d_model == then.d_model),
+            ("layers", now.layers == then.layers),
+            ("heads", now.heads == then.heads),
+            ("ffn", now.ffn == then.ffn),
+            ("max_len", now.max_len == then.max_len),
+            ("content", now.content_dim == then.content_dim),
+        ]
+        .into_iter()
+        .find_map(|(key, same)| (!same).then_some(key));
+        if let Some(key) = changed {
+            return Ok(Err(key));
+        }
+        if rows.len() != config.n_items || rows.iter().flatten().any(|&j| j >= then.n_items) {
+            return Err(Error::internal(format!(
+                "{} carried rows for {} items, from a catalogue of {}",
+                rows.len(),
+                config.n_items,
+                then.n_items
+            )));
+        }
+        let mut model = SasRec::new(config, content, seed)?;
+        let fresh_items = std::mem::take(&mut model.weights.item);
+        model.weights = previous.weights.clone();
+        model.weights.item = fresh_items;
+        crate::model::warm::copy_rows(
+            &mut model.weights.item,
+            &previous.weights.item,
+            config.d_model,
+            rows,
+        );
+        Ok(Ok(model))
+    }
+}
+
 /// Models for tests.
 #[cfg(test)]
 pub(crate) mod tests_support {
@@ -481,6 +549,66 @@ mod tests {
     }
 
     const HISTORIES: [&[u32]; 3] = [&[3], &[1, 2, 3, 4, 5, 6, 7, 8], &[12, 0]];
+
+    #[test]
+    fn a_warm_start_carries_every_tensor_and_each_kept_items_row() {
+        let previous = model(0);
+        // Today's catalogue: 15 items; item 0 is new, item i (1..=13) was
+        // yesterday's item 13 - i (reordered), item 14 is new.
+        let rows: Vec<Option<usize>> = (0..15)
+            .map(|i| (1..=13).contains(&i).then(|| 13 - i))
+            .collect();
+        let config = SasRecConfig {
+            n_items: 15,
+            ..previous.config
+        };
+        let cold = SasRec::new(config, Vec::new(), 5).unwrap();
+        let warm = SasRec::warm_started(config, Vec::new(), 5, &previous, &rows)
+            .unwrap()
+            .unwrap();
+        let d = config.d_model;
+        let row = |m: &SasRec, i: usize| m.weights.item[i * d..(i + 1) * d].to_vec();
+        for (i, carried) in rows.iter().enumerate() {
+            match carried {
+                Some(j) => assert_eq!(row(&warm, i), row(&previous, *j), "item {i}"),
+                None => assert_eq!(row(&warm, i), row(&cold, i), "new item {i} starts cold"),
+            }
+        }
+        assert_eq!(warm.weights.pos, previous.weights.pos);
+        assert_eq!(warm.weights.layers, previous.weights.layers);
+        assert_eq!(warm.weights.lnf_g, previous.weights.lnf_g);
+        // A shape change names its key; the caller starts cold.
+        for (key, changed) in [
+            (
+                "d_model",
+                SasRecConfig {
+                    d_model: 16,
+                    ..config
+                },
+            ),
+            (
+                "layers",
+                SasRecConfig {
+                    layers: 3,
+                    ..config
+                },
+            ),
+            (
+                "max_len",
+                SasRecConfig {
+                    max_len: 9,
+                    ..config
+                },
+            ),
+            ("ffn", SasRecConfig { ffn: 32, ..config }),
+        ] {
+            let outcome = SasRec::warm_started(changed, Vec::new(), 5, &previous, &rows).unwrap();
+            assert_eq!(outcome.err(), Some(key));
+        }
+        // Rows that point past the earlier catalogue are a bug, not data.
+        let bad = vec![Some(13); 15];
+        assert!(SasRec::warm_started(config, Vec::new(), 5, &previous, &bad).is_err());
+    }
 
     #[test]
     fn saved_and_loaded_models_score_identically() {

@@ -13,6 +13,7 @@ use results::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::artifacts::evaluation::scores_at_10;
 use crate::artifacts::recommendations::{recommendation_batch, recommendations_schema};
 use crate::config::Job;
 use crate::dataset::{Dataset, Split, Target};
@@ -22,6 +23,7 @@ use crate::model::score::{MetricSums, Speed, measure_speed, rank_targets};
 use crate::model::{ModelArtifact, Scorer};
 use crate::run::RunFolder;
 use crate::run::shard::Shard;
+use crate::run::{commit, publish};
 
 /// What the evaluate stage produced.
 #[derive(Debug, Clone)]
@@ -41,6 +43,9 @@ struct ModelShare {
     variant: String,
     training: String,
     loss: Option<String>,
+    /// Run date of the earlier run a warm-started model began from.
+    #[serde(default)]
+    warm_started_from: Option<String>,
     params: u64,
     size_bytes: u64,
     sums: MetricSums,
@@ -214,6 +219,11 @@ async fn evaluate_share(
             variant: artifact.card.variant.clone(),
             training: artifact.card.training.clone(),
             loss: artifact.card.loss.clone(),
+            warm_started_from: artifact
+                .card
+                .warm_started_from
+                .as_ref()
+                .map(|w| w.run_date.clone()),
             params: artifact.params,
             size_bytes: artifact.bytes.len() as u64,
             sums,
@@ -276,6 +286,7 @@ async fn finish(
             variant: m.variant,
             training: m.training,
             loss: m.loss,
+            warm_started_from: m.warm_started_from,
             params: m.params,
             size_bytes: m.size_bytes,
             metrics: m.sums.finish(),
@@ -295,9 +306,47 @@ async fn finish(
         )
         .await?,
     );
-    let html = report::html(&job.spec.name, run.run_date(), run_id, &results);
+    let history = report_history(job, run).await?;
+    let html = report::html(&job.spec.name, run.run_date(), run_id, &results, &history);
     written.push(run.put("report.html", bytes::Bytes::from(html)).await?);
     Ok(Evaluation { results, written })
+}
+
+/// Runs of the history chart, at most this many (the latest).
+const HISTORY_RUNS: usize = 90;
+
+/// The job's committed runs before this one (the latest
+/// [`HISTORY_RUNS`]), each model's metrics at 10, and what is published. A
+/// run whose evaluation cannot be read is left out with a warning; so is
+/// the publication when its log cannot be read.
+async fn report_history(job: &Job, run: &RunFolder) -> Result<report::History> {
+    let prefix = &job.spec.lake.output_prefix;
+    let mut earlier = commit::committed_runs(run.lake(), prefix, run.job()).await?;
+    earlier.retain(|(r, _)| r.run_date() < run.run_date());
+    let skip = earlier.len().saturating_sub(HISTORY_RUNS);
+    let mut runs = Vec::new();
+    for (folder, manifest) in earlier.into_iter().skip(skip) {
+        match scores_at_10(&folder, &manifest).await {
+            Ok(scores) => runs.push((folder.run_date(), scores)),
+            Err(err @ Error::Data { .. }) => {
+                tracing::warn!(run = %folder.display(), %err, "left out of the report's history");
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let published_date = match publish::published_run_date(run.lake(), prefix, run.job()).await {
+        Ok(date) => date,
+        Err(err @ Error::Data { .. }) => {
+            tracing::warn!(%err, "the publication log is unreadable: the report marks no published run");
+            None
+        }
+        Err(err) => return Err(err),
+    };
+    Ok(report::History {
+        runs,
+        published_model: job.spec.publish.model.clone(),
+        published_date,
+    })
 }
 
 /// Ranks `targets` with one model on a blocking thread, streaming its

@@ -1,11 +1,15 @@
 //! `report.html`: the run's models in one page a person reads at a glance —
 //! an accuracy-vs-size chart (SVG, log-scale bytes) with the Pareto
 //! frontier drawn through the models no other beats on both, and the table
-//! behind it (size, parameters, NDCG/HR, latency, throughput).
+//! behind it (size, parameters, NDCG/HR, latency, throughput), then the
+//! job's history: NDCG@10 of the teacher, the published model and
+//! popularity over run dates.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::results::{ModelResult, headline_k};
+use crate::artifacts::evaluation::ScoresAt10;
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -51,12 +55,184 @@ fn color(role: &str) -> &'static str {
         .map_or("#555555", |(_, c)| c)
 }
 
-/// The page for the results of one run.
+/// The job's earlier runs, for the history chart.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// Committed runs before this one, oldest first: run date and each
+    /// model's metrics at 10.
+    pub runs: Vec<(chrono::NaiveDate, ScoresAt10)>,
+    /// `publish.model` (empty: the job publishes nothing).
+    pub published_model: String,
+    /// The run date whose model serves now, if any.
+    pub published_date: Option<String>,
+}
+
+/// The series of the history chart: model, legend label, colour.
+fn history_series(published_model: &str) -> Vec<(String, String, &'static str)> {
+    let mut series = vec![("teacher".to_string(), "teacher".to_string(), "#c0392b")];
+    if !published_model.is_empty() {
+        series.push((
+            published_model.to_string(),
+            format!("{published_model} (publish.model)"),
+            "#2471a3",
+        ));
+    }
+    series.push(("popularity".into(), "popularity".into(), "#888888"));
+    series
+}
+
+/// NDCG@10 over run dates: the teacher, `publish.model` and popularity in
+/// every earlier committed run and this one; a ring marks the run whose
+/// model serves now. Each point names its run and value on hover.
+fn history_chart(
+    history: &History,
+    run_date: chrono::NaiveDate,
+    results: &[ModelResult],
+) -> String {
+    let mut runs: Vec<(String, BTreeMap<String, f64>)> = history
+        .runs
+        .iter()
+        .map(|(date, scores)| {
+            let ndcg = scores
+                .iter()
+                .filter_map(|(m, v)| v.get("ndcg@10").map(|x| (m.clone(), *x)))
+                .collect();
+            (date.to_string(), ndcg)
+        })
+        .collect();
+    let own: BTreeMap<String, f64> = results
+        .iter()
+        .filter_map(|r| {
+            let i = r.metrics.ks.iter().position(|&k| k == 10)?;
+            Some((r.name.clone(), r.metrics.ndcg[i]))
+        })
+        .collect();
+    runs.push((run_date.to_string(), own));
+    if runs.len() < 2 {
+        return "<h2>History</h2>\n<p>This is the job's first committed run: NDCG@10 over run dates appears from the second.</p>\n".into();
+    }
+    let series = history_series(&history.published_model);
+    let (w, h, left, right, top, bottom) = (760.0, 320.0, 70.0, 30.0, 36.0, 56.0);
+    let y1 = runs
+        .iter()
+        .flat_map(|(_, v)| series.iter().filter_map(|(m, _, _)| v.get(m).copied()))
+        .fold(0.0, f64::max)
+        .max(1e-6)
+        * 1.1;
+    let n = runs.len();
+    let sx = |i: usize| left + (i as f64 + 0.5) / n as f64 * (w - left - right);
+    let sy = |v: f64| top + (1.0 - v / y1) * (h - top - bottom);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        "<h2>History</h2>\n<p>NDCG@10 on each committed run's own test split, by run date. A ring marks the run whose model was published when this report was written (this run's own model is offered to the publish gate after its commit).</p>\n\
+<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"NDCG@10 over run dates\">\n\
+<rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
+<line x1=\"{left}\" y1=\"{yb}\" x2=\"{xr}\" y2=\"{yb}\" stroke=\"#333\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{yb}\" stroke=\"#333\"/>\n",
+        yb = h - bottom,
+        xr = w - right
+    );
+    for i in 0..=4 {
+        let v = y1 * i as f64 / 4.0;
+        let y = sy(v);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{l5}\" y1=\"{y:.1}\" x2=\"{left}\" y2=\"{y:.1}\" stroke=\"#333\"/><text x=\"{lt}\" y=\"{y4:.1}\" font-size=\"12\" text-anchor=\"end\">{v:.3}</text>",
+            l5 = left - 5.0,
+            lt = left - 8.0,
+            y4 = y + 4.0
+        );
+    }
+    // Date labels: at most about twelve, always the first and the last.
+    let every = n.div_ceil(12).max(1);
+    for (i, (date, _)) in runs.iter().enumerate() {
+        if i % every == 0 || i + 1 == n {
+            let x = sx(i);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{x:.1}\" y1=\"{yb}\" x2=\"{x:.1}\" y2=\"{yb5}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{yt}\" font-size=\"11\" text-anchor=\"middle\">{date}</text>",
+                yb = h - bottom,
+                yb5 = h - bottom + 5.0,
+                yt = h - bottom + 18.0
+            );
+        }
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{cx}\" y=\"{yl}\" font-size=\"13\" text-anchor=\"middle\">run date</text>\
+<text x=\"16\" y=\"{cy}\" font-size=\"13\" text-anchor=\"middle\" transform=\"rotate(-90 16 {cy})\">NDCG@10</text>",
+        cx = (left + w - right) / 2.0,
+        yl = h - 12.0,
+        cy = (top + h - bottom) / 2.0
+    );
+    for (j, (model, label, colour)) in series.iter().enumerate() {
+        let points: Vec<(usize, f64)> = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, v))| v.get(model).map(|x| (i, *x)))
+            .collect();
+        if points.len() > 1 {
+            let path: Vec<String> = points
+                .iter()
+                .enumerate()
+                .map(|(p, &(i, v))| {
+                    format!(
+                        "{}{:.1},{:.1}",
+                        if p == 0 { "M" } else { "L" },
+                        sx(i),
+                        sy(v)
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                svg,
+                "<path class=\"series\" d=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>",
+                path.join(" ")
+            );
+        }
+        for &(i, v) in &points {
+            let serving = j == 1
+                && history.published_date.as_deref() == Some(runs[i].0.as_str())
+                && !history.published_model.is_empty();
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"{}\" fill=\"{colour}\" stroke=\"{}\" stroke-width=\"2\"><title>{}: {}, NDCG@10 {v:.4}{}</title></circle>",
+                sx(i),
+                sy(v),
+                if serving { 7 } else { 4 },
+                if serving { "#2e7d32" } else { "white" },
+                escape(&runs[i].0),
+                escape(model),
+                if serving { " (published)" } else { "" }
+            );
+        }
+        // Legend entries side by side, each as wide as its label.
+        let x = left
+            + 10.0
+            + series[..j]
+                .iter()
+                .map(|(_, l, _)| 10.0 + label_width(l) * 12.0 / LABEL_PX + 24.0)
+                .sum::<f64>();
+        let y = top / 2.0;
+        let _ = writeln!(
+            svg,
+            "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"5\" fill=\"{colour}\"/><text x=\"{tx:.1}\" y=\"{ty:.1}\" font-size=\"12\">{}</text>",
+            escape(label),
+            tx = x + 10.0,
+            ty = y + 4.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The page for the results of one run, with the job's history.
 pub fn html(
     job: &str,
     run_date: chrono::NaiveDate,
     run_id: &str,
     results: &[ModelResult],
+    history: &History,
 ) -> String {
     let k = results
         .iter()
@@ -118,7 +294,9 @@ size is the bytes of each model's artifact as stored. Bold rows and the line mar
             if r.pareto { "●" } else { "" },
         );
     }
-    page.push_str("</table>\n</body></html>\n");
+    page.push_str("</table>\n");
+    page.push_str(&history_chart(history, run_date, results));
+    page.push_str("</body></html>\n");
     page
 }
 
@@ -366,6 +544,7 @@ mod tests {
             role: role.into(),
             variant: "fp32".into(),
             training: "supervised".into(),
+            warm_started_from: None,
             loss: None,
             params: 1,
             size_bytes,
@@ -410,6 +589,52 @@ mod tests {
                 (text.to_string(), rect)
             })
             .collect()
+    }
+
+    #[test]
+    fn the_history_chart_draws_each_series_over_run_dates_and_rings_the_published_run() {
+        let day = |d: u32| chrono::NaiveDate::from_ymd_opt(2025, 3, d).unwrap();
+        let scores = |teacher: f64, student: f64| -> ScoresAt10 {
+            [
+                ("teacher", teacher),
+                ("s@int8", student),
+                ("popularity", 0.05),
+            ]
+            .into_iter()
+            .map(|(m, v)| (m.to_string(), BTreeMap::from([("ndcg@10".to_string(), v)])))
+            .collect()
+        };
+        let today = vec![
+            result("teacher", "teacher", 10_000, 0.31, false),
+            result("s@int8", "student", 100, 0.25, true),
+            result("popularity", "baseline", 10, 0.05, false),
+        ];
+        let first = history_chart(&History::default(), day(3), &today);
+        assert!(first.contains("first committed run") && !first.contains("<svg"));
+        let history = History {
+            runs: vec![(day(1), scores(0.30, 0.24)), (day(2), scores(0.32, 0.26))],
+            published_model: "s@int8".into(),
+            published_date: Some("2025-03-02".into()),
+        };
+        let svg = history_chart(&history, day(3), &today);
+        // Three series of three runs each, every date on the axis.
+        assert_eq!(svg.matches("<path class=\"series\"").count(), 3);
+        for date in ["2025-03-01", "2025-03-02", "2025-03-03"] {
+            assert!(svg.contains(&format!(">{date}</text>")), "{date}");
+        }
+        assert!(svg.contains("2025-03-03: s@int8, NDCG@10 0.2500<"));
+        // One ring: the published run's point of the published model.
+        assert_eq!(svg.matches("(published)").count(), 1);
+        assert!(svg.contains("2025-03-02: s@int8, NDCG@10 0.2600 (published)"));
+        assert!(svg.contains("s@int8 (publish.model)"));
+        // Without publish.model: teacher and popularity only.
+        let plain = History {
+            published_model: String::new(),
+            ..history
+        };
+        let svg = history_chart(&plain, day(3), &today);
+        assert_eq!(svg.matches("<path class=\"series\"").count(), 2);
+        assert!(!svg.contains("(published)"));
     }
 
     #[test]

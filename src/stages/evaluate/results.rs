@@ -29,6 +29,9 @@ pub struct ModelResult {
     pub training: String,
     /// Loss family.
     pub loss: Option<String>,
+    /// For a warm-started model (or a variant of one): the run date,
+    /// `YYYY-MM-DD`, of the earlier run its model began from.
+    pub warm_started_from: Option<String>,
     /// Parameters.
     pub params: u64,
     /// Artifact bytes.
@@ -66,6 +69,7 @@ pub fn evaluation_schema() -> SchemaRef {
         Field::new("split", DataType::Utf8, false),
         Field::new("protocol", DataType::Utf8, false),
         Field::new("users", DataType::Int64, false),
+        Field::new("warm_started_from", DataType::Date32, true),
     ]))
 }
 
@@ -128,8 +132,8 @@ pub fn evaluation_rows(
     run_id: &str,
     results: &[ModelResult],
 ) -> Result<RecordBatch> {
-    let days = (run.run_date() - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch"))
-        .num_days() as i32;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch");
+    let days = (run.run_date() - epoch).num_days() as i32;
     let protocol = job.spec.split.protocol.as_str();
     // One (model, metric, k, value) per row.
     let mut cells: Vec<(&ModelResult, &'static str, u32, f64)> = Vec::new();
@@ -169,6 +173,15 @@ pub fn evaluation_rows(
     let params: Vec<i64> = cells.iter().map(|c| c.0.params as i64).collect();
     let size: Vec<i64> = cells.iter().map(|c| c.0.size_bytes as i64).collect();
     let users: Vec<i64> = cells.iter().map(|c| c.0.metrics.users as i64).collect();
+    let warm_from: Vec<Option<i32>> = cells
+        .iter()
+        .map(|c| {
+            c.0.warm_started_from
+                .as_deref()
+                .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+                .map(|d| (d - epoch).num_days() as i32)
+        })
+        .collect();
     let rows = model.len();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run_id; rows])),
@@ -187,6 +200,7 @@ pub fn evaluation_rows(
         Arc::new(StringArray::from(vec![Split::Test.as_str(); rows])),
         Arc::new(StringArray::from(vec![protocol; rows])),
         Arc::new(Int64Array::from(users)),
+        Arc::new(Date32Array::from(warm_from)),
     ];
     RecordBatch::try_new(evaluation_schema(), columns).map_err(|e| Error::internal(e.to_string()))
 }
@@ -201,6 +215,7 @@ mod tests {
             role: "student".into(),
             variant: "fp32".into(),
             training: "scratch".into(),
+            warm_started_from: None,
             loss: None,
             params: 1,
             size_bytes,
