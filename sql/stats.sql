@@ -3,9 +3,11 @@
 -- Input:  split
 -- Output: statistic, value                     (schemas/stats.json)
 --
--- One aggregate row per input, unpivoted by UNNEST in a fixed order: the
--- same plan runs in process and on Ballista (where ten UNION ALL branches
--- under an ORDER BY do not finish).
+-- One aggregate row per input, unpivoted by a join with the statistics'
+-- names in a fixed order: the same plan runs in process and on a Ballista
+-- cluster of Ballista's own binaries (ten UNION ALL branches under an ORDER
+-- BY do not finish there, and its executors cannot decode array functions
+-- such as make_array, which an UNNEST of array literals needs).
 WITH per_user AS (
     SELECT user_index, COUNT(*) AS events
     FROM split
@@ -32,13 +34,24 @@ events AS (
     FROM split
 )
 SELECT
-    unnest([
-        'users', 'items', 'events', 'train_events', 'valid_events', 'test_events',
-        'density', 'min_timestamp_us', 'max_timestamp_us', 'median_events_per_user'
-    ]) AS statistic,
-    unnest([
-        u.users, e.items, e.events, e.train_events, e.valid_events, e.test_events,
-        e.density, e.min_timestamp_us, e.max_timestamp_us, u.median_events_per_user
-    ]) AS value
-FROM users u
+    s.statistic,
+    CASE s.statistic
+        WHEN 'users' THEN u.users
+        WHEN 'items' THEN e.items
+        WHEN 'events' THEN e.events
+        WHEN 'train_events' THEN e.train_events
+        WHEN 'valid_events' THEN e.valid_events
+        WHEN 'test_events' THEN e.test_events
+        WHEN 'density' THEN e.density
+        WHEN 'min_timestamp_us' THEN e.min_timestamp_us
+        WHEN 'max_timestamp_us' THEN e.max_timestamp_us
+        WHEN 'median_events_per_user' THEN u.median_events_per_user
+    END AS value
+FROM (VALUES
+    (1, 'users'), (2, 'items'), (3, 'events'), (4, 'train_events'),
+    (5, 'valid_events'), (6, 'test_events'), (7, 'density'),
+    (8, 'min_timestamp_us'), (9, 'max_timestamp_us'), (10, 'median_events_per_user')
+) AS s(position, statistic)
+CROSS JOIN users u
 CROSS JOIN events e
+ORDER BY s.position

@@ -17,6 +17,7 @@ use datafusion::datasource::listing::{
 };
 use datafusion::prelude::SessionContext;
 
+use crate::artifacts::evaluation::EVALUATION_FILE;
 use crate::config::{JobSpec, check_segment};
 use crate::error::{Error, Result};
 use crate::lake::{Lake, engine};
@@ -126,9 +127,6 @@ pub async fn open(
     }
     Ok((ctx, catalog))
 }
-
-/// The evaluation file every committed run lists.
-const EVALUATION_FILE: &str = "evaluation/evaluation.parquet";
 
 /// Registers `runs` (one row per committed run) and `evaluation_history`
 /// (every committed run's evaluation rows; `run_date` is a column), when
