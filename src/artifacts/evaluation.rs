@@ -6,11 +6,10 @@ use std::collections::BTreeMap;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int32Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::run::RunFolder;
-use crate::run::commit::Manifest;
+use crate::run::commit::{Manifest, read_listed};
 
 /// The evaluation file a committed run lists.
 pub const EVALUATION_FILE: &str = "evaluation/evaluation.parquet";
@@ -22,22 +21,7 @@ pub type ScoresAt10 = BTreeMap<String, BTreeMap<String, f64>>;
 /// run's evaluation table, checked against its manifest.
 pub async fn scores_at_10(run: &RunFolder, manifest: &Manifest) -> Result<ScoresAt10> {
     let url = run.url_of(EVALUATION_FILE);
-    let listed = manifest
-        .outputs
-        .iter()
-        .find(|o| o.path == EVALUATION_FILE)
-        .ok_or_else(|| Error::data(&url, "the run's manifest does not list its evaluation"))?;
-    let bytes = run.get(EVALUATION_FILE).await?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    if sha256 != listed.sha256 {
-        return Err(Error::data(
-            &url,
-            format!(
-                "sha256 {sha256}, but the run's manifest lists {}: the file was changed",
-                listed.sha256
-            ),
-        ));
-    }
+    let bytes = read_listed(run, manifest, EVALUATION_FILE).await?;
     let bad = |e: &dyn std::fmt::Display| Error::data(&url, format!("unreadable: {e}"));
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|b| b.build())

@@ -3,8 +3,6 @@
 //! written by the training stages and read back, checked against the stage
 //! record, by the stages after them.
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
 use crate::lake::WrittenObject;
 use crate::model::ModelArtifact;
@@ -53,31 +51,34 @@ pub async fn load_models(run: &RunFolder, written: &[WrittenObject]) -> Result<V
         else {
             continue;
         };
-        let url = run.url_of(&object.path);
-        let bytes = run.get(&object.path).await?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        if bytes.len() as u64 != object.size || sha256 != object.sha256 {
-            return Err(Error::data(
-                &url,
-                format!(
-                    "the file has {} bytes and sha256 {sha256}, but its stage wrote {} bytes with sha256 {}: it was changed or damaged; rerun the stage that trains {name}",
-                    bytes.len(),
-                    object.size,
-                    object.sha256
-                ),
-            ));
-        }
-        let artifact = ModelArtifact::parse(&url, bytes)?;
-        if artifact.card.name != name {
-            return Err(Error::data(
-                &url,
-                format!(
-                    "the file holds model {:?}, not {name:?}",
-                    artifact.card.name
-                ),
-            ));
-        }
-        models.push(artifact);
+        let remedy = format!("rerun the stage that trains {name}");
+        models.push(read_model(run, object, name, "its stage wrote", &remedy).await?);
     }
     Ok(models)
+}
+
+/// Reads model `name`'s file, `listed` with its size and SHA-256 by
+/// `recorded` (as [`RunFolder::get_checked`]), and parses it. Refuses
+/// (exit 3) a file that differs from the listing, is malformed, or holds
+/// another model.
+pub async fn read_model(
+    run: &RunFolder,
+    listed: &WrittenObject,
+    name: &str,
+    recorded: &str,
+    remedy: &str,
+) -> Result<ModelArtifact> {
+    let url = run.url_of(&listed.path);
+    let bytes = run.get_checked(listed, recorded, remedy).await?;
+    let artifact = ModelArtifact::parse(&url, bytes)?;
+    if artifact.card.name != name {
+        return Err(Error::data(
+            &url,
+            format!(
+                "the file holds model {:?}, not {name:?}",
+                artifact.card.name
+            ),
+        ));
+    }
+    Ok(artifact)
 }

@@ -10,20 +10,17 @@
 use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::compute::{cast, concat};
 use arrow::datatypes::{DataType, UInt32Type};
-use chrono::NaiveDate;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sha2::{Digest, Sha256};
 
-use super::models::model_path;
+use super::models::{model_path, read_model};
 use crate::config::{Job, WarmStartSpec};
 use crate::error::{Error, Result};
-use crate::lake::WrittenObject;
 use crate::model::ModelArtifact;
 use crate::model::meanpool::MeanPool;
 use crate::model::sasrec::{SasRec, SasRecConfig};
 use crate::model::warm::{ItemsCarried, WarmOrigin, carry_items};
 use crate::run::RunFolder;
-use crate::run::commit::{self, Manifest};
+use crate::run::commit::{self, Manifest, read_listed};
 
 /// The item map a run lists (`features/item_map.parquet`).
 const ITEM_MAP: &str = "features/item_map.parquet";
@@ -31,8 +28,7 @@ const ITEM_MAP: &str = "features/item_map.parquet";
 /// The earlier committed run this run's learned models start from.
 pub struct WarmSource {
     run: RunFolder,
-    run_id: String,
-    outputs: Vec<WrittenObject>,
+    manifest: Manifest,
     spec: WarmStartSpec,
     /// For each of this run's items (by index), its row in the earlier
     /// run's models.
@@ -55,11 +51,16 @@ impl WarmSource {
         // A date at or after the run's is refused when the run starts
         // (`RunContext::new`); here it simply matches no earlier run.
         let wanted = spec.from_date().map_err(Error::config)?;
-        let runs =
-            commit::committed_runs(run.lake(), &job.spec.lake.output_prefix, run.job()).await?;
-        let earlier = runs.into_iter().rfind(|(r, _)| {
-            r.run_date() < run.run_date() && wanted.is_none_or(|date| r.run_date() == date)
-        });
+        // The newest committed run before the run date, or before the day
+        // after the date named (which must then be that date).
+        let before = wanted
+            .and_then(|date| date.succ_opt())
+            .map_or(run.run_date(), |after| after.min(run.run_date()));
+        let prefix = &job.spec.lake.output_prefix;
+        let earlier = commit::committed_runs_before(run.lake(), prefix, run.job(), before, 1)
+            .await?
+            .pop()
+            .filter(|(r, _)| wanted.is_none_or(|date| r.run_date() == date));
         let Some((earlier, manifest)) = earlier else {
             tracing::warn!(
                 from = %spec.from,
@@ -92,17 +93,11 @@ impl WarmSource {
         );
         Ok(Some(WarmSource {
             run: earlier,
-            run_id: manifest.run_id,
-            outputs: manifest.outputs,
+            manifest,
             spec: spec.clone(),
             rows,
             items,
         }))
-    }
-
-    /// The earlier run's date.
-    pub fn run_date(&self) -> NaiveDate {
-        self.run.run_date()
     }
 
     /// Bounds a warm-started model's fine-tune: `warm_start.epochs` and
@@ -117,49 +112,37 @@ impl WarmSource {
     }
 
     /// The earlier run's model `name`, read and checked against the size
-    /// and SHA-256 its manifest lists, with the card entry of a model that
-    /// starts from it. `None` (with a warning, or a note where the earlier
-    /// run simply has no such model) when it cannot be used.
-    pub async fn model(&self, name: &str) -> Result<Option<(ModelArtifact, WarmOrigin)>> {
-        let path = model_path(name);
-        let Some(listed) = self.outputs.iter().find(|o| o.path == path) else {
+    /// and SHA-256 its manifest lists and made into a model by `load`, with
+    /// the card entry of a model that starts from it. `None` (with a
+    /// warning, or a note where the earlier run simply has no such model)
+    /// when it cannot be used.
+    async fn model<T>(
+        &self,
+        name: &str,
+        load: fn(&ModelArtifact) -> Result<T>,
+    ) -> Result<Option<(T, WarmOrigin)>> {
+        let Some(listed) = self.manifest.listed(&model_path(name)) else {
             tracing::info!(model = name, run = %self.run.display(), "warm start: the earlier run has no such model; it starts cold");
             return Ok(None);
         };
-        let url = self.run.url_of(&path);
-        let checked = async {
-            let bytes = self.run.get(&path).await?;
-            let sha256 = hex::encode(Sha256::digest(&bytes));
-            if bytes.len() as u64 != listed.size || sha256 != listed.sha256 {
-                return Err(Error::data(
-                    &url,
-                    format!(
-                        "the file has {} bytes and sha256 {sha256}, but its run's manifest lists {} bytes and sha256 {}",
-                        bytes.len(),
-                        listed.size,
-                        listed.sha256
-                    ),
-                ));
-            }
-            let artifact = ModelArtifact::parse(&url, bytes)?;
-            if artifact.card.name != name {
-                return Err(Error::data(
-                    &url,
-                    format!("the file holds model {:?}", artifact.card.name),
-                ));
-            }
-            Ok(artifact)
-        };
-        match checked.await {
-            Ok(artifact) => {
+        let read = read_model(
+            &self.run,
+            listed,
+            name,
+            "its run's manifest lists",
+            "this model starts cold",
+        )
+        .await;
+        match read.and_then(|artifact| load(&artifact)) {
+            Ok(model) => {
                 let origin = WarmOrigin {
-                    run_id: self.run_id.clone(),
+                    run_id: self.manifest.run_id.clone(),
                     run_date: self.run.run_date().to_string(),
                     model: name.to_string(),
                     sha256: listed.sha256.clone(),
                     items: self.items,
                 };
-                Ok(Some((artifact, origin)))
+                Ok(Some((model, origin)))
             }
             Err(err @ Error::Data { .. }) => {
                 tracing::warn!(model = name, %err, "warm start: the earlier model is damaged or unreadable; it starts cold");
@@ -169,32 +152,9 @@ impl WarmSource {
         }
     }
 
-    /// The earlier run's SASRec model `name`, or `None` as [`Self::model`].
-    async fn sasrec(&self, name: &str) -> Result<Option<(SasRec, WarmOrigin)>> {
-        let Some((artifact, origin)) = self.model(name).await? else {
-            return Ok(None);
-        };
-        match SasRec::from_artifact(&artifact) {
-            Ok(model) => Ok(Some((model, origin))),
-            Err(err) => {
-                tracing::warn!(model = name, %err, "warm start: the earlier model is not a SASRec model this version reads; it starts cold");
-                Ok(None)
-            }
-        }
-    }
-
     /// The earlier run's mean-pool model `name`, or `None` as [`Self::model`].
     pub async fn meanpool(&self, name: &str) -> Result<Option<(MeanPool, WarmOrigin)>> {
-        let Some((artifact, origin)) = self.model(name).await? else {
-            return Ok(None);
-        };
-        match MeanPool::from_artifact(&artifact) {
-            Ok(model) => Ok(Some((model, origin))),
-            Err(err) => {
-                tracing::warn!(model = name, %err, "warm start: the earlier model is not a mean-pool model this version reads; it starts cold");
-                Ok(None)
-            }
-        }
+        self.model(name, MeanPool::from_artifact).await
     }
 }
 
@@ -210,7 +170,10 @@ pub async fn start_sasrec(
     seed: u64,
 ) -> Result<(SasRec, Option<WarmOrigin>)> {
     let previous = match warm {
-        Some(warm) => warm.sasrec(name).await?.map(|p| (warm, p)),
+        Some(warm) => warm
+            .model(name, SasRec::from_artifact)
+            .await?
+            .map(|p| (warm, p)),
         None => None,
     };
     let Some((warm, (previous, origin))) = previous else {
@@ -234,18 +197,7 @@ pub async fn start_sasrec(
 /// checked against its manifest.
 async fn item_map(run: &RunFolder, manifest: &Manifest) -> Result<ArrayRef> {
     let url = run.url_of(ITEM_MAP);
-    let listed = manifest
-        .outputs
-        .iter()
-        .find(|o| o.path == ITEM_MAP)
-        .ok_or_else(|| Error::data(&url, "the run's manifest does not list its item map"))?;
-    let bytes = run.get(ITEM_MAP).await?;
-    if hex::encode(Sha256::digest(&bytes)) != listed.sha256 {
-        return Err(Error::data(
-            &url,
-            "the file's sha256 is not the one its run's manifest lists",
-        ));
-    }
+    let bytes = read_listed(run, manifest, ITEM_MAP).await?;
     let bad = |e: &dyn std::fmt::Display| Error::data(&url, format!("unreadable: {e}"));
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|b| b.build())

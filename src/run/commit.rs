@@ -203,6 +203,28 @@ pub struct Manifest {
     pub committed_at: String,
 }
 
+impl Manifest {
+    /// The output at `rel` (relative to the run folder), if the run lists it.
+    pub fn listed(&self, rel: &str) -> Option<&WrittenObject> {
+        self.outputs.iter().find(|o| o.path == rel)
+    }
+}
+
+/// Reads the output `rel` of the committed run `run`, checked against the
+/// size and SHA-256 its manifest lists; an output the manifest does not
+/// list, or that differs, is invalid data (exit 3) naming the file.
+pub async fn read_listed(run: &RunFolder, manifest: &Manifest, rel: &str) -> Result<Bytes> {
+    let listed = manifest
+        .listed(rel)
+        .ok_or_else(|| Error::data(run.url_of(rel), "the run's manifest does not list it"))?;
+    run.get_checked(
+        listed,
+        "its run's manifest lists",
+        "rerun the job for that run date",
+    )
+    .await
+}
+
 /// Makes a fresh run id: UTC time of the start plus random bits.
 pub fn new_run_id() -> String {
     format!(
@@ -356,7 +378,7 @@ pub async fn read_manifest(run: &RunFolder) -> Result<Option<Manifest>> {
 }
 
 /// The run dates of `job` that have a folder in the lake, in order.
-async fn run_dates(lake: &Lake, output_prefix: &str, job: &str) -> Result<Vec<NaiveDate>> {
+pub async fn run_dates(lake: &Lake, output_prefix: &str, job: &str) -> Result<Vec<NaiveDate>> {
     let folders = lake
         .list_folders(&format!("{}/{job}", output_prefix.trim_matches('/')))
         .await?;
@@ -377,8 +399,45 @@ pub async fn committed_runs(
     output_prefix: &str,
     job: &str,
 ) -> Result<Vec<(RunFolder, Manifest)>> {
+    let dates = run_dates(lake, output_prefix, job).await?;
+    committed_among(
+        lake,
+        output_prefix,
+        job,
+        dates.into_iter().rev(),
+        usize::MAX,
+    )
+    .await
+}
+
+/// The latest `limit` committed runs of `job` dated before `before`, oldest
+/// first, as [`committed_runs`]; only their manifests are read.
+pub async fn committed_runs_before(
+    lake: &Lake,
+    output_prefix: &str,
+    job: &str,
+    before: NaiveDate,
+    limit: usize,
+) -> Result<Vec<(RunFolder, Manifest)>> {
+    let dates = run_dates(lake, output_prefix, job).await?;
+    let earlier = dates.into_iter().rev().filter(|d| *d < before);
+    committed_among(lake, output_prefix, job, earlier, limit).await
+}
+
+/// The committed runs among `newest_first` dates, until `limit` are found,
+/// oldest first; unreadable manifests are left out with a warning.
+async fn committed_among(
+    lake: &Lake,
+    output_prefix: &str,
+    job: &str,
+    newest_first: impl Iterator<Item = NaiveDate>,
+    limit: usize,
+) -> Result<Vec<(RunFolder, Manifest)>> {
     let mut runs = Vec::new();
-    for date in run_dates(lake, output_prefix, job).await? {
+    for date in newest_first {
+        if runs.len() == limit {
+            break;
+        }
         let run = RunFolder::new(lake.clone(), output_prefix, job, date);
         match read_manifest(&run).await {
             Ok(Some(manifest)) => runs.push((run, manifest)),
@@ -389,6 +448,7 @@ pub async fn committed_runs(
             Err(err) => return Err(err),
         }
     }
+    runs.reverse();
     Ok(runs)
 }
 

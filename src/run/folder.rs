@@ -7,6 +7,7 @@ use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use chrono::NaiveDate;
 use futures::Stream;
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::lake::{Lake, RowGroups, WrittenObject};
@@ -174,6 +175,32 @@ impl RunFolder {
     /// Reads `rel` from the run folder.
     pub async fn get(&self, rel: &str) -> Result<Bytes> {
         self.lake.get(&self.rel(rel)).await
+    }
+
+    /// Reads the file `listed` names and checks it against the size and
+    /// SHA-256 listed with it (`recorded`, e.g. "its stage wrote", says
+    /// where): anything else is invalid data (exit 3) that names the file
+    /// and says what to do (`remedy`).
+    pub async fn get_checked(
+        &self,
+        listed: &WrittenObject,
+        recorded: &str,
+        remedy: &str,
+    ) -> Result<Bytes> {
+        let bytes = self.get(&listed.path).await?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if bytes.len() as u64 != listed.size || sha256 != listed.sha256 {
+            return Err(Error::data(
+                self.url_of(&listed.path),
+                format!(
+                    "the file has {} bytes and sha256 {sha256}, but {recorded} {} bytes with sha256 {}: it was changed or damaged; {remedy}",
+                    bytes.len(),
+                    listed.size,
+                    listed.sha256
+                ),
+            ));
+        }
+        Ok(bytes)
     }
 }
 

@@ -110,29 +110,22 @@ pub async fn gc(spec: &JobSpec, options: &GcOptions) -> Result<GcReport> {
         ..GcReport::default()
     };
     for job in jobs {
-        let mut dates: Vec<NaiveDate> = lake
-            .list_folders(&format!("{prefix}/{job}"))
-            .await?
-            .iter()
-            .filter_map(|name| name.strip_prefix("run_date="))
-            .filter_map(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-            .filter(|d| options.run_date.is_none_or(|only| only == *d))
-            .collect();
-        dates.sort();
-        let published = match publish::published_run_date(&lake, &prefix, &job).await {
-            Ok(date) => Published::Date(date),
+        let mut dates = commit::run_dates(&lake, &prefix, &job).await?;
+        dates.retain(|d| options.run_date.is_none_or(|only| only == *d));
+        let serving = match publish::published_run_date(&lake, &prefix, &job).await {
+            Ok(date) => Serving::Date(date),
             Err(err @ Error::Data { .. }) => {
                 tracing::warn!(%job, %err, "the publication log is unreadable: no uncommitted run folder of the job is removed");
-                Published::Unknown
+                Serving::Unknown
             }
             Err(err) => return Err(err),
         };
         for date in dates {
             let run = RunFolder::new(lake.clone(), &prefix, &job, date);
             report.folders += 1;
-            let protected = match &published {
-                Published::Date(d) => d.as_deref() == Some(date.to_string().as_str()),
-                Published::Unknown => true,
+            let protected = match &serving {
+                Serving::Date(d) => d.as_deref() == Some(date.to_string().as_str()),
+                Serving::Unknown => true,
             };
             clean_folder(&run, spec.lake.lease_s, options, protected, &mut report).await?;
         }
@@ -141,7 +134,7 @@ pub async fn gc(spec: &JobSpec, options: &GcOptions) -> Result<GcReport> {
 }
 
 /// The run date the job's publication names, as far as `gc` can tell.
-enum Published {
+enum Serving {
     /// The date (`None`: the job never published).
     Date(Option<String>),
     /// The log cannot be read: every date may be the published one.
@@ -203,7 +196,7 @@ async fn clean_held(
     match commit::read_manifest(run).await? {
         Some(manifest) => {
             for rel in objects {
-                let listed = is_bookkeeping(&rel) || manifest.outputs.iter().any(|o| o.path == rel);
+                let listed = is_bookkeeping(&rel) || manifest.listed(&rel).is_some();
                 if !listed {
                     if !options.dry_run {
                         lake.delete(&run.rel(&rel)).await?;

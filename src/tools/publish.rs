@@ -58,16 +58,12 @@ pub async fn publish_run(job: &Job, run_date: NaiveDate, force: bool) -> Result<
             ))
         })?;
     let path = model_path(model);
-    let file = manifest
-        .outputs
-        .iter()
-        .find(|o| o.path == path)
-        .ok_or_else(|| {
-            Error::data(
-                run.url_of(&path),
-                "the run's manifest does not list the model file",
-            )
-        })?;
+    let file = manifest.listed(&path).ok_or_else(|| {
+        Error::data(
+            run.url_of(&path),
+            "the run's manifest does not list the model file",
+        )
+    })?;
     let mut metrics = metrics.clone();
     metrics.insert(POPULARITY_NDCG_10.into(), popularity);
     let candidate = Candidate {

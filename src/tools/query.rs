@@ -149,7 +149,7 @@ async fn register_history(
 
     let urls = history
         .iter()
-        .filter(|(_, m)| m.outputs.iter().any(|o| o.path == EVALUATION_FILE))
+        .filter(|(_, m)| m.listed(EVALUATION_FILE).is_some())
         .map(|(run, _)| {
             let url = run.url_of(EVALUATION_FILE);
             ListingTableUrl::parse(&url).map_err(|e| Error::from_datafusion(&url, e))

@@ -254,17 +254,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn learns_a_sequential_pattern_and_round_trips() {
-        let data = cyclic(40, 30, 12);
-        let spec = MeanPoolSpec {
+    /// Settings that learn [`cyclic`]'s walks: the last item is the whole
+    /// context.
+    fn learns_the_cycle() -> MeanPoolSpec {
+        MeanPoolSpec {
             window: 1,
             d_model: 16,
             epochs: 40,
             patience: 40,
             lr: 0.02,
             ..MeanPoolSpec::default()
-        };
+        }
+    }
+
+    #[test]
+    fn learns_a_sequential_pattern_and_round_trips() {
+        let data = cyclic(40, 30, 12);
+        let spec = learns_the_cycle();
         let (model, log) = fit(&data, &spec, 7, 0, None).unwrap();
         assert!(
             log.last().unwrap().loss < log[0].loss,
@@ -287,14 +293,7 @@ mod tests {
     #[test]
     fn a_warm_start_keeps_what_was_learned_when_the_item_indices_move() {
         let yesterday = cyclic(40, 30, 12);
-        let spec = MeanPoolSpec {
-            window: 1,
-            d_model: 16,
-            epochs: 40,
-            patience: 40,
-            lr: 0.02,
-            ..MeanPoolSpec::default()
-        };
+        let spec = learns_the_cycle();
         let (previous, _) = fit(&yesterday, &spec, 7, 0, None).unwrap();
         // Today the same walks, but item i of yesterday has index
         // (7 i + 3) mod 30: the maps differ, the items do not.

@@ -289,22 +289,16 @@ fn a_backfill_after_later_days_landed_equals_the_run_made_on_its_day() {
     let out = run_on(later.path(), next, &changed).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let teacher_warning = stderr
-        .lines()
-        .find(|l| l.contains("changed the model's shape"))
-        .unwrap_or_else(|| panic!("{stderr}"));
-    assert!(
-        teacher_warning.contains("teacher") && teacher_warning.contains("d_model"),
-        "{teacher_warning}"
-    );
-    let meanpool_warning = stderr
-        .lines()
-        .find(|l| l.contains("damaged or unreadable"))
-        .unwrap_or_else(|| panic!("{stderr}"));
-    assert!(
-        meanpool_warning.contains("meanpool") && meanpool_warning.contains("sha256"),
-        "{meanpool_warning}"
-    );
+    // The warning line that says `why`, naming each of `words`.
+    let warned = |why: &str, words: &[&str]| {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(why))
+            .unwrap_or_else(|| panic!("no warning {why:?}: {stderr}"));
+        assert!(words.iter().all(|w| line.contains(w)), "{line}");
+    };
+    warned("changed the model's shape", &["teacher", "d_model"]);
+    warned("damaged or unreadable", &["meanpool", "sha256"]);
     let run = folder(later.path(), next);
     assert!(card(&run, "teacher").get("warm_started_from").is_none());
     assert!(card(&run, "meanpool").get("warm_started_from").is_none());

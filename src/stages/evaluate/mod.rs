@@ -321,11 +321,11 @@ const HISTORY_RUNS: usize = 90;
 /// the publication when its log cannot be read.
 async fn report_history(job: &Job, run: &RunFolder) -> Result<report::History> {
     let prefix = &job.spec.lake.output_prefix;
-    let mut earlier = commit::committed_runs(run.lake(), prefix, run.job()).await?;
-    earlier.retain(|(r, _)| r.run_date() < run.run_date());
-    let skip = earlier.len().saturating_sub(HISTORY_RUNS);
+    let earlier =
+        commit::committed_runs_before(run.lake(), prefix, run.job(), run.run_date(), HISTORY_RUNS)
+            .await?;
     let mut runs = Vec::new();
-    for (folder, manifest) in earlier.into_iter().skip(skip) {
+    for (folder, manifest) in earlier {
         match scores_at_10(&folder, &manifest).await {
             Ok(scores) => runs.push((folder.run_date(), scores)),
             Err(err @ Error::Data { .. }) => {

@@ -67,17 +67,114 @@ pub struct History {
     pub published_date: Option<String>,
 }
 
-/// The series of the history chart: model, legend label, colour.
-fn history_series(published_model: &str) -> Vec<(String, String, &'static str)> {
-    let mut series = vec![("teacher".to_string(), "teacher".to_string(), "#c0392b")];
+/// A chart's canvas: `w × h` SVG pixels, the plot inside the margins, y
+/// from 0 at the bottom to `y_max` at the top.
+struct Frame {
+    w: f64,
+    h: f64,
+    left: f64,
+    right: f64,
+    top: f64,
+    bottom: f64,
+    y_max: f64,
+}
+
+impl Frame {
+    /// The SVG y of value `v`.
+    fn sy(&self, v: f64) -> f64 {
+        self.top + (1.0 - v / self.y_max) * (self.h - self.top - self.bottom)
+    }
+
+    /// The opening of the SVG (`aria` its accessible name): a white
+    /// background and the two axes.
+    fn open(&self, aria: &str) -> String {
+        let Frame {
+            w,
+            h,
+            left,
+            right,
+            top,
+            bottom,
+            ..
+        } = *self;
+        format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{aria}\">\n\
+<rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
+<line x1=\"{left}\" y1=\"{yb}\" x2=\"{xr}\" y2=\"{yb}\" stroke=\"#333\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{yb}\" stroke=\"#333\"/>\n",
+            yb = h - bottom,
+            xr = w - right
+        )
+    }
+
+    /// `ticks` + 1 evenly spaced ticks on the y axis, 0 to `y_max`.
+    fn y_ticks(&self, svg: &mut String, ticks: usize) {
+        for i in 0..=ticks {
+            let v = self.y_max * i as f64 / ticks as f64;
+            let y = self.sy(v);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{l5}\" y1=\"{y:.1}\" x2=\"{left}\" y2=\"{y:.1}\" stroke=\"#333\"/><text x=\"{lt}\" y=\"{y4:.1}\" font-size=\"12\" text-anchor=\"end\">{v:.3}</text>",
+                left = self.left,
+                l5 = self.left - 5.0,
+                lt = self.left - 8.0,
+                y4 = y + 4.0
+            );
+        }
+    }
+
+    /// A tick on the x axis at SVG x `x`, labelled `label` in `font_px`.
+    fn x_tick(&self, svg: &mut String, x: f64, label: &str, font_px: u32) {
+        let yb = self.h - self.bottom;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{x:.1}\" y1=\"{yb}\" x2=\"{x:.1}\" y2=\"{yb5}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{yt}\" font-size=\"{font_px}\" text-anchor=\"middle\">{label}</text>",
+            yb5 = yb + 5.0,
+            yt = yb + 18.0
+        );
+    }
+
+    /// The axis titles; the x title's baseline `x_title_up` px above the
+    /// bottom edge.
+    fn titles(&self, svg: &mut String, x_title: &str, y_title: &str, x_title_up: f64) {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{cx}\" y=\"{yl}\" font-size=\"13\" text-anchor=\"middle\">{x_title}</text>\
+<text x=\"16\" y=\"{cy}\" font-size=\"13\" text-anchor=\"middle\" transform=\"rotate(-90 16 {cy})\">{y_title}</text>",
+            cx = (self.left + self.w - self.right) / 2.0,
+            yl = self.h - x_title_up,
+            cy = (self.top + self.h - self.bottom) / 2.0
+        );
+    }
+}
+
+/// One line of the history chart.
+struct Series {
+    model: String,
+    label: String,
+    colour: &'static str,
+    /// The `publish.model` line, whose published run is ringed.
+    published: bool,
+}
+
+/// The lines of the history chart: the teacher, `publish.model` (when set)
+/// and popularity.
+fn history_series(published_model: &str) -> Vec<Series> {
+    let line = |model: &str, label: String, colour, published| Series {
+        model: model.to_string(),
+        label,
+        colour,
+        published,
+    };
+    let mut series = vec![line("teacher", "teacher".into(), "#c0392b", false)];
     if !published_model.is_empty() {
-        series.push((
-            published_model.to_string(),
+        series.push(line(
+            published_model,
             format!("{published_model} (publish.model)"),
             "#2471a3",
+            true,
         ));
     }
-    series.push(("popularity".into(), "popularity".into(), "#888888"));
+    series.push(line("popularity", "popularity".into(), "#888888", false));
     series
 }
 
@@ -102,70 +199,46 @@ fn history_chart(
         .collect();
     let own: BTreeMap<String, f64> = results
         .iter()
-        .filter_map(|r| {
-            let i = r.metrics.ks.iter().position(|&k| k == 10)?;
-            Some((r.name.clone(), r.metrics.ndcg[i]))
-        })
+        .filter_map(|r| Some((r.name.clone(), r.metrics.ndcg_at(10)?)))
         .collect();
     runs.push((run_date.to_string(), own));
     if runs.len() < 2 {
         return "<h2>History</h2>\n<p>This is the job's first committed run: NDCG@10 over run dates appears from the second.</p>\n".into();
     }
     let series = history_series(&history.published_model);
-    let (w, h, left, right, top, bottom) = (760.0, 320.0, 70.0, 30.0, 36.0, 56.0);
-    let y1 = runs
-        .iter()
-        .flat_map(|(_, v)| series.iter().filter_map(|(m, _, _)| v.get(m).copied()))
-        .fold(0.0, f64::max)
-        .max(1e-6)
-        * 1.1;
+    let frame = Frame {
+        w: 760.0,
+        h: 320.0,
+        left: 70.0,
+        right: 30.0,
+        top: 36.0,
+        bottom: 56.0,
+        y_max: runs
+            .iter()
+            .flat_map(|(_, v)| series.iter().filter_map(|s| v.get(&s.model).copied()))
+            .fold(0.0, f64::max)
+            .max(1e-6)
+            * 1.1,
+    };
+    let (left, top) = (frame.left, frame.top);
     let n = runs.len();
-    let sx = |i: usize| left + (i as f64 + 0.5) / n as f64 * (w - left - right);
-    let sy = |v: f64| top + (1.0 - v / y1) * (h - top - bottom);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        "<h2>History</h2>\n<p>NDCG@10 on each committed run's own test split, by run date. A ring marks the run whose model was published when this report was written (this run's own model is offered to the publish gate after its commit).</p>\n\
-<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"NDCG@10 over run dates\">\n\
-<rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
-<line x1=\"{left}\" y1=\"{yb}\" x2=\"{xr}\" y2=\"{yb}\" stroke=\"#333\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{yb}\" stroke=\"#333\"/>\n",
-        yb = h - bottom,
-        xr = w - right
+    let sx = |i: usize| left + (i as f64 + 0.5) / n as f64 * (frame.w - left - frame.right);
+    let sy = |v: f64| frame.sy(v);
+    let mut svg = String::from(
+        "<h2>History</h2>\n<p>NDCG@10 on each committed run's own test split, by run date. A ring marks the run whose model was published when this report was written (this run's own model is offered to the publish gate after its commit).</p>\n",
     );
-    for i in 0..=4 {
-        let v = y1 * i as f64 / 4.0;
-        let y = sy(v);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{l5}\" y1=\"{y:.1}\" x2=\"{left}\" y2=\"{y:.1}\" stroke=\"#333\"/><text x=\"{lt}\" y=\"{y4:.1}\" font-size=\"12\" text-anchor=\"end\">{v:.3}</text>",
-            l5 = left - 5.0,
-            lt = left - 8.0,
-            y4 = y + 4.0
-        );
-    }
+    svg.push_str(&frame.open("NDCG@10 over run dates"));
+    frame.y_ticks(&mut svg, 4);
     // Date labels: at most about twelve, always the first and the last.
     let every = n.div_ceil(12).max(1);
     for (i, (date, _)) in runs.iter().enumerate() {
         if i % every == 0 || i + 1 == n {
-            let x = sx(i);
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{x:.1}\" y1=\"{yb}\" x2=\"{x:.1}\" y2=\"{yb5}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{yt}\" font-size=\"11\" text-anchor=\"middle\">{date}</text>",
-                yb = h - bottom,
-                yb5 = h - bottom + 5.0,
-                yt = h - bottom + 18.0
-            );
+            frame.x_tick(&mut svg, sx(i), date, 11);
         }
     }
-    let _ = writeln!(
-        svg,
-        "<text x=\"{cx}\" y=\"{yl}\" font-size=\"13\" text-anchor=\"middle\">run date</text>\
-<text x=\"16\" y=\"{cy}\" font-size=\"13\" text-anchor=\"middle\" transform=\"rotate(-90 16 {cy})\">NDCG@10</text>",
-        cx = (left + w - right) / 2.0,
-        yl = h - 12.0,
-        cy = (top + h - bottom) / 2.0
-    );
-    for (j, (model, label, colour)) in series.iter().enumerate() {
+    frame.titles(&mut svg, "run date", "NDCG@10", 12.0);
+    for (j, line) in series.iter().enumerate() {
+        let (model, colour) = (&line.model, line.colour);
         let points: Vec<(usize, f64)> = runs
             .iter()
             .enumerate()
@@ -191,9 +264,8 @@ fn history_chart(
             );
         }
         for &(i, v) in &points {
-            let serving = j == 1
-                && history.published_date.as_deref() == Some(runs[i].0.as_str())
-                && !history.published_model.is_empty();
+            let serving =
+                line.published && history.published_date.as_deref() == Some(runs[i].0.as_str());
             let _ = writeln!(
                 svg,
                 "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"{}\" fill=\"{colour}\" stroke=\"{}\" stroke-width=\"2\"><title>{}: {}, NDCG@10 {v:.4}{}</title></circle>",
@@ -211,13 +283,13 @@ fn history_chart(
             + 10.0
             + series[..j]
                 .iter()
-                .map(|(_, l, _)| 10.0 + label_width(l) * 12.0 / LABEL_PX + 24.0)
+                .map(|s| 10.0 + label_width(&s.label) * 12.0 / LABEL_PX + 24.0)
                 .sum::<f64>();
         let y = top / 2.0;
         let _ = writeln!(
             svg,
             "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"5\" fill=\"{colour}\"/><text x=\"{tx:.1}\" y=\"{ty:.1}\" font-size=\"12\">{}</text>",
-            escape(label),
+            escape(&line.label),
             tx = x + 10.0,
             ty = y + 4.0
         );
@@ -410,53 +482,30 @@ fn chart(points: &[(&ModelResult, u64, f64)], k: u32) -> String {
         x0 -= 1.0;
         x1 += 1.0;
     }
-    let y1 = points.iter().map(|p| p.2).fold(0.0, f64::max).max(1e-6) * 1.1;
+    let frame = Frame {
+        w,
+        h,
+        left,
+        right,
+        top,
+        bottom,
+        y_max: points.iter().map(|p| p.2).fold(0.0, f64::max).max(1e-6) * 1.1,
+    };
     let sx = |v: f64| left + (v - x0) / (x1 - x0) * (w - left - right);
-    let sy = |v: f64| top + (1.0 - v / y1) * (h - top - bottom);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"NDCG@{k} against artifact bytes\">\n\
-<rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
-    );
+    let sy = |v: f64| frame.sy(v);
     // Axes, decade ticks on x, five ticks on y.
-    let _ = writeln!(
-        svg,
-        "<line x1=\"{left}\" y1=\"{yb}\" x2=\"{xr}\" y2=\"{yb}\" stroke=\"#333\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{yb}\" stroke=\"#333\"/>",
-        yb = h - bottom,
-        xr = w - right
-    );
+    let mut svg = frame.open(&format!("NDCG@{k} against artifact bytes"));
     let mut d = x0;
     while d <= x1 + 1e-9 {
-        let x = sx(d);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{x:.1}\" y1=\"{yb}\" x2=\"{x:.1}\" y2=\"{yb5}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{yt}\" font-size=\"12\" text-anchor=\"middle\">{}</text>",
-            decade(d as i32),
-            yb = h - bottom,
-            yb5 = h - bottom + 5.0,
-            yt = h - bottom + 18.0
-        );
+        frame.x_tick(&mut svg, sx(d), &decade(d as i32), 12);
         d += 1.0;
     }
-    for i in 0..=5 {
-        let v = y1 * i as f64 / 5.0;
-        let y = sy(v);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{l5}\" y1=\"{y:.1}\" x2=\"{left}\" y2=\"{y:.1}\" stroke=\"#333\"/><text x=\"{lt}\" y=\"{y4:.1}\" font-size=\"12\" text-anchor=\"end\">{v:.3}</text>",
-            l5 = left - 5.0,
-            lt = left - 8.0,
-            y4 = y + 4.0
-        );
-    }
-    let _ = writeln!(
-        svg,
-        "<text x=\"{cx}\" y=\"{yl}\" font-size=\"13\" text-anchor=\"middle\">artifact size (bytes, log scale)</text>\
-<text x=\"16\" y=\"{cy}\" font-size=\"13\" text-anchor=\"middle\" transform=\"rotate(-90 16 {cy})\">NDCG@{k}</text>",
-        cx = (left + w - right) / 2.0,
-        yl = h - 10.0,
-        cy = (top + h - bottom) / 2.0
+    frame.y_ticks(&mut svg, 5);
+    frame.titles(
+        &mut svg,
+        "artifact size (bytes, log scale)",
+        &format!("NDCG@{k}"),
+        10.0,
     );
     // The frontier, smallest first.
     let mut front: Vec<(f64, f64, &str)> = points
