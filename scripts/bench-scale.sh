@@ -12,6 +12,7 @@
 #   JOB      job file (default jobs/scale-10m.toml)
 #   SETS     extra `--set KEY=VALUE` arguments for every stage
 #   DUCKDB   0 skips the DuckDB comparison
+#   RUN_DATE the run date (default 2025-01-31)
 set -euo pipefail
 work="${1:-$(mktemp -d)}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,7 +47,7 @@ if [ "${DUCKDB:-1}" != 0 ]; then
     "$here/sql" "$lake" "$work/duckdb-out" "$(nproc)"
 fi
 
-run_date=2025-01-31
+run_date="${RUN_DATE:-2025-01-31}"
 for stage in $stages; do
   measure "$stage" "$bin" stage "$stage" --job "$job" --lake "$lake" --run-date "$run_date" \
     "${set_args[@]}" -q >/dev/null

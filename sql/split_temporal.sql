@@ -7,12 +7,20 @@
 -- Input:      events, user_map, item_map
 -- Parameters: $valid_quantile, $test_quantile   (job: [split])
 -- Output:     as split_leave_one_out.sql (schemas/split.json)
-WITH ranked AS (
+--
+-- The total comes from its own COUNT(*), not COUNT(*) OVER (): a window
+-- over the whole table holds every event before it emits one, where
+-- ROW_NUMBER streams after the (spillable) sort.
+WITH total AS (
+    SELECT COUNT(*) AS total FROM events
+),
+ranked AS (
     SELECT
-        "timestamp",
-        ROW_NUMBER() OVER (ORDER BY "timestamp") AS position,
-        COUNT(*) OVER () AS total
-    FROM events
+        e."timestamp",
+        ROW_NUMBER() OVER (ORDER BY e."timestamp") AS position,
+        t.total
+    FROM events e
+    CROSS JOIN total t
 ),
 cuts AS (
     SELECT

@@ -161,10 +161,14 @@ pub async fn load_dataset(ctx: &SessionContext) -> Result<Dataset> {
     let n_users = user_ids.len();
     let n_items = item_ids.len();
 
+    // Registered with its contract's order (features::register_run_table),
+    // the split streams straight from the file: DataFusion drops this ORDER
+    // BY, so no 11 M-row sort is held in memory. The order is trusted there
+    // and checked here, row by row.
     let what = "reading the split table";
     let df = plan_sql(
         ctx,
-        "SELECT user_index, item_index, split FROM split ORDER BY user_index, \"timestamp\", item_index",
+        "SELECT user_index, item_index, split, \"timestamp\" FROM split ORDER BY user_index, \"timestamp\", item_index",
         &[],
         what,
     )
@@ -176,7 +180,7 @@ pub async fn load_dataset(ctx: &SessionContext) -> Result<Dataset> {
     let mut offsets = vec![0usize; n_users + 1];
     let mut items = Vec::new();
     let mut splits = Vec::new();
-    let mut last_user = 0u32;
+    let mut last: Option<(u32, i64, u32)> = None;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| Error::from_datafusion(what, e))?;
         let users = u32_column(&batch, 0, "split.user_index")?;
@@ -184,24 +188,37 @@ pub async fn load_dataset(ctx: &SessionContext) -> Result<Dataset> {
         let split_col =
             cast(batch.column(2), &DataType::Utf8).map_err(|e| Error::internal(e.to_string()))?;
         let split_col = split_col.as_string::<i32>();
+        let time_col =
+            cast(batch.column(3), &DataType::Int64).map_err(|e| Error::internal(e.to_string()))?;
+        let time_col = time_col.as_primitive::<Int64Type>();
         for row in 0..batch.num_rows() {
-            if users.is_null(row) || item_col.is_null(row) || split_col.is_null(row) {
+            if users.is_null(row)
+                || item_col.is_null(row)
+                || split_col.is_null(row)
+                || time_col.is_null(row)
+            {
                 return Err(Error::config(
-                    "split table (sql/split_*.sql) has null user_index, item_index or split",
+                    "split table (sql/split_*.sql) has null user_index, item_index, split or timestamp",
                 ));
             }
             let (u, i, s) = (users.value(row), item_col.value(row), split_col.value(row));
-            if u as usize >= n_users || i as usize >= n_items || u < last_user {
+            if u as usize >= n_users || i as usize >= n_items {
                 return Err(Error::config(format!(
                     "split table (sql/split_*.sql) has user_index {u} / item_index {i} outside user_map / item_map"
                 )));
             }
+            let key = (u, time_col.value(row), i);
+            if last.is_some_and(|last| key < last) {
+                return Err(Error::config(format!(
+                    "split table (sql/split_*.sql) is not sorted by user_index, timestamp, item_index (schemas/split.json `order`): row with user_index {u}, item_index {i} comes after a later one; end the split SQL with ORDER BY user_index, \"timestamp\", item_index"
+                )));
+            }
+            last = Some(key);
             let split = Split::parse(s).ok_or_else(|| {
                 Error::config(format!(
                     "split table (sql/split_*.sql) has split {s:?}; expected train, valid or test"
                 ))
             })?;
-            last_user = u;
             offsets[u as usize + 1] += 1;
             items.push(i);
             splits.push(split);

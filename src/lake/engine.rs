@@ -1,11 +1,14 @@
 //! DataFusion, set up once per process: memory limit, partitions and batch
 //! size from the job, and the read-only rules of ad hoc SQL.
 
+use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ballista::prelude::SessionContextExt;
 use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
@@ -27,16 +30,28 @@ pub fn partitions(input: &InputSpec) -> usize {
     }
 }
 
+/// Memory consumers named when a query runs out of memory.
+const TOP_CONSUMERS: NonZeroUsize = NonZeroUsize::new(5).unwrap();
+
 /// A session with the job's limits. Memory-hungry operators (sorts, joins,
-/// aggregations) fail cleanly rather than take more than `memory_limit_mb`.
+/// aggregations) spill to temporary files or fail cleanly rather than take
+/// more than `memory_limit_mb`. The pool is DataFusion's fair spill pool:
+/// each spilling operator (the split's sorts) gets its share of what the
+/// others (hash tables, buffers) leave, so a sort larger than the limit
+/// spills and merges back instead of being refused the memory its merge
+/// needs, as under the greedy pool, where the first comer takes it all.
 ///
 /// With `lake.engine = "df://HOST:PORT"` the session sends its queries to
 /// that Ballista scheduler, whose executors run them and read the lake
 /// with their own credentials; results stream back. The scheduler is
 /// reached once here: out of reach is exit 4, before anything is written.
 pub async fn session(input: &InputSpec, lake: &LakeSpec) -> Result<SessionContext> {
+    let pool = TrackConsumersPool::new(
+        FairSpillPool::new(input.memory_limit_mb * 1024 * 1024),
+        TOP_CONSUMERS,
+    );
     let runtime = RuntimeEnvBuilder::new()
-        .with_memory_limit(input.memory_limit_mb * 1024 * 1024, 1.0)
+        .with_memory_pool(Arc::new(pool))
         .build_arc()
         .map_err(|e| Error::from_datafusion("setting up DataFusion", e))?;
     let config = SessionConfig::new()

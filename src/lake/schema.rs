@@ -40,6 +40,11 @@ pub struct Contract {
     /// Columns, in order.
     #[serde(default)]
     pub columns: Vec<ContractColumn>,
+    /// Columns the rows are sorted by (ascending), outputs only; empty when
+    /// the order is not part of the contract. Readers are told, so they
+    /// stream the table instead of sorting it again.
+    #[serde(default)]
+    pub order: Vec<String>,
 }
 
 /// Every contract shipped in `schemas/`, by file name.

@@ -5,7 +5,10 @@
 
 use std::path::PathBuf;
 
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::common::Column;
+use datafusion::logical_expr::SortExpr;
+use datafusion::physical_plan::common::spawn_buffered;
+use datafusion::prelude::{ParquetReadOptions, SessionContext, col};
 use datafusion::scalar::ScalarValue;
 use futures::TryStreamExt;
 
@@ -13,6 +16,7 @@ use super::StageOutput;
 use crate::config::Job;
 use crate::error::{Error, Result};
 use crate::lake::engine::{SqlParams, plan_sql};
+use crate::lake::schema::contract;
 use crate::run::RunFolder;
 
 /// The SQL files built into the binary (the repository's `sql/` folder).
@@ -183,11 +187,14 @@ pub async fn build_features(
             continue;
         }
         let schema = df.schema().inner().clone();
-        let stream = df
+        // The query runs on a task of its own, a few batches ahead, so its
+        // last operator (the split's merge) and the Parquet encoder below
+        // use both cores instead of taking turns on one.
+        let batches = df
             .execute_stream()
             .await
-            .map_err(|e| Error::from_datafusion(&what, e))?
-            .map_err(|e| Error::from_datafusion(&what, e));
+            .map_err(|e| Error::from_datafusion(&what, e))?;
+        let stream = spawn_buffered(batches, 2).map_err(|e| Error::from_datafusion(&what, e));
         let rel = format!("features/{}.parquet", query.table);
         let object = run.write_parquet(&rel, schema, stream, vec![]).await?;
         tracing::info!(table = %query.table, bytes = object.size, "feature table written");
@@ -200,7 +207,9 @@ pub async fn build_features(
     })
 }
 
-/// Registers the run's file `rel` as table `name`, replacing any earlier one.
+/// Registers the run's file `rel` as table `name`, replacing any earlier one,
+/// with the row order its contract promises (`order` in `schemas/`), so
+/// readers stream a sorted table instead of sorting it again.
 pub async fn register_run_table(
     ctx: &SessionContext,
     run: &RunFolder,
@@ -209,7 +218,18 @@ pub async fn register_run_table(
 ) -> Result<()> {
     ctx.deregister_table(name)
         .map_err(|e| Error::from_datafusion(name, e))?;
-    ctx.register_parquet(name, run.url_of(rel), ParquetReadOptions::default())
+    let order: Vec<SortExpr> = contract(name)
+        .map(|c| c.order)
+        .unwrap_or_default()
+        .iter()
+        .map(|column| col(Column::new_unqualified(column)).sort(true, false))
+        .collect();
+    let options = if order.is_empty() {
+        ParquetReadOptions::default()
+    } else {
+        ParquetReadOptions::default().file_sort_order(vec![order])
+    };
+    ctx.register_parquet(name, run.url_of(rel), options)
         .await
         .map_err(|e| Error::from_datafusion(format!("registering {name}"), e))
 }

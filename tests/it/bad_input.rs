@@ -658,3 +658,39 @@ fn one_user_with_two_million_events_gives_the_right_split_in_bounded_memory() {
     assert_eq!(valid_event, Some((n - 2, (n - 2) % 50 + 1)));
     assert_eq!(train_last, n - 3);
 }
+
+#[test]
+fn a_split_sql_that_does_not_sort_its_rows_is_refused_before_training() {
+    // The split table is read as a sorted stream (its contract's `order`),
+    // so a custom split SQL that sorts otherwise must stop the job, not feed
+    // the models interleaved users.
+    let lake = TestLake::with_sample();
+    let sql = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo().join("sql")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, sql.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let split = sql.path().join("split_leave_one_out.sql");
+    let text = std::fs::read_to_string(&split).unwrap();
+    let sorted = "ORDER BY user_index, \"timestamp\", item_index";
+    assert!(text.contains(sorted));
+    std::fs::write(
+        &split,
+        text.replace(
+            sorted,
+            "ORDER BY user_index DESC, \"timestamp\", item_index",
+        ),
+    )
+    .unwrap();
+    let dir = format!("features.sql_dir={:?}", sql.path().display().to_string());
+    let err = fails(&mut lake.run_job("jobs/sample.toml", &["--set", &dir]), 2);
+    for needle in [
+        "split table",
+        "not sorted by user_index, timestamp, item_index",
+        "ORDER BY",
+    ] {
+        assert!(err.contains(needle), "message lacks {needle:?}:\n{err}");
+    }
+    assert!(!lake.run_folder("sample").join("_SUCCESS").exists());
+    assert!(!lake.run_folder("sample").join("models").exists());
+}
