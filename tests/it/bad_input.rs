@@ -666,10 +666,7 @@ fn a_split_sql_that_does_not_sort_its_rows_is_refused_before_training() {
     // the models interleaved users.
     let lake = TestLake::with_sample();
     let sql = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(repo().join("sql")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, sql.path().join(path.file_name().unwrap())).unwrap();
-    }
+    copy_dir(&repo().join("sql"), sql.path());
     let split = sql.path().join("split_leave_one_out.sql");
     let text = std::fs::read_to_string(&split).unwrap();
     let sorted = "ORDER BY user_index, \"timestamp\", item_index";

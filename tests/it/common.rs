@@ -174,6 +174,20 @@ pub fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
+/// Copies the folder `from` into `to`, subfolders included.
+pub fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::create_dir_all(to).unwrap();
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// Relative paths of all files under `dir`, sorted.
 pub fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();

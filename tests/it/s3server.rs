@@ -4,7 +4,7 @@
 //! while an object's bytes are in flight).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -178,25 +178,12 @@ impl S3Server {
     /// Uploads the shipped sample's tables to the lake.
     pub fn seed_sample(&self) {
         let src = crate::common::repo().join("data-samples/sample");
-        copy_dir(&src, &self.lake_dir());
+        crate::common::copy_dir(&src, &self.lake_dir());
     }
 
     /// Every object key in the bucket (relative to the bucket).
     pub fn keys(&self) -> Vec<String> {
         crate::common::files_under(&self.bucket_dir())
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::create_dir_all(to).unwrap();
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 
