@@ -155,8 +155,8 @@ pub async fn distill_chain(
     Ok(out)
 }
 
-/// Trains one planned model on the CPU trainer and writes its artifact and
-/// training history.
+/// Trains one planned model on the job's device and writes its artifact
+/// and training history.
 async fn train_link(
     job: &Job,
     run: &RunFolder,
@@ -181,13 +181,13 @@ async fn train_link(
         warm.bound(&mut settings.epochs, &mut settings.patience);
     }
     let data = Arc::clone(dataset);
-    let threads = job.spec.threads;
-    let distillation = plan.distillation.clone();
+    let (device, threads) = (job.spec.device.clone(), job.spec.threads);
+    let mut distillation = plan.distillation.clone();
     let (model, log): (SasRec, Vec<EpochLog>) = tokio::task::spawn_blocking(move || {
-        train::thread_pool(threads)?.install(|| match distillation {
-            Some((d, mut labels)) => train::fit_distilled(model, &data, &settings, d, &mut labels),
-            None => train::fit(model, &data, &settings),
-        })
+        let source = distillation
+            .as_mut()
+            .map(|(d, labels)| (Arc::clone(d), labels as &mut dyn LabelSource));
+        train::fit_on_device(model, &data, &settings, &device, threads, source)
     })
     .await
     .map_err(|e| Error::internal(format!("{} training failed: {e}", plan.name)))??;

@@ -61,7 +61,7 @@ pub async fn train_teachers(
         let (device, threads) = (job.spec.device.clone(), job.spec.threads);
         let data = Arc::clone(&dataset);
         let (model, log) = tokio::task::spawn_blocking(move || {
-            train::fit_on_device(model, &data, &settings, &device, threads)
+            train::fit_on_device(model, &data, &settings, &device, threads, None)
         })
         .await
         .map_err(|e| Error::internal(format!("{name} training failed: {e}")))??;

@@ -89,7 +89,7 @@ pub async fn teacher(job: &Job, epochs: usize, peer: Option<Peer>) -> Result<Str
     let (device, threads) = (job.spec.device.clone(), job.spec.threads);
     let log = tokio::task::spawn_blocking(move || {
         SasRec::new(config, Vec::new(), settings.seed)
-            .and_then(|model| fit_on_device(model, &data, &settings, &device, threads))
+            .and_then(|model| fit_on_device(model, &data, &settings, &device, threads, None))
             .map(|(_, log)| log)
     })
     .await

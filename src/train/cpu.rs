@@ -3,20 +3,18 @@
 //! correction), soft-label losses, and Adam(W) with row-sparse updates of
 //! the item table.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::Distribution;
-use rand_distr::weighted::WeightedAliasIndex;
 use rayon::prelude::*;
 
 use super::distillation::{Distillation, NO_LABEL, SoftRows};
 use super::losses::SoftTarget;
+use super::sampler::Sampler;
 use super::steps::{SlotLabels, Steps, TrainSettings};
-use crate::config::{Sampling, Softmax};
+use crate::config::Softmax;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::model::kernels::{cross_entropy_row, logit_loss, softmax_cross_entropy};
@@ -95,70 +93,6 @@ impl Adam {
                 }
             }
         }
-    }
-}
-
-/// Draws negatives for sampled softmax and corrects for how they were drawn.
-struct Sampler {
-    alias: WeightedAliasIndex<f64>,
-    probability: Vec<f64>,
-    negatives: usize,
-}
-
-impl Sampler {
-    fn new(dataset: &Dataset, settings: &TrainSettings) -> Result<Sampler> {
-        let weights: Vec<f64> = match settings.sampling {
-            Sampling::Popularity => dataset
-                .train_counts
-                .iter()
-                .map(|&c| c as f64 + 1.0)
-                .collect(),
-            Sampling::Uniform => vec![1.0; dataset.n_items()],
-        };
-        let total: f64 = weights.iter().sum();
-        let probability = weights.iter().map(|w| w / total).collect();
-        let alias = WeightedAliasIndex::new(weights)
-            .map_err(|e| Error::internal(format!("sampler: {e}")))?;
-        Ok(Sampler {
-            alias,
-            probability,
-            negatives: settings.negatives,
-        })
-    }
-
-    /// The step's candidate items (the targets first, then new negatives)
-    /// and each candidate's logit correction `-ln P(candidate drawn)`.
-    fn candidates(
-        &self,
-        targets: &[u32],
-        rng: &mut StdRng,
-    ) -> (Vec<u32>, HashMap<u32, u32>, Vec<f32>) {
-        let mut items = Vec::new();
-        let mut column = HashMap::new();
-        for &t in targets.iter().filter(|&&t| t != PAD) {
-            column.entry(t).or_insert_with(|| {
-                items.push(t);
-                (items.len() - 1) as u32
-            });
-        }
-        for _ in 0..self.negatives {
-            let item = self.alias.sample(rng) as u32;
-            column.entry(item).or_insert_with(|| {
-                items.push(item);
-                (items.len() - 1) as u32
-            });
-        }
-        let offsets = items.iter().map(|&i| self.offset(i)).collect();
-        (items, column, offsets)
-    }
-
-    /// The log-Q correction of `item`'s logit: `-ln P(item among the draws)`.
-    fn offset(&self, item: u32) -> f32 {
-        let m = self.negatives as f64;
-        let q = self.probability[item as usize];
-        // Probability that M draws with replacement include the item.
-        let drawn = -((m * (-q).ln_1p()).exp_m1());
-        -(drawn.max(1e-30).ln()) as f32
     }
 }
 
@@ -688,6 +622,7 @@ impl Steps for Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Sampling;
     use crate::dataset::Split;
     use crate::model::Scorer;
     use crate::model::sasrec::SasRecConfig;
@@ -1148,6 +1083,78 @@ mod tests {
         }
     }
 
+    /// The candle trainer (the GPU path, here on candle's CPU device) takes
+    /// the CPU trainer's loss and gradients in every mode: full softmax,
+    /// sampled with in-batch or shared negatives (the same draws from the
+    /// same step seed, the same log-Q correction), and distillation with
+    /// every soft loss over a full or a sampled softmax.
+    #[test]
+    fn candle_trainer_matches_the_cpu_trainer_in_every_mode() {
+        let mut c = config(3);
+        c.n_items = 300;
+        let content: Vec<f32> = (0..c.n_items * 3)
+            .map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5)
+            .collect();
+        let mut model = SasRec::new(c, content, 12).unwrap();
+        let mut rng = StdRng::seed_from_u64(4);
+        for t in model.weights.tensors_mut() {
+            for v in t.iter_mut() {
+                *v += rng.random_range(-0.2..0.2);
+            }
+        }
+        let (inputs, targets) = batch();
+        let data = dataset(c.n_items);
+        let (labels, soft) = batch_labels(c.n_items);
+        let mut cases: Vec<(String, TrainSettings, Option<Arc<Distillation>>)> = Vec::new();
+        cases.push((
+            "full".into(),
+            settings(Softmax::Full, 0, Sampling::Uniform),
+            None,
+        ));
+        for in_batch in [true, false] {
+            let mut s = settings(Softmax::Sampled, 16, Sampling::Popularity);
+            s.in_batch = in_batch;
+            cases.push((format!("sampled in_batch={in_batch}"), s, None));
+        }
+        for family in ["kl", "mse", "rank", "kl+mse+rank"] {
+            let full = settings(Softmax::Full, 0, Sampling::Uniform);
+            cases.push((format!("full {family}"), full, Some(distillation(family))));
+            let mut sampled = settings(Softmax::Sampled, 16, Sampling::Popularity);
+            sampled.in_batch = false;
+            cases.push((
+                format!("sampled {family}"),
+                sampled,
+                Some(distillation(family)),
+            ));
+        }
+        let device = candle_core::Device::Cpu;
+        for (name, s, distill) in cases {
+            let soft = distill.as_ref().map(|_| (&labels, soft.as_slice()));
+            let (mut cpu, candle) = match &distill {
+                None => (
+                    Trainer::new(&model, &data, &s).unwrap(),
+                    CandleSteps::new(&model, &data, &s, &device).unwrap(),
+                ),
+                Some(d) => (
+                    Trainer::distilling(&model, &data, &s, Arc::clone(d)).unwrap(),
+                    CandleSteps::distilling(&model, &data, &s, &device, Arc::clone(d)).unwrap(),
+                ),
+            };
+            let want = cpu
+                .backprop(&model, &inputs, &targets, soft, 3, None)
+                .unwrap();
+            let (got, grads) = candle.gradients(&inputs, &targets, soft, 3, 0).unwrap();
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{name}: loss cpu {want}, candle {got}"
+            );
+            for ((tensor, _, g), (_, _, w)) in grads.named(&c).iter().zip(cpu.gradients().named(&c))
+            {
+                assert_close(&format!("{name} {tensor}"), w, g);
+            }
+        }
+    }
+
     /// Users walking the catalogue in order: item t is followed by t + 1.
     fn walks(n_items: usize, users: usize) -> Dataset {
         let sequences: Vec<Vec<u32>> = (0..users)
@@ -1167,7 +1174,7 @@ mod tests {
         // The CPU trainer, and candle's autograd + AdamW (the GPU path) on the CPU device.
         let model = SasRec::new(c, Vec::new(), 1).unwrap();
         let (_, cpu_log) = fit(model.clone(), &data, &s).unwrap();
-        let mut candle = CandleSteps::new(&model, &s, &candle_core::Device::Cpu).unwrap();
+        let mut candle = CandleSteps::new(&model, &data, &s, &candle_core::Device::Cpu).unwrap();
         let (trained, candle_log) = fit_with(model, &data, &s, &mut candle, None).unwrap();
         for log in [&cpu_log, &candle_log] {
             assert_eq!(log.len(), 30);
@@ -1181,21 +1188,5 @@ mod tests {
             .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
             .unwrap();
         assert_eq!(best, 5, "{scores:?}");
-    }
-
-    #[test]
-    fn sampled_logit_correction_is_the_log_of_the_draw_probability() {
-        let data = dataset(4);
-        let sampler =
-            Sampler::new(&data, &settings(Softmax::Sampled, 3, Sampling::Uniform)).unwrap();
-        let mut rng = StdRng::seed_from_u64(1);
-        let (items, column, offsets) = sampler.candidates(&[2, 2, PAD], &mut rng);
-        assert_eq!(items[0], 2, "targets come first");
-        assert_eq!(column[&2], 0);
-        // Uniform over 4 items, 3 draws: P(drawn) = 1 − (3/4)³.
-        let want = -(1.0f64 - 0.75f64.powi(3)).ln() as f32;
-        for o in offsets {
-            assert!((o - want).abs() < 1e-6);
-        }
     }
 }

@@ -234,21 +234,31 @@ pub fn fit_with(
 
 /// Trains `model` (fresh, or warm-started from an earlier run's) on
 /// `device` (`cpu`: the hand-written CPU trainer; otherwise candle's
-/// autograd on that device) in a pool of `threads` threads.
+/// autograd on that device) in a pool of `threads` threads; with
+/// `distillation`, its loss mixes the hard labels with the soft labels the
+/// source streams.
 pub fn fit_on_device(
     model: SasRec,
     dataset: &Dataset,
     settings: &TrainSettings,
     device_name: &str,
     threads: usize,
+    distillation: Option<(Arc<Distillation>, &mut dyn LabelSource)>,
 ) -> Result<(SasRec, Vec<EpochLog>)> {
-    thread_pool(threads)?.install(|| {
-        if device_name == "cpu" {
-            fit(model, dataset, settings)
-        } else {
-            let device = device(device_name)?;
-            let mut steps = CandleSteps::new(&model, settings, &device)?;
+    thread_pool(threads)?.install(|| match (device_name, distillation) {
+        ("cpu", None) => fit(model, dataset, settings),
+        ("cpu", Some((distill, labels))) => {
+            fit_distilled(model, dataset, settings, distill, labels)
+        }
+        (name, None) => {
+            let device = device(name)?;
+            let mut steps = CandleSteps::new(&model, dataset, settings, &device)?;
             fit_with(model, dataset, settings, &mut steps, None)
+        }
+        (name, Some((distill, labels))) => {
+            let device = device(name)?;
+            let mut steps = CandleSteps::distilling(&model, dataset, settings, &device, distill)?;
+            fit_with(model, dataset, settings, &mut steps, Some(labels))
         }
     })
 }

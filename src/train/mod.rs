@@ -3,8 +3,9 @@
 //! it, and it never imports a stage.
 //!
 //! ```text
-//! fit ──► steps::Steps: cpu::Trainer (hand-written passes, Adam, sampler)
+//! fit ──► steps::Steps: cpu::Trainer (hand-written passes, Adam)
 //!  │                    candle::CandleSteps (autograd on any candle device)
+//!  │                    both draw sampled-softmax negatives from sampler
 //!  ├──► stopping (validation, early stopping) ──► history (training/<model>.parquet)
 //!  └──► distillation (soft labels streamed through a shuffle buffer) ──► losses
 //! meanpool: the baseline's own candle loop, with the same early stopping
@@ -18,6 +19,7 @@ pub mod history;
 pub mod losses;
 pub mod meanpool;
 pub mod pool;
+pub mod sampler;
 pub mod steps;
 pub mod stopping;
 
