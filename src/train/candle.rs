@@ -160,10 +160,10 @@ impl CandleSteps {
                 let (negatives, column, negative_offsets) = sampler.candidates(&[], &mut rng);
                 let kk = labels.k;
                 let own = kk + 1;
+                let width = own + negatives.len();
                 let mut own_items = vec![PAD; nv * own];
                 let mut hard = vec![kk as u32; nv];
-                let mut mask = vec![0f32; nv * (own + negatives.len())];
-                let width = own + negatives.len();
+                let mut mask = vec![0f32; nv * width];
                 for (r, &t) in row_targets.iter().enumerate() {
                     let items = &mut own_items[r * own..(r + 1) * own];
                     if let Some(label) = &row_labels[r] {
