@@ -47,6 +47,8 @@ fn better(sa: f32, a: u32, sb: f32, b: u32) -> bool {
 #[derive(Debug, Default)]
 pub struct Ranker {
     excluded: Vec<bool>,
+    /// The user's history, sorted and without repeats.
+    distinct: Vec<u32>,
 }
 
 impl Ranker {
@@ -72,11 +74,21 @@ impl Ranker {
         let rank = if self.excluded.get(target as usize).copied().unwrap_or(true) {
             None
         } else {
+            // Every item above the target, counted branch-free over the whole
+            // catalogue; then the excluded ones among them taken back, each
+            // once however often the history repeats it.
             let st = key(scores[target as usize]);
-            let mut above = 0usize;
-            for (j, &s) in scores.iter().enumerate() {
-                if !self.excluded[j] && j as u32 != target && better(key(s), j as u32, st, target) {
-                    above += 1;
+            let mut above = count_above(scores, target as usize, st);
+            self.distinct.clear();
+            self.distinct.extend_from_slice(history);
+            self.distinct.sort_unstable();
+            self.distinct.dedup();
+            for &i in &self.distinct {
+                if let Some(&s) = scores.get(i as usize)
+                    && i != target
+                    && better(key(s), i, st, target)
+                {
+                    above -= 1;
                 }
             }
             Some(above + 1)
@@ -91,6 +103,24 @@ impl Ranker {
         }
         (rank, top)
     }
+}
+
+/// Items ranking above item `target` whose key is `st`: a higher score, or
+/// the same key and a lower index (NaN ranks as −∞). Written as counts of
+/// comparisons so that they vectorize: a NaN is never greater than `st`,
+/// and it ties only with −∞.
+fn count_above(scores: &[f32], target: usize, st: f32) -> usize {
+    let higher: usize = scores.iter().map(|&s| usize::from(s > st)).sum();
+    let before = &scores[..target];
+    let ties: usize = if st == f32::NEG_INFINITY {
+        before
+            .iter()
+            .filter(|&&s| s.is_nan() || s == f32::NEG_INFINITY)
+            .count()
+    } else {
+        before.iter().map(|&s| usize::from(s == st)).sum()
+    };
+    higher + ties
 }
 
 /// The best `k` not-excluded items, best first.
@@ -425,6 +455,45 @@ mod tests {
         assert!((r.ndcg[1] - 1.5 / 4.0).abs() < 1e-12);
         assert!((r.mrr[1] - (1.0 + 1.0 / 3.0) / 4.0).abs() < 1e-12);
         assert_eq!(r.ndcg_at(3), Some(r.ndcg[1]));
+    }
+
+    /// The target's rank counted branch-free equals the item-by-item count
+    /// of every not-excluded item ranked above it: ties, NaN, ±∞, a history
+    /// that repeats items, holds the target or items past the catalogue.
+    #[test]
+    fn the_target_rank_equals_an_item_by_item_count() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut ranker = Ranker::default();
+        for case in 0..500 {
+            let n = rng.random_range(1..300);
+            let scores: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..40) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    _ => rng.random_range(0..8) as f32 * 0.5,
+                })
+                .collect();
+            let history: Vec<u32> = (0..rng.random_range(0..30))
+                .map(|_| rng.random_range(0..n as u32 + 3))
+                .collect();
+            let target = rng.random_range(0..n as u32);
+            let excluded: Vec<bool> = (0..n as u32).map(|i| history.contains(&i)).collect();
+            let want = (!excluded[target as usize]).then(|| {
+                let st = key(scores[target as usize]);
+                1 + (0..n as u32)
+                    .filter(|&j| {
+                        !excluded[j as usize]
+                            && j != target
+                            && better(key(scores[j as usize]), j, st, target)
+                    })
+                    .count()
+            });
+            let (rank, _) = ranker.rank(&scores, &history, target, 5);
+            assert_eq!(rank, want, "case {case}: n {n}, target {target}");
+        }
     }
 
     #[test]
