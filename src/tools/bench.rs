@@ -30,6 +30,7 @@ use crate::dataset::{self, Dataset};
 use crate::error::{Error, Result};
 use crate::lake::{Lake, engine};
 use crate::model::sasrec::{PAD, SasRec, SasRecConfig};
+use crate::model::stored::simd::int8_kernel;
 use crate::run::RunFolder;
 use crate::run::commit::InputBounds;
 use crate::stages::{features, ingest};
@@ -427,12 +428,13 @@ pub fn compressed_scoring(
     let batch = job.spec.evaluation.batch_users;
     let parsed: Vec<Variant> = variants.iter().map(|v| v.parse()).collect::<Result<_>>()?;
     let mut report = format!(
-        "scoring as stored: student d_model {}, {} layers, ffn {}, max_len {}; {users} users × {len} items, batches of {batch}, {} threads\n{:>9} {:<28} {:>11} {:>9} {:>9} {:>10} {:>8}\n",
+        "scoring as stored: student d_model {}, {} layers, ffn {}, max_len {}; {users} users × {len} items, batches of {batch}, {} threads; int8 kernel {}\n{:>9} {:<28} {:>11} {:>9} {:>9} {:>10} {:>8}\n",
         link.d_model,
         link.layers,
         link.ffn,
         link.max_len,
         rayon::current_num_threads(),
+        int8_kernel(),
         "items",
         "variant",
         "bytes",

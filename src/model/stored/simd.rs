@@ -4,6 +4,18 @@
 
 use super::{I8_MAX, ROUNDER};
 
+/// The integer product this CPU runs, chosen at run time: `avx2`
+/// (`maddubs`/`madd`, eight stored rows a step) or `portable`.
+pub fn int8_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+    }
+    "portable"
+}
+
 /// `out[i · ldo + j] = xs[i] · scale[j] · Σ_k xq[i, k] · q[j, k]` for every
 /// row `i` of `xq` and every stored row `j` (`scale.len()` of them).
 pub(super) fn int8_product(
