@@ -266,22 +266,8 @@ impl CandleSteps {
         step_seed: u64,
     ) -> Result<(f64, Weights)> {
         let loss = self.loss(inputs, targets, soft, batch, step_seed, false)?;
-        let grads = loss.backward()?;
-        let tensors = self
-            .candle
-            .vars
-            .iter()
-            .map(|v| {
-                grads
-                    .get(v.as_tensor())
-                    .cloned()
-                    .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((
-            f64::from(loss.to_scalar::<f32>()?),
-            CandleSasRec::to_weights(&self.candle.config, &tensors)?,
-        ))
+        let grads = self.candle.gradients_of(&loss)?;
+        Ok((f64::from(loss.to_scalar::<f32>()?), grads))
     }
 }
 
@@ -340,20 +326,24 @@ where
             .flat_map(|p| p[..k].iter().map(|&v| v as f32))
             .collect();
         let p_top = Tensor::from_vec(p_top, (n, k), dev)?;
-        // log q at temperature T over the labeled rows, and at the K items.
-        let at_t = || -> Result<(Tensor, Tensor)> {
+        // log q at temperature T at the K items of each labeled row: made
+        // by the first of KL and MSE that asks, shared with the other.
+        let mut log_q_top: Option<Tensor> = None;
+        let mut at_t = || -> Result<Tensor> {
+            if let Some(done) = &log_q_top {
+                return Ok(done.clone());
+            }
             let mut z = (logits.index_select(&labeled, 0)? / f64::from(t))?;
             if let Some(o) = offsets {
                 z = z.broadcast_add(o)?;
             }
-            let log_q = candle_nn::ops::log_softmax(&z, D::Minus1)?;
-            let log_q_top = log_q.gather(&columns, 1)?;
-            Ok((log_q, log_q_top))
+            let top = candle_nn::ops::log_softmax(&z, D::Minus1)?.gather(&columns, 1)?;
+            Ok(log_q_top.insert(top).clone())
         };
         for &part in &mix.family.0 {
             let loss = match part {
                 SoftLoss::Kl => {
-                    let (_, log_q_top) = at_t()?;
+                    let log_q_top = at_t()?;
                     let q_rest = log_q_top
                         .exp()?
                         .sum(1)?
@@ -373,7 +363,7 @@ where
                     ((cross.neg()? + entropy)? * tt)?
                 }
                 SoftLoss::Mse => {
-                    let (_, log_q_top) = at_t()?;
+                    let log_q_top = at_t()?;
                     let diff = (log_q_top.exp()? - &p_top)?;
                     (diff.sqr()?.sum_all()? * (tt * k as f64))?
                 }

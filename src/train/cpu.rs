@@ -658,23 +658,7 @@ mod tests {
     }
 
     fn settings(softmax: Softmax, negatives: usize, sampling: Sampling) -> TrainSettings {
-        TrainSettings {
-            batch_size: 3,
-            lr: 0.01,
-            beta1: 0.9,
-            beta2: 0.98,
-            weight_decay: 0.0,
-            epochs: 1,
-            patience: 1,
-            softmax,
-            negatives,
-            sampling,
-            in_batch: true,
-            label_buffer: 64,
-            valid_users: 0,
-            seed: 7,
-            label: "test".into(),
-        }
+        TrainSettings::for_tests(softmax, negatives, sampling)
     }
 
     /// Three windows: one full, two left-padded (one with a padded target).
@@ -830,21 +814,29 @@ mod tests {
         }
     }
 
+    /// A model of `c` (content vectors of its width, a fixed pattern)
+    /// initialised from `init_seed`, every weight then moved by up to
+    /// ±`spread` (from `perturb_seed`): non-trivial layer norms and biases,
+    /// so that their gradients are exercised.
+    fn perturbed_model(c: SasRecConfig, init_seed: u64, perturb_seed: u64, spread: f32) -> SasRec {
+        let content: Vec<f32> = (0..c.n_items * c.content_dim)
+            .map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5)
+            .collect();
+        let mut model = SasRec::new(c, content, init_seed).unwrap();
+        let mut rng = StdRng::seed_from_u64(perturb_seed);
+        for t in model.weights.tensors_mut() {
+            for v in t.iter_mut() {
+                *v += rng.random_range(-spread..spread);
+            }
+        }
+        model
+    }
+
     #[test]
     fn cpu_gradients_match_candle_autograd() {
         for content_dim in [0, 3] {
             let c = config(content_dim);
-            let content: Vec<f32> = (0..c.n_items * content_dim)
-                .map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5)
-                .collect();
-            let mut model = SasRec::new(c, content, 3).unwrap();
-            // Non-trivial layer norms and biases, so their gradients are exercised.
-            let mut rng = StdRng::seed_from_u64(9);
-            for t in model.weights.tensors_mut() {
-                for v in t.iter_mut() {
-                    *v += rng.random_range(-0.3..0.3);
-                }
-            }
+            let model = perturbed_model(c, 3, 9, 0.3);
             let (inputs, targets) = batch();
             let mut trainer = Trainer::new(
                 &model,
@@ -1092,16 +1084,7 @@ mod tests {
     fn candle_trainer_matches_the_cpu_trainer_in_every_mode() {
         let mut c = config(3);
         c.n_items = 300;
-        let content: Vec<f32> = (0..c.n_items * 3)
-            .map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5)
-            .collect();
-        let mut model = SasRec::new(c, content, 12).unwrap();
-        let mut rng = StdRng::seed_from_u64(4);
-        for t in model.weights.tensors_mut() {
-            for v in t.iter_mut() {
-                *v += rng.random_range(-0.2..0.2);
-            }
-        }
+        let model = perturbed_model(c, 12, 4, 0.2);
         let (inputs, targets) = batch();
         let data = dataset(c.n_items);
         let (labels, soft) = batch_labels(c.n_items);

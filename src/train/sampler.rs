@@ -86,30 +86,14 @@ mod tests {
     use crate::config::Softmax;
     use rand::SeedableRng;
 
-    fn settings(negatives: usize) -> TrainSettings {
-        TrainSettings {
-            batch_size: 2,
-            lr: 0.01,
-            beta1: 0.9,
-            beta2: 0.98,
-            weight_decay: 0.0,
-            epochs: 1,
-            patience: 1,
-            softmax: Softmax::Sampled,
-            negatives,
-            sampling: Sampling::Uniform,
-            in_batch: true,
-            label_buffer: 0,
-            valid_users: 0,
-            seed: 1,
-            label: "test".into(),
-        }
-    }
-
     #[test]
     fn sampled_logit_correction_is_the_log_of_the_draw_probability() {
         let data = Dataset::from_train_sequences(4, &[vec![0, 1, 2, 3]]);
-        let sampler = Sampler::new(&data, &settings(3)).unwrap();
+        let sampler = Sampler::new(
+            &data,
+            &TrainSettings::for_tests(Softmax::Sampled, 3, Sampling::Uniform),
+        )
+        .unwrap();
         let mut rng = StdRng::seed_from_u64(1);
         let (items, column, offsets) = sampler.candidates(&[2, 2, PAD], &mut rng);
         assert_eq!(items[0], 2, "targets come first");

@@ -93,6 +93,31 @@ impl TrainSettings {
     }
 }
 
+#[cfg(test)]
+impl TrainSettings {
+    /// Settings for the trainers' tests: batches of 3, lr 0.01, one epoch,
+    /// seed 7, with the given softmax, negatives and sampling.
+    pub fn for_tests(softmax: Softmax, negatives: usize, sampling: Sampling) -> TrainSettings {
+        TrainSettings {
+            batch_size: 3,
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.98,
+            weight_decay: 0.0,
+            epochs: 1,
+            patience: 1,
+            softmax,
+            negatives,
+            sampling,
+            in_batch: true,
+            label_buffer: 64,
+            valid_users: 0,
+            seed: 7,
+            label: "test".into(),
+        }
+    }
+}
+
 /// A batch's soft labels and each window slot's row of them.
 pub type SlotLabels<'a> = Option<(&'a SoftRows, &'a [u32])>;
 

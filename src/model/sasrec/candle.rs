@@ -57,11 +57,16 @@ impl CandleSasRec {
         Ok(())
     }
 
-    /// Reads tensors (e.g. gradients, in [`Weights::named`] order) into `Weights`.
-    pub fn to_weights(config: &SasRecConfig, tensors: &[Tensor]) -> Result<Weights> {
-        let mut w = Weights::zeros(config);
-        for (slot, t) in w.tensors_mut().into_iter().zip(tensors) {
-            *slot = t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+    /// The gradients of `loss` (computed from these variables) by
+    /// autograd, in the shape of [`Weights`]; zeros where a variable takes
+    /// no part in it.
+    pub fn gradients_of(&self, loss: &Tensor) -> Result<Weights> {
+        let grads = loss.backward()?;
+        let mut w = Weights::zeros(&self.config);
+        for (slot, var) in w.tensors_mut().into_iter().zip(&self.vars) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *slot = g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+            }
         }
         Ok(w)
     }
@@ -225,19 +230,6 @@ pub fn gradients(
 ) -> Result<(f32, Weights)> {
     let candle = CandleSasRec::from_model(model, &Device::Cpu)?;
     let loss = candle.loss(inputs, targets, batch, false)?;
-    let grads = loss.backward()?;
-    let tensors = candle
-        .vars
-        .iter()
-        .map(|v| {
-            grads
-                .get(v.as_tensor())
-                .cloned()
-                .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok((
-        loss.to_scalar::<f32>()?,
-        CandleSasRec::to_weights(&model.config, &tensors)?,
-    ))
+    let grads = candle.gradients_of(&loss)?;
+    Ok((loss.to_scalar::<f32>()?, grads))
 }
