@@ -36,7 +36,20 @@ pub trait Scorer: Send + Sync {
 
     /// Writes `histories.len() × n_items` scores, row-major, into `out`.
     fn score(&self, histories: &[&[u32]], out: &mut Vec<f32>) -> Result<()>;
+
+    /// Bytes of scores a ranking task asks for in one call: small enough
+    /// that they are still in cache when ranked, large enough that the
+    /// product's fixed cost per call (an `f32` gemm packs the item table
+    /// each call) is spread over enough users.
+    fn slice_bytes(&self) -> usize {
+        SLICE_BYTES_PACKED
+    }
 }
+
+/// [`Scorer::slice_bytes`] for a product that packs the item table per call.
+pub const SLICE_BYTES_PACKED: usize = 32 << 20;
+/// [`Scorer::slice_bytes`] for a product that reads the item table as stored.
+pub const SLICE_BYTES_STREAMED: usize = 8 << 20;
 
 /// What a model is and how it was made: stored in its artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -408,6 +408,32 @@ pub async fn soft_labels(
     ))
 }
 
+/// Users in one timed item product (about one ranking slice at 200,000 items).
+const PRODUCT_USERS: usize = 16;
+
+/// Multiply–adds per second of the item product alone: `users` hidden
+/// states against every stored item row, on every thread, for at least
+/// half a second (the median of the timed calls).
+fn item_product_rate(item: &crate::model::stored::Matrix, users: usize) -> f64 {
+    let (rows, cols) = (item.rows(), item.cols());
+    let mut rng = StdRng::seed_from_u64(3);
+    let x: Vec<f32> = (0..users * cols)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let mut out = vec![0.0f32; users * rows];
+    item.apply(&x, users, &mut out, rows);
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 5 || started.elapsed().as_secs_f64() < 0.5 {
+        let call = Instant::now();
+        item.apply(&x, users, &mut out, rows);
+        std::hint::black_box(&out);
+        times.push(call.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    (users * rows * cols) as f64 / times[times.len() / 2].max(1e-12) / 1e9
+}
+
 /// Scoring speed of the job's student and its compressed variants (random
 /// weights: the cost does not depend on them) at each catalogue size:
 /// `users` synthetic users with `len` items each, timed like the evaluate
@@ -428,7 +454,7 @@ pub fn compressed_scoring(
     let batch = job.spec.evaluation.batch_users;
     let parsed: Vec<Variant> = variants.iter().map(|v| v.parse()).collect::<Result<_>>()?;
     let mut report = format!(
-        "scoring as stored: student d_model {}, {} layers, ffn {}, max_len {}; {users} users × {len} items, batches of {batch}, {} threads; int8 kernel {}\n{:>9} {:<28} {:>11} {:>9} {:>9} {:>10} {:>8}\n",
+        "scoring as stored: student d_model {}, {} layers, ffn {}, max_len {}; {users} users × {len} items, batches of {batch}, {} threads; int8 kernel {}\n{:>9} {:<28} {:>11} {:>9} {:>9} {:>10} {:>8} {:>15}\n",
         link.d_model,
         link.layers,
         link.ffn,
@@ -441,7 +467,8 @@ pub fn compressed_scoring(
         "p50_ms",
         "p99_ms",
         "users/s",
-        "speedup"
+        "speedup",
+        "product GMAC/s"
     );
     for &n_items in sizes {
         let data = synthetic(n_items, n_items, users, len, job.spec.seed);
@@ -468,8 +495,9 @@ pub fn compressed_scoring(
                 .len();
             let speed = measure_speed(stored, &data, &targets, batch, 10, 500)?;
             let ratio = speed.users_per_s / *base.get_or_insert(speed.users_per_s);
+            let product = item_product_rate(&stored.item, PRODUCT_USERS);
             report.push_str(&format!(
-                "{n_items:>9} {name:<28} {bytes:>11} {:>9.3} {:>9.3} {:>10.0} {ratio:>7.2}×\n",
+                "{n_items:>9} {name:<28} {bytes:>11} {:>9.3} {:>9.3} {:>10.0} {ratio:>7.2}× {product:>15.1}\n",
                 speed.latency_ms_p50, speed.latency_ms_p99, speed.users_per_s
             ));
         }

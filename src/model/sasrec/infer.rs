@@ -558,7 +558,7 @@ impl Scorer for StoredSasRec {
             self.config.d_model,
             self.config.n_items,
         );
-        out.clear();
+        // Every score is overwritten below: only a growing buffer is zeroed.
         out.resize(histories.len() * v, 0.0);
         let mut inputs = vec![PAD; SCORE_CHUNK.min(histories.len()) * len];
         let mut last = vec![0.0; SCORE_CHUNK * d];
@@ -574,6 +574,14 @@ impl Scorer for StoredSasRec {
             self.item.apply(&last[..b * d], b, scores, v);
         }
         Ok(())
+    }
+
+    fn slice_bytes(&self) -> usize {
+        if self.item.streams_as_stored() {
+            crate::model::SLICE_BYTES_STREAMED
+        } else {
+            crate::model::SLICE_BYTES_PACKED
+        }
     }
 }
 

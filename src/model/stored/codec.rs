@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use half::f16;
 use safetensors::Dtype;
 
-use super::{Encoded, Layout, Matrix, SparseValues, clamp_i8};
+use super::{Encoded, Layout, Matrix, Panels, SparseValues, clamp_i8};
 
 impl Matrix {
     /// Writes the matrix as tensors named `prefix`, `prefix.q`, ….
@@ -23,6 +23,7 @@ impl Matrix {
                 cols,
                 q,
                 scale,
+                ..
             } => vec![
                 (
                     name(".q"),
@@ -38,6 +39,7 @@ impl Matrix {
                 group,
                 packed,
                 scale,
+                ..
             } => vec![
                 (
                     name(".q4"),
@@ -151,6 +153,7 @@ impl Matrix {
                     cols,
                     q: clamp_i8(q),
                     scale,
+                    panels: Panels::default(),
                 }
             }
             Layout::Int4 { group, .. } => {
@@ -168,6 +171,7 @@ impl Matrix {
                     group: *group,
                     packed,
                     scale,
+                    panels: Panels::default(),
                 }
             }
             Layout::Sparse { nnz, int8, .. } => {

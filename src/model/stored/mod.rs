@@ -31,7 +31,7 @@ pub mod simd;
 pub use codec::read_f32;
 
 use super::kernels::{View, matmul};
-use simd::{dots_into, int8_product, quantize_activations};
+use simd::{dots_into, int8_panel_product, int8_product, quantize_activations};
 
 /// Largest int8 magnitude used (±127: −128 is never produced, so the
 /// `maddubs` kernel cannot saturate).
@@ -40,6 +40,8 @@ const I8_MAX: f32 = 127.0;
 const I4_MAX: f32 = 7.0;
 /// Adding and subtracting 1.5 · 2²³ rounds an `f32` below 2²² to the nearest integer.
 const ROUNDER: f32 = 12_582_912.0;
+/// Rows of an `int4` matrix widened to `int8` at a time (8 KiB at 32 columns).
+const INT4_TILE_ROWS: usize = 256;
 /// Products below this many multiply–adds run on the calling thread.
 const PARALLEL_WORK: usize = 1 << 17;
 
@@ -160,6 +162,8 @@ pub enum Matrix {
         q: Vec<i8>,
         /// Per row.
         scale: Vec<f32>,
+        /// `q` laid out for the AVX2 product, made at first use.
+        panels: Panels,
     },
     /// `int4` in `[-8, 7]`, stored as `q + 8`, low nibble first; each row
     /// padded to whole bytes; a scale per group of `group` values.
@@ -174,6 +178,9 @@ pub enum Matrix {
         packed: Vec<u8>,
         /// `rows × ⌈cols / group⌉` scales.
         scale: Vec<f32>,
+        /// With one scale per row, the values widened to `int8` and laid
+        /// out for the AVX2 product, made at first use.
+        panels: Panels,
     },
     /// Compressed sparse rows.
     Sparse {
@@ -195,6 +202,31 @@ pub enum Matrix {
         /// `rank × cols`.
         v: Box<Matrix>,
     },
+}
+
+/// An `int8` matrix's values laid out in panels for the AVX2 product
+/// ([`simd::pack_panels`]), made the first time the matrix is applied on
+/// a CPU that runs it: derived from the stored values, never written, and
+/// left out of comparisons.
+#[derive(Debug, Clone, Default)]
+pub struct Panels(std::sync::OnceLock<Vec<i8>>);
+
+impl PartialEq for Panels {
+    fn eq(&self, _: &Panels) -> bool {
+        true
+    }
+}
+
+impl Panels {
+    /// The panels of the `rows × cols` row-major `int8` values `values()`
+    /// gives, made on the first call.
+    fn get<V: AsRef<[i8]>>(&self, rows: usize, cols: usize, values: impl FnOnce() -> V) -> &[i8] {
+        self.0.get_or_init(|| {
+            let mut panels = Vec::new();
+            simd::pack_panels(values().as_ref(), rows, cols, &mut panels);
+            panels
+        })
+    }
 }
 
 /// A tensor to write: name, dtype, shape, little-endian bytes.
@@ -259,6 +291,7 @@ impl Matrix {
             cols,
             q,
             scale,
+            panels: Panels::default(),
         }
     }
 
@@ -298,6 +331,7 @@ impl Matrix {
             group,
             packed,
             scale,
+            panels: Panels::default(),
         }
     }
 
@@ -538,6 +572,12 @@ impl Matrix {
         }
     }
 
+    /// Does [`Matrix::apply`] read the stored values as they are, with no
+    /// per-call packing of the whole matrix (the integer kernels)?
+    pub fn streams_as_stored(&self) -> bool {
+        matches!(self, Matrix::Int8 { .. } | Matrix::Int4 { .. })
+    }
+
     /// `out[i · ldo + j] = Σ_k x[i · cols + k] · M[j, k]` for the `n` rows
     /// of `x`: overwrites `rows` values of each of `n` output rows.
     pub fn apply(&self, x: &[f32], n: usize, out: &mut [f32], ldo: usize) {
@@ -568,43 +608,54 @@ impl Matrix {
                     par,
                 );
             }
-            Matrix::Int8 { q, scale, .. } => {
+            Matrix::Int8 {
+                q, scale, panels, ..
+            } => {
                 let (xq, xs) = quantize_activations(&x[..n * cols], cols);
+                let panels = simd::panels_supported().then(|| panels.get(rows, cols, || q));
                 for_user_blocks(out, ldo, n, work, |first, count, o| {
                     let xq = &xq[first * cols..(first + count) * cols];
-                    int8_product(xq, &xs[first..first + count], cols, q, scale, o, ldo);
+                    let xs = &xs[first..first + count];
+                    match panels {
+                        Some(panels) => int8_panel_product(xq, xs, cols, panels, scale, o, ldo),
+                        None => int8_product(xq, xs, cols, q, scale, o, ldo),
+                    }
                 });
             }
             Matrix::Int4 {
                 group,
                 packed,
                 scale,
+                panels,
                 ..
             } if *group >= cols => {
-                // One scale per row: the packed rows are widened to int8 in a
-                // scratch buffer per call and run through the int8 product.
+                // One scale per row: the values widened to int8 run through
+                // the int8 product, as panels made once (where the CPU runs
+                // the panel product: rows × cols bytes held beside the
+                // packed values) or a tile of rows at a time.
                 let width = cols.div_ceil(2);
-                let mut unpacked = vec![0i8; rows * cols];
-                for (row, bytes) in unpacked
-                    .chunks_exact_mut(cols)
-                    .zip(packed.chunks_exact(width))
-                {
-                    for (c, u) in row.iter_mut().enumerate() {
-                        *u = nibble(bytes, c);
-                    }
-                }
                 let (xq, xs) = quantize_activations(&x[..n * cols], cols);
+                let panels = simd::panels_supported().then(|| {
+                    panels.get(rows, cols, || {
+                        let mut wide = vec![0i8; rows * cols];
+                        widen_int4_rows(packed, cols, &mut wide);
+                        wide
+                    })
+                });
                 for_user_blocks(out, ldo, n, work, |first, count, o| {
                     let xq = &xq[first * cols..(first + count) * cols];
-                    int8_product(
-                        xq,
-                        &xs[first..first + count],
-                        cols,
-                        &unpacked,
-                        scale,
-                        o,
-                        ldo,
-                    );
+                    let xs = &xs[first..first + count];
+                    if let Some(panels) = panels {
+                        int8_panel_product(xq, xs, cols, panels, scale, o, ldo);
+                        return;
+                    }
+                    let mut tile = vec![0i8; INT4_TILE_ROWS.min(rows) * cols];
+                    for j0 in (0..rows).step_by(INT4_TILE_ROWS) {
+                        let r = INT4_TILE_ROWS.min(rows - j0);
+                        let tile = &mut tile[..r * cols];
+                        widen_int4_rows(&packed[j0 * width..(j0 + r) * width], cols, tile);
+                        int8_product(xq, xs, cols, tile, &scale[j0..j0 + r], &mut o[j0..], ldo);
+                    }
                 });
             }
             Matrix::Int4 {
@@ -697,6 +748,21 @@ fn clamp_i8(mut q: Vec<i8>) -> Vec<i8> {
 fn int4_at(cols: usize, group: usize, packed: &[u8], scale: &[f32], j: usize, k: usize) -> f32 {
     let width = cols.div_ceil(2);
     scale[j * cols.div_ceil(group) + k / group] * f32::from(nibble(&packed[j * width..], k))
+}
+
+/// Rows of an `int4` matrix widened from the packed nibbles (a row's
+/// `⌈cols / 2⌉` bytes, low nibble first) to `int8`, `cols` values a row.
+fn widen_int4_rows(packed: &[u8], cols: usize, out: &mut [i8]) {
+    let width = cols.div_ceil(2);
+    for (row, bytes) in out.chunks_exact_mut(cols).zip(packed.chunks_exact(width)) {
+        let (pairs, odd) = row.as_chunks_mut::<2>();
+        for (pair, &b) in pairs.iter_mut().zip(bytes) {
+            *pair = [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8];
+        }
+        if let Some(last) = odd.first_mut() {
+            *last = (bytes[width - 1] & 0x0f) as i8 - 8;
+        }
+    }
 }
 
 fn nibble(bytes: &[u8], c: usize) -> i8 {

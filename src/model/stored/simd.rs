@@ -4,20 +4,239 @@
 
 use super::{I8_MAX, ROUNDER};
 
+/// Bytes of packed rows the AVX2 product keeps in L1 while every input
+/// row of a block runs against them.
+const PANEL_TILE_BYTES: usize = 16 << 10;
+/// Stored rows side by side in a panel (one AVX2 register of `i32` sums).
+const PANEL_ROWS: usize = 8;
+/// Columns per group in a panel (four `int8` make one `i32` lane).
+const PANEL_GROUP: usize = 4;
+
 /// The integer product this CPU runs, chosen at run time: `avx2`
-/// (`maddubs`/`madd`, eight stored rows a step) or `portable`.
+/// (packed panels, four input rows × sixteen stored rows a step,
+/// `maddubs`/`madd`) or `portable`.
 pub fn int8_kernel() -> &'static str {
+    if panels_supported() {
+        "avx2"
+    } else {
+        "portable"
+    }
+}
+
+/// Does this CPU run the panel product ([`int8_panel_product`])?
+pub(super) fn panels_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
-            return "avx2";
+            return true;
         }
     }
-    "portable"
+    false
 }
 
-/// `out[i · ldo + j] = xs[i] · scale[j] · Σ_k xq[i, k] · q[j, k]` for every
-/// row `i` of `xq` and every stored row `j` (`scale.len()` of them).
+/// Bytes of [`pack_panels`]'s layout for a `rows × cols` matrix.
+pub(super) fn panels_len(rows: usize, cols: usize) -> usize {
+    rows.div_ceil(PANEL_ROWS) * cols.div_ceil(PANEL_GROUP) * PANEL_ROWS * PANEL_GROUP
+}
+
+/// Lays the row-major `rows × cols` values `q` out in panels: rows in
+/// groups of eight (the last padded with zero rows), and within a panel
+/// the columns four at a time, each stored row's four values side by
+/// side (the last group padded with zeros): 32 bytes per panel and group.
+pub(super) fn pack_panels(q: &[i8], rows: usize, cols: usize, out: &mut Vec<i8>) {
+    let groups = cols.div_ceil(PANEL_GROUP);
+    out.clear();
+    out.resize(panels_len(rows, cols), 0);
+    for (j, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        let (panel, lane) = (j / PANEL_ROWS, j % PANEL_ROWS);
+        for (g, four) in row.chunks(PANEL_GROUP).enumerate() {
+            let at = ((panel * groups + g) * PANEL_ROWS + lane) * PANEL_GROUP;
+            out[at..at + four.len()].copy_from_slice(four);
+        }
+    }
+}
+
+/// `out[i · ldo + j] = (Σ_k xq[i, k] · q[j, k]) · scale[j] · xs[i]` for every
+/// row `i` of `xq` and stored row `j` (`scale.len()` of them), the stored
+/// rows as [`pack_panels`] lays them out. Needs [`panels_supported`].
+pub(super) fn int8_panel_product(
+    xq: &[i8],
+    xs: &[f32],
+    cols: usize,
+    panels: &[i8],
+    scale: &[f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(panels_supported(), "the panel product needs AVX2");
+    // Input rows widened to whole groups, and their absolute values.
+    let stride = cols.div_ceil(PANEL_GROUP) * PANEL_GROUP;
+    let n = xs.len();
+    let mut signed = vec![0i8; n * stride];
+    let mut magnitude = vec![0i8; n * stride];
+    for ((row, s), m) in xq
+        .chunks_exact(cols.max(1))
+        .take(n)
+        .zip(signed.chunks_exact_mut(stride.max(1)))
+        .zip(magnitude.chunks_exact_mut(stride.max(1)))
+    {
+        s[..cols].copy_from_slice(row);
+        for (m, &v) in m.iter_mut().zip(row) {
+            *m = v.wrapping_abs();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 is present (asserted above).
+    unsafe {
+        panels_avx2(&signed, &magnitude, xs, stride, panels, scale, out, ldo)
+    };
+}
+
+/// The panel product: the panels a tile at a time (in L1), and within a
+/// tile blocks of up to four input rows × two panels held in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_avx2(
+    signed: &[i8],
+    magnitude: &[i8],
+    xs: &[f32],
+    stride: usize,
+    panels: &[i8],
+    scale: &[f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let (n, rows) = (xs.len(), scale.len());
+    let groups = stride / PANEL_GROUP;
+    let n_panels = rows.div_ceil(PANEL_ROWS);
+    let panel_bytes = groups * PANEL_ROWS * PANEL_GROUP;
+    assert!(panels.len() >= n_panels * panel_bytes);
+    assert!(signed.len() >= n * stride && magnitude.len() >= n * stride);
+    assert!(n == 0 || out.len() >= (n - 1) * ldo + rows);
+    let at = Block {
+        signed,
+        magnitude,
+        xs,
+        stride,
+        groups,
+        panels,
+        scale,
+    };
+    let tile = (PANEL_TILE_BYTES / panel_bytes.max(1)).max(2);
+    for p0 in (0..n_panels).step_by(tile) {
+        let p1 = (p0 + tile).min(n_panels);
+        let mut i = 0;
+        while i < n {
+            let users = (n - i).min(4);
+            let mut p = p0;
+            while p < p1 {
+                let two = p + 2 <= p1;
+                // SAFETY: AVX2 is present; rows i..i + users and panels
+                // p..p + 1 or 2 lie within the lengths asserted above.
+                unsafe {
+                    match (users, two) {
+                        (4, true) => at.run::<4, 2>(i, p, out, ldo),
+                        (4, false) => at.run::<4, 1>(i, p, out, ldo),
+                        (3, true) => at.run::<3, 2>(i, p, out, ldo),
+                        (3, false) => at.run::<3, 1>(i, p, out, ldo),
+                        (2, true) => at.run::<2, 2>(i, p, out, ldo),
+                        (2, false) => at.run::<2, 1>(i, p, out, ldo),
+                        (_, true) => at.run::<1, 2>(i, p, out, ldo),
+                        (_, false) => at.run::<1, 1>(i, p, out, ldo),
+                    }
+                }
+                p += if two { 2 } else { 1 };
+            }
+            i += users;
+        }
+    }
+}
+
+/// The operands of [`panels_avx2`].
+#[cfg(target_arch = "x86_64")]
+struct Block<'a> {
+    signed: &'a [i8],
+    magnitude: &'a [i8],
+    xs: &'a [f32],
+    stride: usize,
+    groups: usize,
+    panels: &'a [i8],
+    scale: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Block<'_> {
+    /// Input rows `i..i + U` against panels `p..p + P`: per group of four
+    /// columns, each input row's four values broadcast, `maddubs` of their
+    /// magnitudes with the panel signed by them, `madd` into `i32` lanes
+    /// (one per stored row: no horizontal sums), then scaled and stored.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn run<const U: usize, const P: usize>(
+        &self,
+        i: usize,
+        p: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let panel_bytes = self.groups * PANEL_ROWS * PANEL_GROUP;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); P]; U];
+        for g in 0..self.groups {
+            let mut w = [_mm256_setzero_si256(); P];
+            for (b, w) in w.iter_mut().enumerate() {
+                let at = (p + b) * panel_bytes + g * PANEL_ROWS * PANEL_GROUP;
+                // SAFETY: the panel lies inside `panels` (asserted by the caller).
+                *w = unsafe { _mm256_loadu_si256(self.panels.as_ptr().add(at) as *const __m256i) };
+            }
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let at = (i + u) * self.stride + g * PANEL_GROUP;
+                // SAFETY: four bytes inside row i + u (stride ≥ 4 · groups).
+                let (x, m) = unsafe {
+                    (
+                        (self.signed.as_ptr().add(at) as *const i32).read_unaligned(),
+                        (self.magnitude.as_ptr().add(at) as *const i32).read_unaligned(),
+                    )
+                };
+                let (x, m) = (_mm256_set1_epi32(x), _mm256_set1_epi32(m));
+                for (a, &w) in acc.iter_mut().zip(&w) {
+                    let pairs = _mm256_maddubs_epi16(m, _mm256_sign_epi8(w, x));
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        let rows = self.scale.len();
+        for b in 0..P {
+            let j = (p + b) * PANEL_ROWS;
+            let live = (rows - j).min(PANEL_ROWS);
+            let mut scales = [0.0f32; PANEL_ROWS];
+            scales[..live].copy_from_slice(&self.scale[j..j + live]);
+            // SAFETY: eight floats on the stack.
+            let scales = unsafe { _mm256_loadu_ps(scales.as_ptr()) };
+            for (u, acc) in acc.iter().enumerate() {
+                let xs = _mm256_set1_ps(self.xs[i + u]);
+                let v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[b]), scales), xs);
+                let o = (i + u) * ldo + j;
+                if live == PANEL_ROWS {
+                    // SAFETY: o + 8 ≤ (i + u) · ldo + rows ≤ out.len().
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(o), v) };
+                } else {
+                    let mut lanes = [0.0f32; PANEL_ROWS];
+                    // SAFETY: eight floats on the stack.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+                    out[o..o + live].copy_from_slice(&lanes[..live]);
+                }
+            }
+        }
+    }
+}
+
+/// `out[i · ldo + j] = (Σ_k xq[i, k] · q[j, k]) · scale[j] · xs[i]` for every
+/// row `i` of `xq` and every stored row `j` (`scale.len()` of them), on
+/// row-major stored values: the portable product, rounding like the panel
+/// product.
 pub(super) fn int8_product(
     xq: &[i8],
     xs: &[f32],
@@ -27,103 +246,10 @@ pub(super) fn int8_product(
     out: &mut [f32],
     ldo: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if cols >= 16 && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present (checked just above).
-            unsafe { int8_product_avx2(xq, xs, cols, q, scale, out, ldo) };
-            return;
-        }
-    }
     for (i, &s) in xs.iter().enumerate() {
         let x = &xq[i * cols..(i + 1) * cols];
         for (j, &sj) in scale.iter().enumerate() {
-            out[i * ldo + j] = s * sj * dot_i8_portable(x, &q[j * cols..(j + 1) * cols]) as f32;
-        }
-    }
-}
-
-/// The AVX2 product: one input row against eight stored rows at a time,
-/// 32 columns per step (`maddubs` on |x| and the rows signed by x), the
-/// eight sums reduced together and scaled in one vector.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn int8_product_avx2(
-    xq: &[i8],
-    xs: &[f32],
-    cols: usize,
-    q: &[i8],
-    scale: &[f32],
-    out: &mut [f32],
-    ldo: usize,
-) {
-    use std::arch::x86_64::*;
-    let (n, rows) = (xs.len(), scale.len());
-    assert!(xq.len() >= n * cols && q.len() >= rows * cols);
-    assert!(n == 0 || out.len() >= (n - 1) * ldo + rows);
-    let full = cols / 32 * 32;
-    // Columns covered by whole 32- and 16-wide steps.
-    let half = if cols - full >= 16 { full + 16 } else { full };
-    let ones = _mm256_set1_epi16(1);
-    // SAFETY (all loads and stores below): offsets stay within the lengths asserted above.
-    let load = |p: *const i8| unsafe { _mm256_loadu_si256(p as *const __m256i) };
-    for i in 0..n {
-        let x = &xq[i * cols..(i + 1) * cols];
-        let o = &mut out[i * ldo..i * ldo + rows];
-        let xscale = _mm256_set1_ps(xs[i]);
-        let mut j = 0;
-        while j + 8 <= rows {
-            let mut acc = [_mm256_setzero_si256(); 8];
-            let mut k = 0;
-            while k < full {
-                let xv = load(unsafe { x.as_ptr().add(k) });
-                let abs_x = _mm256_sign_epi8(xv, xv);
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let qv = load(unsafe { q.as_ptr().add((j + u) * cols + k) });
-                    let pairs = _mm256_maddubs_epi16(abs_x, _mm256_sign_epi8(qv, xv));
-                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
-                }
-                k += 32;
-            }
-            if half > full {
-                // 16 more columns in 128-bit registers.
-                let x16 = unsafe { _mm_loadu_si128(x.as_ptr().add(full) as *const __m128i) };
-                let abs_x = _mm_sign_epi8(x16, x16);
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let q16 = unsafe {
-                        _mm_loadu_si128(q.as_ptr().add((j + u) * cols + full) as *const __m128i)
-                    };
-                    let pairs = _mm_maddubs_epi16(abs_x, _mm_sign_epi8(q16, x16));
-                    let sums = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
-                    *a = _mm256_add_epi32(*a, _mm256_zextsi128_si256(sums));
-                }
-            }
-            let h01 = _mm256_hadd_epi32(acc[0], acc[1]);
-            let h23 = _mm256_hadd_epi32(acc[2], acc[3]);
-            let h45 = _mm256_hadd_epi32(acc[4], acc[5]);
-            let h67 = _mm256_hadd_epi32(acc[6], acc[7]);
-            let lo = _mm256_hadd_epi32(h01, h23);
-            let hi = _mm256_hadd_epi32(h45, h67);
-            let mut sums = _mm256_add_epi32(
-                _mm256_permute2x128_si256(lo, hi, 0x20),
-                _mm256_permute2x128_si256(lo, hi, 0x31),
-            );
-            if half < cols {
-                let mut tail = [0i32; 8];
-                for (u, t) in tail.iter_mut().enumerate() {
-                    *t = dot_i8_portable(&x[half..], &q[(j + u) * cols + half..(j + u + 1) * cols]);
-                }
-                sums = _mm256_add_epi32(sums, unsafe {
-                    _mm256_loadu_si256(tail.as_ptr() as *const __m256i)
-                });
-            }
-            let scales = unsafe { _mm256_loadu_ps(scale.as_ptr().add(j)) };
-            let v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), scales), xscale);
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(j), v) };
-            j += 8;
-        }
-        for jj in j..rows {
-            o[jj] = xs[i] * scale[jj] * dot_i8(x, &q[jj * cols..(jj + 1) * cols]) as f32;
+            out[i * ldo + j] = dot_i8_portable(x, &q[j * cols..(j + 1) * cols]) as f32 * sj * s;
         }
     }
 }
@@ -297,6 +423,48 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn the_panel_product_equals_the_portable_one_on_any_shape() {
+        if !panels_supported() {
+            // The panel product never runs on this CPU; the portable one does.
+            assert_eq!(int8_kernel(), "portable");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(17);
+        let mut panels = Vec::new();
+        for case in 0..300 {
+            let n = rng.random_range(0..11);
+            let rows = rng.random_range(1..45);
+            let cols = rng.random_range(1..75);
+            let extreme = case % 10 == 0;
+            let value = |rng: &mut StdRng| {
+                if extreme {
+                    [-127i8, 127][rng.random_range(0..2)]
+                } else {
+                    rng.random_range(-127..=127)
+                }
+            };
+            let xq: Vec<i8> = (0..n * cols).map(|_| value(&mut rng)).collect();
+            let q: Vec<i8> = (0..rows * cols).map(|_| value(&mut rng)).collect();
+            let xs: Vec<f32> = (0..n).map(|_| rng.random_range(0.001..1.0)).collect();
+            let scale: Vec<f32> = (0..rows).map(|_| rng.random_range(0.001..1.0)).collect();
+            // Output rows wider than the product: the slots past `rows` stay.
+            let ldo = rows + rng.random_range(0..4);
+            let mut want = vec![f32::NAN; n * ldo];
+            int8_product(&xq, &xs, cols, &q, &scale, &mut want, ldo);
+            pack_panels(&q, rows, cols, &mut panels);
+            assert_eq!(panels.len(), panels_len(rows, cols));
+            let mut got = vec![f32::NAN; n * ldo];
+            int8_panel_product(&xq, &xs, cols, &panels, &scale, &mut got, ldo);
+            for (at, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits(),
+                    "case {case}: n {n}, rows {rows}, cols {cols}, ldo {ldo}, at {at}: {g} vs {w}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_avx2_dot_equals_the_portable_one() {
