@@ -282,44 +282,28 @@ pub fn rank_targets(
     }
     let threads = rayon::current_num_threads().max(1);
     let batch = batch.max(1);
-    // Each task scores a slice of the batch and ranks it at once, while
-    // its scores are still in cache (a whole batch's scores at 200,000
-    // items are 205 MB); every slice keeps its scratch from batch to batch.
-    let slice = batch
-        .min(targets.len().max(1))
-        .div_ceil(threads)
-        .min((scorer.slice_bytes() / (4 * n.max(1))).max(1));
-    let mut scratch: Vec<(Vec<f32>, Ranker)> = Vec::new();
-    scratch.resize_with(batch.min(targets.len()).div_ceil(slice), Default::default);
+    // Each task scores a slice of the batch and ranks it at once, while its
+    // scores are still in cache (a whole batch's scores at 200,000 items are
+    // 205 MB). The slices of a batch are a whole multiple of the threads, so
+    // that none waits on another's last slice; a task takes its scratch from
+    // a pool (as many as run at once), kept from batch to batch.
+    let widest = (scorer.slice_bytes() / (4 * n.max(1))).max(1);
+    let users = batch.min(targets.len()).max(1);
+    let slices = users.div_ceil(widest).div_ceil(threads) * threads;
+    let slice = users.div_ceil(slices);
+    let pool: std::sync::Mutex<Vec<(Vec<f32>, Ranker)>> = std::sync::Mutex::default();
     let mut ranked = Vec::with_capacity(batch);
     for chunk in targets.chunks(batch) {
         let slices: Vec<Result<Vec<Ranked>>> = chunk
             .par_chunks(slice)
-            .zip(scratch.par_iter_mut())
-            .map(|(slice, (scores, ranker))| {
-                let histories: Vec<&[u32]> = slice.iter().map(|t| dataset.history(t)).collect();
-                scorer.score(&histories, scores)?;
-                if scores.len() != slice.len() * n {
-                    return Err(Error::internal(format!(
-                        "scorer returned {} scores for {} users × {n} items",
-                        scores.len(),
-                        slice.len()
-                    )));
+            .map(|slice| {
+                let taken = pool.lock().ok().and_then(|mut pool| pool.pop());
+                let mut scratch = taken.unwrap_or_default();
+                let ranked = rank_slice(scorer, dataset, slice, list_len, &mut scratch);
+                if let Ok(mut pool) = pool.lock() {
+                    pool.push(scratch);
                 }
-                Ok(slice
-                    .iter()
-                    .zip(&histories)
-                    .enumerate()
-                    .map(|(row, (target, history))| {
-                        let scores = &scores[row * n..(row + 1) * n];
-                        let (rank, top) = ranker.rank(scores, history, target.item, list_len);
-                        Ranked {
-                            target: *target,
-                            rank,
-                            top,
-                        }
-                    })
-                    .collect())
+                ranked
             })
             .collect();
         ranked.clear();
@@ -329,6 +313,40 @@ pub fn rank_targets(
         sink(&ranked)?;
     }
     Ok(())
+}
+
+/// Scores `slice`'s users in one call and ranks each.
+fn rank_slice(
+    scorer: &dyn Scorer,
+    dataset: &Dataset,
+    slice: &[Target],
+    list_len: usize,
+    (scores, ranker): &mut (Vec<f32>, Ranker),
+) -> Result<Vec<Ranked>> {
+    let n = scorer.n_items();
+    let histories: Vec<&[u32]> = slice.iter().map(|t| dataset.history(t)).collect();
+    scorer.score(&histories, scores)?;
+    if scores.len() != slice.len() * n {
+        return Err(Error::internal(format!(
+            "scorer returned {} scores for {} users × {n} items",
+            scores.len(),
+            slice.len()
+        )));
+    }
+    Ok(slice
+        .iter()
+        .zip(&histories)
+        .enumerate()
+        .map(|(row, (target, history))| {
+            let scores = &scores[row * n..(row + 1) * n];
+            let (rank, top) = ranker.rank(scores, history, target.item, list_len);
+            Ranked {
+                target: *target,
+                rank,
+                top,
+            }
+        })
+        .collect())
 }
 
 /// Mean HR, NDCG and MRR at each cut-off.
