@@ -204,10 +204,12 @@ pub enum Matrix {
     },
 }
 
-/// An `int8` matrix's values laid out in panels for the AVX2 product
-/// ([`simd::pack_panels`]), made the first time the matrix is applied on
-/// a CPU that runs it: derived from the stored values, never written, and
-/// left out of comparisons.
+/// A quantized matrix's values as `int8` (an `int4` matrix's widened) laid
+/// out in panels for the AVX2 product ([`simd::pack_panels`]), made the
+/// first time the matrix is applied on a CPU that runs it: derived from the
+/// stored values, never written, and left out of comparisons. Every
+/// constructor starts it empty; a matrix's values are replaced whole, never
+/// edited in place, so the panels never go stale.
 #[derive(Debug, Clone, Default)]
 pub struct Panels(std::sync::OnceLock<Vec<i8>>);
 
