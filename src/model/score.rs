@@ -107,24 +107,6 @@ impl Ranker {
     }
 }
 
-/// Items ranking above item `target` whose key is `st`: a higher score, or
-/// the same key and a lower index (NaN ranks as −∞). Written as counts of
-/// comparisons so that they vectorize: a NaN is never greater than `st`,
-/// and it ties only with −∞.
-fn count_above(scores: &[f32], target: usize, st: f32) -> usize {
-    let higher: usize = scores.iter().map(|&s| usize::from(s > st)).sum();
-    let before = &scores[..target];
-    let ties: usize = if st == f32::NEG_INFINITY {
-        before
-            .iter()
-            .filter(|&&s| s.is_nan() || s == f32::NEG_INFINITY)
-            .count()
-    } else {
-        before.iter().map(|&s| usize::from(s == st)).sum()
-    };
-    higher + ties
-}
-
 /// The best `k` not-excluded items, best first.
 pub fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
     scan(scores, excluded, k, None).0
@@ -141,9 +123,10 @@ const SCAN_CHUNK: usize = 64;
 /// The list keeps the `k` best seen so far, sorted best first; once it is
 /// full, a chunk with no score above the last one's is skipped whole (a
 /// later item never wins a tie). The count is a sum of comparisons, which
-/// vectorizes: items before `t` count when their score is at least the
-/// target's, items after when it is higher (a NaN is never either; when the
-/// target's key is −∞ the NaN items tie with it, counted apart).
+/// vectorizes: items after `t` count when their score is higher, items
+/// before it when their score is at least the target's (they win a tie);
+/// a NaN is never either, except that when the target's key is −∞ every
+/// item before it ranks above it (a NaN ties with −∞ and wins on index).
 fn scan(
     scores: &[f32],
     excluded: &[bool],
@@ -151,18 +134,17 @@ fn scan(
     target: Option<(usize, f32)>,
 ) -> (Vec<(u32, f32)>, usize) {
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    let (count_in_pass, mut above) = match target {
-        Some((t, st)) if st == f32::NEG_INFINITY => (None, count_above(scores, t, st)),
-        Some((t, st)) => (Some((t, st)), 0),
-        None => (None, 0),
-    };
+    let mut above = 0;
     for (c, chunk) in scores.chunks(SCAN_CHUNK).enumerate() {
         let first = c * SCAN_CHUNK;
-        if let Some((t, st)) = count_in_pass {
+        if let Some((t, st)) = target {
             let split = t.clamp(first, first + chunk.len()) - first;
             let (before, after) = chunk.split_at(split);
-            above += before.iter().map(|&s| u32::from(s >= st)).sum::<u32>() as usize
-                + after.iter().map(|&s| u32::from(s > st)).sum::<u32>() as usize;
+            above += if st == f32::NEG_INFINITY {
+                before.len()
+            } else {
+                before.iter().map(|&s| u32::from(s >= st)).sum::<u32>() as usize
+            } + after.iter().map(|&s| u32::from(s > st)).sum::<u32>() as usize;
         }
         if k == 0 {
             continue;
