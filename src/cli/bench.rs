@@ -64,6 +64,10 @@ pub enum BenchWhat {
         /// Variants (default: the job's compress.variants).
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
+        /// The integer kernel to run (`avx512-vnni`, `avx-vnni`, `avx2`,
+        /// `portable`; default: the fastest this CPU has).
+        #[arg(long)]
+        int8_kernel: Option<String>,
     },
     /// Training step time at several catalogue sizes, same batch.
     Softmax {
@@ -125,7 +129,16 @@ pub async fn bench(what: BenchWhat) -> Result<()> {
             users,
             len,
             variants,
+            int8_kernel,
         } => {
+            if let Some(name) = int8_kernel {
+                use crate::model::stored::simd::{Int8Kernel, choose_int8_kernel};
+                let kernel: Int8Kernel = name
+                    .parse()
+                    .map_err(|e| Error::config(format!("--int8-kernel: {e}")))?;
+                choose_int8_kernel(kernel)
+                    .map_err(|e| Error::config(format!("--int8-kernel: {e}")))?;
+            }
             if users == 0 || len == 0 || items.iter().any(|&n| n < 2) {
                 return Err(Error::config(
                     "--users and --len must be at least 1, every --items size at least 2",

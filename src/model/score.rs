@@ -115,14 +115,15 @@ pub fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
 /// Scores looked at together: counted branch-free, and skipped whole by
 /// the top-`k` selection when none beats the list's last.
 const SCAN_CHUNK: usize = 64;
+const _: () = assert!(SCAN_CHUNK <= 64, "a chunk's candidates are bits of a u64");
 
 /// One pass over `scores`: the best `k` not-excluded items, best first, and,
 /// for `target = Some((t, key))`, the number of items ranking above item `t`
 /// (excluded ones included).
 ///
 /// The list keeps the `k` best seen so far, sorted best first; once it is
-/// full, a chunk with no score above the last one's is skipped whole (a
-/// later item never wins a tie). The count is a sum of comparisons, which
+/// full, only the scores of a chunk above the last one's are looked at,
+/// found together as a bit mask (a later item never wins a tie). The count is a sum of comparisons, which
 /// vectorizes: items after `t` count when their score is higher, items
 /// before it when their score is at least the target's (they win a tie);
 /// a NaN is never either, except that when the target's key is −∞ every
@@ -150,10 +151,31 @@ fn scan(
             continue;
         }
         if best.len() == k {
+            // Only scores above the list's last can enter (a later item
+            // never wins a tie; a NaN is never above): a chunk without one
+            // is skipped (a vectorized test), otherwise their positions as
+            // bits, each checked again against the last as it rises.
             let kth = best[k - 1].1;
             if !chunk.iter().fold(false, |any, &s| any | (s > kth)) {
                 continue;
             }
+            let mut above_kth = chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |bits, (j, &s)| bits | (u64::from(s > kth) << j));
+            while above_kth != 0 {
+                let j = above_kth.trailing_zeros() as usize;
+                above_kth &= above_kth - 1;
+                let (j, s) = (first + j, chunk[j]);
+                let (wj, ws) = best[k - 1];
+                if excluded[j] || !better(s, j as u32, ws, wj) {
+                    continue;
+                }
+                best.pop();
+                let at = best.partition_point(|&(bj, bs)| better(bs, bj, s, j as u32));
+                best.insert(at, (j as u32, s));
+            }
+            continue;
         }
         for (j, &s) in chunk.iter().enumerate() {
             let j = first + j;

@@ -460,7 +460,7 @@ pub fn compressed_scoring(
         link.ffn,
         link.max_len,
         rayon::current_num_threads(),
-        int8_kernel(),
+        int8_kernel().name(),
         "items",
         "variant",
         "bytes",

@@ -31,7 +31,7 @@ pub mod simd;
 pub use codec::read_f32;
 
 use super::kernels::{View, matmul};
-use simd::{dots_into, int8_panel_product, int8_product, quantize_activations};
+use simd::{Int8Kernel, dots_into, int8_panel_product, int8_product, quantize_activations};
 
 /// Largest int8 magnitude used (±127: −128 is never produced, so the
 /// `maddubs` kernel cannot saturate).
@@ -205,13 +205,13 @@ pub enum Matrix {
 }
 
 /// A quantized matrix's values as `int8` (an `int4` matrix's widened) laid
-/// out in panels for the AVX2 product ([`simd::pack_panels`]), made the
-/// first time the matrix is applied on a CPU that runs it: derived from the
-/// stored values, never written, and left out of comparisons. Every
-/// constructor starts it empty; a matrix's values are replaced whole, never
-/// edited in place, so the panels never go stale.
+/// out in panels for this process's integer kernel ([`simd::PanelSet`]),
+/// made the first time the matrix is applied with a panel kernel: derived
+/// from the stored values, never written, and left out of comparisons.
+/// Every constructor starts it empty; a matrix's values are replaced whole,
+/// never edited in place, so the panels never go stale.
 #[derive(Debug, Clone, Default)]
-pub struct Panels(std::sync::OnceLock<Vec<i8>>);
+pub struct Panels(std::sync::OnceLock<simd::PanelSet>);
 
 impl PartialEq for Panels {
     fn eq(&self, _: &Panels) -> bool {
@@ -221,13 +221,20 @@ impl PartialEq for Panels {
 
 impl Panels {
     /// The panels of the `rows × cols` row-major `int8` values `values()`
-    /// gives, made on the first call.
-    fn get<V: AsRef<[i8]>>(&self, rows: usize, cols: usize, values: impl FnOnce() -> V) -> &[i8] {
-        self.0.get_or_init(|| {
-            let mut panels = Vec::new();
-            simd::pack_panels(values().as_ref(), rows, cols, &mut panels);
-            panels
-        })
+    /// gives, laid out for `kernel` (a panel kernel; one per process), made
+    /// on the first call.
+    fn get<V: AsRef<[i8]>>(
+        &self,
+        kernel: simd::Int8Kernel,
+        rows: usize,
+        cols: usize,
+        values: impl FnOnce() -> V,
+    ) -> &simd::PanelSet {
+        let set = self
+            .0
+            .get_or_init(|| simd::PanelSet::pack(kernel, values().as_ref(), rows, cols));
+        assert_eq!(set.kernel(), kernel, "one integer kernel per process");
+        set
     }
 }
 
@@ -492,8 +499,14 @@ impl Matrix {
                 scale,
                 ..
             } => {
-                for (k, o) in out.iter_mut().enumerate().take(*cols) {
-                    *o = int4_at(*cols, *group, packed, scale, j, k);
+                // A group (one scale) at a time, the nibbles read in order.
+                let (width, groups) = (cols.div_ceil(2), cols.div_ceil(*group));
+                let bytes = &packed[j * width..(j + 1) * width];
+                for (g, span) in out[..*cols].chunks_mut(*group).enumerate() {
+                    let s = scale[j * groups + g];
+                    for (k, o) in span.iter_mut().enumerate() {
+                        *o = s * f32::from(nibble(bytes, g * group + k));
+                    }
                 }
             }
             Matrix::Sparse {
@@ -614,12 +627,14 @@ impl Matrix {
                 q, scale, panels, ..
             } => {
                 let (xq, xs) = quantize_activations(&x[..n * cols], cols);
-                let panels = simd::panels_supported().then(|| panels.get(rows, cols, || q));
+                let kernel = simd::int8_kernel();
+                let panels =
+                    (kernel != Int8Kernel::Portable).then(|| panels.get(kernel, rows, cols, || q));
                 for_user_blocks(out, ldo, n, work, |first, count, o| {
                     let xq = &xq[first * cols..(first + count) * cols];
                     let xs = &xs[first..first + count];
                     match panels {
-                        Some(panels) => int8_panel_product(xq, xs, cols, panels, scale, o, ldo),
+                        Some(panels) => int8_panel_product(xq, xs, panels, scale, o, ldo),
                         None => int8_product(xq, xs, cols, q, scale, o, ldo),
                     }
                 });
@@ -637,8 +652,9 @@ impl Matrix {
                 // packed values) or a tile of rows at a time.
                 let width = cols.div_ceil(2);
                 let (xq, xs) = quantize_activations(&x[..n * cols], cols);
-                let panels = simd::panels_supported().then(|| {
-                    panels.get(rows, cols, || {
+                let kernel = simd::int8_kernel();
+                let panels = (kernel != Int8Kernel::Portable).then(|| {
+                    panels.get(kernel, rows, cols, || {
                         let mut wide = vec![0i8; rows * cols];
                         widen_int4_rows(packed, cols, &mut wide);
                         wide
@@ -648,7 +664,7 @@ impl Matrix {
                     let xq = &xq[first * cols..(first + count) * cols];
                     let xs = &xs[first..first + count];
                     if let Some(panels) = panels {
-                        int8_panel_product(xq, xs, cols, panels, scale, o, ldo);
+                        int8_panel_product(xq, xs, panels, scale, o, ldo);
                         return;
                     }
                     let mut tile = vec![0i8; INT4_TILE_ROWS.min(rows) * cols];
@@ -896,6 +912,8 @@ mod tests {
                 let s = scale[j * groups + k / group];
                 let err = (w[j * cols + k] - back[j * cols + k]).abs();
                 assert!(err <= s / 2.0 + 1e-7, "({j}, {k}): {err} > {}", s / 2.0);
+                // A whole row decoded at once equals each value decoded alone.
+                assert_eq!(back[j * cols + k].to_bits(), m.get(j, k).to_bits());
             }
         }
         assert_eq!(round_trip(&m), m);

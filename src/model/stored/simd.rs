@@ -1,179 +1,432 @@
 //! Integer products on stored `int8` values: the activation rows quantized
-//! on the fly, `i32` accumulation, AVX2 (`maddubs`/`madd`) when the CPU
-//! has it and a portable loop otherwise.
+//! on the fly, `i32` accumulation, with the kernel chosen once per process
+//! from what the CPU has — AVX-512 VNNI, AVX-VNNI, AVX2 (`maddubs`/`madd`)
+//! or a portable loop. Every kernel sums the same integers exactly and
+//! scales them in the same order, so all of them give the same bits.
+
+use std::str::FromStr;
+use std::sync::OnceLock;
 
 use super::{I8_MAX, ROUNDER};
 
-/// Bytes of packed rows the AVX2 product keeps in L1 while every input
-/// row of a block runs against them.
+/// Bytes of packed rows a panel kernel keeps in L1 while every input row
+/// of a block runs against them.
 const PANEL_TILE_BYTES: usize = 16 << 10;
-/// Stored rows side by side in a panel (one AVX2 register of `i32` sums).
-const PANEL_ROWS: usize = 8;
 /// Columns per group in a panel (four `int8` make one `i32` lane).
 const PANEL_GROUP: usize = 4;
+/// Most stored rows in one panel (AVX-512: sixteen `i32` lanes).
+const MAX_PANEL_ROWS: usize = 16;
+/// The VNNI kernels multiply unsigned bytes by signed ones: activations are
+/// offset by this into `1..=255`, and the offset times each stored row's sum
+/// is taken off the integer sum.
+const VNNI_OFFSET: i32 = 128;
 
-/// The integer product this CPU runs, chosen at run time: `avx2`
-/// (packed panels, four input rows × sixteen stored rows a step,
-/// `maddubs`/`madd`) or `portable`.
-pub fn int8_kernel() -> &'static str {
-    if panels_supported() {
-        "avx2"
+/// An integer product kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// `vpdpbusd` on 512-bit registers: sixteen stored rows × four columns
+    /// per instruction.
+    Avx512Vnni,
+    /// `vpdpbusd` on 256-bit registers (AVX-VNNI): eight rows × four columns.
+    AvxVnni,
+    /// `vpmaddubsw` + `vpmaddwd` on 256-bit registers.
+    Avx2,
+    /// Plain Rust on row-major values.
+    Portable,
+}
+
+impl Int8Kernel {
+    /// Every kernel, fastest first.
+    pub const ALL: [Int8Kernel; 4] = [
+        Int8Kernel::Avx512Vnni,
+        Int8Kernel::AvxVnni,
+        Int8Kernel::Avx2,
+        Int8Kernel::Portable,
+    ];
+
+    /// The name `bench compress` prints and `--int8-kernel` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Kernel::Avx512Vnni => "avx512-vnni",
+            Int8Kernel::AvxVnni => "avx-vnni",
+            Int8Kernel::Avx2 => "avx2",
+            Int8Kernel::Portable => "portable",
+        }
+    }
+
+    /// Can this CPU run the kernel?
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Int8Kernel::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Int8Kernel::AvxVnni => has!("avx2") && has!("avxvnni"),
+                Int8Kernel::Avx2 => has!("avx2"),
+                Int8Kernel::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Int8Kernel::Portable
+        }
+    }
+
+    /// The fastest kernel this CPU runs.
+    pub fn detected() -> Int8Kernel {
+        Int8Kernel::ALL
+            .into_iter()
+            .find(|k| k.supported())
+            .unwrap_or(Int8Kernel::Portable)
+    }
+
+    /// Stored rows side by side in one of this kernel's panels (one
+    /// register of `i32` sums); `None` for the portable loop, which reads
+    /// the row-major values.
+    fn panel_rows(self) -> Option<usize> {
+        match self {
+            Int8Kernel::Avx512Vnni => Some(16),
+            Int8Kernel::AvxVnni | Int8Kernel::Avx2 => Some(8),
+            Int8Kernel::Portable => None,
+        }
+    }
+}
+
+impl FromStr for Int8Kernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Int8Kernel, String> {
+        Int8Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Int8Kernel::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown int8 kernel {s:?} (one of {})", names.join(", "))
+            })
+    }
+}
+
+static CHOSEN: OnceLock<Int8Kernel> = OnceLock::new();
+
+/// The kernel this process runs: [`Int8Kernel::detected`] unless
+/// [`choose_int8_kernel`] picked another before the first product.
+pub fn int8_kernel() -> Int8Kernel {
+    *CHOSEN.get_or_init(Int8Kernel::detected)
+}
+
+/// Runs `kernel` for every product of this process (benchmarks compare
+/// kernels on one machine this way). Fails when the CPU cannot run it or
+/// when a product already ran with another.
+pub fn choose_int8_kernel(kernel: Int8Kernel) -> Result<(), String> {
+    if !kernel.supported() {
+        return Err(format!(
+            "this CPU cannot run the {} int8 kernel (it runs {})",
+            kernel.name(),
+            Int8Kernel::ALL
+                .iter()
+                .filter(|k| k.supported())
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let chosen = *CHOSEN.get_or_init(|| kernel);
+    if chosen == kernel {
+        Ok(())
     } else {
-        "portable"
+        Err(format!(
+            "the {} int8 kernel already ran in this process; {} cannot replace it",
+            chosen.name(),
+            kernel.name()
+        ))
     }
 }
 
-/// Does this CPU run the panel product ([`int8_panel_product`])?
-pub(super) fn panels_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return true;
+/// A stored `int8` matrix laid out for one panel kernel: rows in panels
+/// of the kernel's width (the last padded with zero rows), and within a
+/// panel the columns four at a time, each stored row's four values side
+/// by side (the last group padded with zeros).
+#[derive(Debug, Clone)]
+pub(super) struct PanelSet {
+    kernel: Int8Kernel,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<i8>,
+    /// For the VNNI kernels: `128 · Σ_k q[j, k]` per stored row (padded
+    /// to whole panels with zeros); empty otherwise.
+    offsets: Vec<i32>,
+}
+
+impl PanelSet {
+    /// Lays the row-major `rows × cols` values `q` out for `kernel`
+    /// (a panel kernel).
+    pub(super) fn pack(kernel: Int8Kernel, q: &[i8], rows: usize, cols: usize) -> PanelSet {
+        let width = kernel
+            .panel_rows()
+            .expect("the portable kernel reads row-major values");
+        let groups = cols.div_ceil(PANEL_GROUP);
+        let padded_rows = rows.div_ceil(width) * width;
+        let mut bytes = vec![0i8; padded_rows * groups * PANEL_GROUP];
+        for (j, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
+            let (panel, lane) = (j / width, j % width);
+            for (g, four) in row.chunks(PANEL_GROUP).enumerate() {
+                let at = ((panel * groups + g) * width + lane) * PANEL_GROUP;
+                bytes[at..at + four.len()].copy_from_slice(four);
+            }
+        }
+        let offsets = if matches!(kernel, Int8Kernel::Avx512Vnni | Int8Kernel::AvxVnni) {
+            let mut offsets = vec![0i32; padded_rows];
+            for (o, row) in offsets
+                .iter_mut()
+                .zip(q.chunks_exact(cols.max(1)).take(rows))
+            {
+                *o = VNNI_OFFSET * row.iter().map(|&v| i32::from(v)).sum::<i32>();
+            }
+            offsets
+        } else {
+            Vec::new()
+        };
+        PanelSet {
+            kernel,
+            rows,
+            cols,
+            bytes,
+            offsets,
         }
     }
-    false
-}
 
-/// Bytes of [`pack_panels`]'s layout for a `rows × cols` matrix.
-pub(super) fn panels_len(rows: usize, cols: usize) -> usize {
-    rows.div_ceil(PANEL_ROWS) * cols.div_ceil(PANEL_GROUP) * PANEL_ROWS * PANEL_GROUP
-}
-
-/// Lays the row-major `rows × cols` values `q` out in panels: rows in
-/// groups of eight (the last padded with zero rows), and within a panel
-/// the columns four at a time, each stored row's four values side by
-/// side (the last group padded with zeros): 32 bytes per panel and group.
-pub(super) fn pack_panels(q: &[i8], rows: usize, cols: usize, out: &mut Vec<i8>) {
-    let groups = cols.div_ceil(PANEL_GROUP);
-    out.clear();
-    out.resize(panels_len(rows, cols), 0);
-    for (j, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
-        let (panel, lane) = (j / PANEL_ROWS, j % PANEL_ROWS);
-        for (g, four) in row.chunks(PANEL_GROUP).enumerate() {
-            let at = ((panel * groups + g) * PANEL_ROWS + lane) * PANEL_GROUP;
-            out[at..at + four.len()].copy_from_slice(four);
-        }
+    /// The kernel these panels are laid out for.
+    pub(super) fn kernel(&self) -> Int8Kernel {
+        self.kernel
     }
 }
 
 /// `out[i · ldo + j] = (Σ_k xq[i, k] · q[j, k]) · scale[j] · xs[i]` for every
-/// row `i` of `xq` and stored row `j` (`scale.len()` of them), the stored
-/// rows as [`pack_panels`] lays them out. Needs [`panels_supported`].
+/// row `i` of `xq` and stored row `j`, on the panels of `q`. Needs a CPU that
+/// runs the panels' kernel.
 pub(super) fn int8_panel_product(
     xq: &[i8],
     xs: &[f32],
-    cols: usize,
-    panels: &[i8],
+    panels: &PanelSet,
     scale: &[f32],
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(panels_supported(), "the panel product needs AVX2");
-    // Input rows widened to whole groups, and their absolute values.
-    let stride = cols.div_ceil(PANEL_GROUP) * PANEL_GROUP;
+    let kernel = panels.kernel;
+    assert!(kernel.supported(), "this CPU cannot run {}", kernel.name());
+    assert_eq!(scale.len(), panels.rows, "one scale per stored row");
+    let cols = panels.cols;
     let n = xs.len();
-    let mut signed = vec![0i8; n * stride];
-    let mut magnitude = vec![0i8; n * stride];
-    for ((row, s), m) in xq
-        .chunks_exact(cols.max(1))
-        .take(n)
-        .zip(signed.chunks_exact_mut(stride.max(1)))
-        .zip(magnitude.chunks_exact_mut(stride.max(1)))
-    {
-        s[..cols].copy_from_slice(row);
-        for (m, &v) in m.iter_mut().zip(row) {
-            *m = v.wrapping_abs();
+    assert!(xq.len() >= n * cols, "input smaller than n × cols");
+    assert!(
+        n == 0 || out.len() >= (n - 1) * ldo + panels.rows,
+        "output too small"
+    );
+    // Input rows widened to whole groups: for AVX2 as they are plus their
+    // absolute values; for VNNI offset into unsigned bytes (x + 128).
+    let stride = cols.div_ceil(PANEL_GROUP) * PANEL_GROUP;
+    let vnni = kernel != Int8Kernel::Avx2;
+    let mut first = vec![if vnni { VNNI_OFFSET as u8 as i8 } else { 0 }; n * stride];
+    let mut magnitude = if vnni {
+        Vec::new()
+    } else {
+        vec![0i8; n * stride]
+    };
+    for (i, row) in xq.chunks_exact(cols.max(1)).take(n).enumerate() {
+        let f = &mut first[i * stride..i * stride + cols];
+        if vnni {
+            for (f, &v) in f.iter_mut().zip(row) {
+                *f = (v as u8 ^ 0x80) as i8;
+            }
+        } else {
+            f.copy_from_slice(row);
+            for (m, &v) in magnitude[i * stride..i * stride + cols].iter_mut().zip(row) {
+                *m = v.wrapping_abs();
+            }
         }
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 is present (asserted above).
-    unsafe {
-        panels_avx2(&signed, &magnitude, xs, stride, panels, scale, out, ldo)
-    };
-}
-
-/// The panel product: the panels a tile at a time (in L1), and within a
-/// tile blocks of up to four input rows × two panels held in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panels_avx2(
-    signed: &[i8],
-    magnitude: &[i8],
-    xs: &[f32],
-    stride: usize,
-    panels: &[i8],
-    scale: &[f32],
-    out: &mut [f32],
-    ldo: usize,
-) {
-    let (n, rows) = (xs.len(), scale.len());
-    let groups = stride / PANEL_GROUP;
-    let n_panels = rows.div_ceil(PANEL_ROWS);
-    let panel_bytes = groups * PANEL_ROWS * PANEL_GROUP;
-    assert!(panels.len() >= n_panels * panel_bytes);
-    assert!(signed.len() >= n * stride && magnitude.len() >= n * stride);
-    assert!(n == 0 || out.len() >= (n - 1) * ldo + rows);
-    let at = Block {
-        signed,
-        magnitude,
-        xs,
-        stride,
-        groups,
-        panels,
-        scale,
-    };
-    let tile = (PANEL_TILE_BYTES / panel_bytes.max(1)).max(2);
-    for p0 in (0..n_panels).step_by(tile) {
-        let p1 = (p0 + tile).min(n_panels);
-        let mut i = 0;
-        while i < n {
-            let users = (n - i).min(4);
-            let mut p = p0;
-            while p < p1 {
-                let two = p + 2 <= p1;
-                // SAFETY: AVX2 is present; rows i..i + users and panels
-                // p..p + 1 or 2 lie within the lengths asserted above.
-                unsafe {
-                    match (users, two) {
-                        (4, true) => at.run::<4, 2>(i, p, out, ldo),
-                        (4, false) => at.run::<4, 1>(i, p, out, ldo),
-                        (3, true) => at.run::<3, 2>(i, p, out, ldo),
-                        (3, false) => at.run::<3, 1>(i, p, out, ldo),
-                        (2, true) => at.run::<2, 2>(i, p, out, ldo),
-                        (2, false) => at.run::<2, 1>(i, p, out, ldo),
-                        (_, true) => at.run::<1, 2>(i, p, out, ldo),
-                        (_, false) => at.run::<1, 1>(i, p, out, ldo),
-                    }
-                }
-                p += if two { 2 } else { 1 };
+    {
+        let at = Block {
+            first: &first,
+            magnitude: &magnitude,
+            xs,
+            stride,
+            groups: stride / PANEL_GROUP,
+            panels,
+            scale,
+        };
+        // SAFETY: the CPU runs the kernel (asserted above); `Block::tiles`
+        // hands each block only rows and panels inside the operands.
+        unsafe {
+            match kernel {
+                Int8Kernel::Avx512Vnni => at.tiles(16, 4, out, ldo, |u, b, i, p, out| {
+                    at.block_avx512_vnni(u, b, i, p, out, ldo)
+                }),
+                Int8Kernel::AvxVnni => at.tiles(8, 2, out, ldo, |u, b, i, p, out| {
+                    at.block_avx_vnni(u, b, i, p, out, ldo)
+                }),
+                Int8Kernel::Avx2 => at.tiles(8, 2, out, ldo, |u, b, i, p, out| {
+                    at.block_avx2(u, b, i, p, out, ldo)
+                }),
+                Int8Kernel::Portable => unreachable!("no panels for the portable kernel"),
             }
-            i += users;
         }
     }
 }
 
-/// The operands of [`panels_avx2`].
+/// The operands of a panel product.
 #[cfg(target_arch = "x86_64")]
 struct Block<'a> {
-    signed: &'a [i8],
+    /// Input rows, `stride` bytes each: signed (AVX2) or offset (VNNI).
+    first: &'a [i8],
+    /// AVX2 only: the absolute values of the input rows.
     magnitude: &'a [i8],
     xs: &'a [f32],
     stride: usize,
     groups: usize,
-    panels: &'a [i8],
+    panels: &'a PanelSet,
     scale: &'a [f32],
+}
+
+/// Runs `$run::<users, $p>` for `users` in `1..=4`.
+macro_rules! per_users {
+    ($self:ident, $run:ident, $users:expr, $p:literal, $i:expr, $at:expr, $out:expr, $ldo:expr) => {
+        match $users {
+            4 => $self.$run::<4, $p>($i, $at, $out, $ldo),
+            3 => $self.$run::<3, $p>($i, $at, $out, $ldo),
+            2 => $self.$run::<2, $p>($i, $at, $out, $ldo),
+            _ => $self.$run::<1, $p>($i, $at, $out, $ldo),
+        }
+    };
+}
+
+/// `$name(users, panels, i, p, out, ldo)` runs the register block `$run`
+/// for up to four input rows and 1, 2 or (where `$four`) 4 panels.
+macro_rules! block {
+    ($name:ident, $run:ident, $feature:literal, $four:literal) => {
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(
+            &self,
+            users: usize,
+            panels: usize,
+            i: usize,
+            p: usize,
+            out: &mut [f32],
+            ldo: usize,
+        ) {
+            // SAFETY: the features are enabled on this function; the caller
+            // keeps rows i..i + users and panels p..p + panels inside the
+            // operands.
+            unsafe {
+                match panels {
+                    4 if $four => per_users!(self, $run, users, 4, i, p, out, ldo),
+                    2 => per_users!(self, $run, users, 2, i, p, out, ldo),
+                    _ => per_users!(self, $run, users, 1, i, p, out, ldo),
+                }
+            }
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Block<'_> {
+    /// The panels a tile at a time (in L1), and within a tile blocks of up
+    /// to four input rows × `max` (2 or 4) panels held in registers.
+    ///
+    /// # Safety
+    /// `block(users, panels, i, p, out)` must be safe to call for rows
+    /// `i..i + users` and panels `p..p + panels`, and must run all of them.
+    unsafe fn tiles(
+        &self,
+        width: usize,
+        max: usize,
+        out: &mut [f32],
+        ldo: usize,
+        mut block: impl FnMut(usize, usize, usize, usize, &mut [f32]),
+    ) {
+        let (n, rows) = (self.xs.len(), self.scale.len());
+        let n_panels = rows.div_ceil(width);
+        let panel_bytes = self.groups * width * PANEL_GROUP;
+        assert!(self.panels.bytes.len() >= n_panels * panel_bytes);
+        assert!(self.first.len() >= n * self.stride);
+        assert!(self.magnitude.is_empty() || self.magnitude.len() >= n * self.stride);
+        assert!(self.panels.offsets.is_empty() || self.panels.offsets.len() >= n_panels * width);
+        assert!(n == 0 || out.len() >= (n - 1) * ldo + rows);
+        let tile = (PANEL_TILE_BYTES / panel_bytes.max(1)).max(max);
+        for p0 in (0..n_panels).step_by(tile) {
+            let p1 = (p0 + tile).min(n_panels);
+            let mut i = 0;
+            while i < n {
+                let users = (n - i).min(4);
+                let mut p = p0;
+                while p < p1 {
+                    let panels = match p1 - p {
+                        left if left >= max => max,
+                        left if left >= 2 => 2,
+                        _ => 1,
+                    };
+                    block(users, panels, i, p, out);
+                    p += panels;
+                }
+                i += users;
+            }
+        }
+    }
+
+    block!(block_avx2, run_avx2, "avx2", false);
+    block!(block_avx_vnni, run_avx_vnni, "avx2,avxvnni", false);
+    block!(
+        block_avx512_vnni,
+        run_avx512_vnni,
+        "avx512f,avx512bw,avx512vnni",
+        true
+    );
+
+    /// Pointers to rows `i..i + U` of `bytes` (each `stride` long).
+    #[inline]
+    fn rows<const U: usize>(&self, bytes: &[i8], i: usize) -> [*const i8; U] {
+        assert!(
+            (i + U) * self.stride <= bytes.len(),
+            "input rows out of range"
+        );
+        std::array::from_fn(|u| bytes[(i + u) * self.stride..].as_ptr())
+    }
+
+    /// Pointers to panels `p..p + P` of `width` rows.
+    #[inline]
+    fn panel_starts<const P: usize>(&self, p: usize, width: usize) -> [*const i8; P] {
+        let panel_bytes = self.groups * width * PANEL_GROUP;
+        assert!(
+            (p + P) * panel_bytes <= self.panels.bytes.len(),
+            "panels out of range"
+        );
+        std::array::from_fn(|b| self.panels.bytes[(p + b) * panel_bytes..].as_ptr())
+    }
+
+    /// The scales of stored rows `j..j + width` (zeros past the last row)
+    /// and how many of them are real.
+    #[inline]
+    fn scales(&self, j: usize, width: usize) -> ([f32; MAX_PANEL_ROWS], usize) {
+        let live = (self.scale.len() - j).min(width);
+        let mut scales = [0.0f32; MAX_PANEL_ROWS];
+        if live == width {
+            scales[..width].copy_from_slice(&self.scale[j..j + width]);
+        } else {
+            for (s, &v) in scales.iter_mut().zip(&self.scale[j..j + live]) {
+                *s = v;
+            }
+        }
+        (scales, live)
+    }
+
     /// Input rows `i..i + U` against panels `p..p + P`: per group of four
     /// columns, each input row's four values broadcast, `maddubs` of their
     /// magnitudes with the panel signed by them, `madd` into `i32` lanes
     /// (one per stored row: no horizontal sums), then scaled and stored.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn run<const U: usize, const P: usize>(
+    unsafe fn run_avx2<const U: usize, const P: usize>(
         &self,
         i: usize,
         p: usize,
@@ -181,55 +434,170 @@ impl Block<'_> {
         ldo: usize,
     ) {
         use std::arch::x86_64::*;
-        let panel_bytes = self.groups * PANEL_ROWS * PANEL_GROUP;
+        const W: usize = 8;
+        let (x_rows, m_rows) = (
+            self.rows::<U>(self.first, i),
+            self.rows::<U>(self.magnitude, i),
+        );
+        let w_rows = self.panel_starts::<P>(p, W);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); P]; U];
         for g in 0..self.groups {
-            let mut w = [_mm256_setzero_si256(); P];
-            for (b, w) in w.iter_mut().enumerate() {
-                let at = (p + b) * panel_bytes + g * PANEL_ROWS * PANEL_GROUP;
-                // SAFETY: the panel lies inside `panels` (asserted by the caller).
-                *w = unsafe { _mm256_loadu_si256(self.panels.as_ptr().add(at) as *const __m256i) };
-            }
-            for (u, acc) in acc.iter_mut().enumerate() {
-                let at = (i + u) * self.stride + g * PANEL_GROUP;
-                // SAFETY: four bytes inside row i + u (stride ≥ 4 · groups).
+            // SAFETY (every read below): group g < groups lies inside each
+            // input row (stride = 4 · groups) and each panel (asserted by
+            // `rows` and `panel_starts`).
+            let w: [__m256i; P] = std::array::from_fn(|b| unsafe {
+                _mm256_loadu_si256(w_rows[b].add(g * W * PANEL_GROUP) as *const __m256i)
+            });
+            for u in 0..U {
                 let (x, m) = unsafe {
                     (
-                        (self.signed.as_ptr().add(at) as *const i32).read_unaligned(),
-                        (self.magnitude.as_ptr().add(at) as *const i32).read_unaligned(),
+                        (x_rows[u].add(g * PANEL_GROUP) as *const i32).read_unaligned(),
+                        (m_rows[u].add(g * PANEL_GROUP) as *const i32).read_unaligned(),
                     )
                 };
                 let (x, m) = (_mm256_set1_epi32(x), _mm256_set1_epi32(m));
-                for (a, &w) in acc.iter_mut().zip(&w) {
+                for (a, &w) in acc[u].iter_mut().zip(&w) {
                     let pairs = _mm256_maddubs_epi16(m, _mm256_sign_epi8(w, x));
                     *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
                 }
             }
         }
-        let rows = self.scale.len();
         for b in 0..P {
-            let j = (p + b) * PANEL_ROWS;
-            let live = (rows - j).min(PANEL_ROWS);
-            let mut scales = [0.0f32; PANEL_ROWS];
-            scales[..live].copy_from_slice(&self.scale[j..j + live]);
+            let j = (p + b) * W;
+            let (scales, live) = self.scales(j, W);
             // SAFETY: eight floats on the stack.
             let scales = unsafe { _mm256_loadu_ps(scales.as_ptr()) };
             for (u, acc) in acc.iter().enumerate() {
-                let xs = _mm256_set1_ps(self.xs[i + u]);
-                let v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[b]), scales), xs);
-                let o = (i + u) * ldo + j;
-                if live == PANEL_ROWS {
-                    // SAFETY: o + 8 ≤ (i + u) · ldo + rows ≤ out.len().
-                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(o), v) };
-                } else {
-                    let mut lanes = [0.0f32; PANEL_ROWS];
-                    // SAFETY: eight floats on the stack.
-                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-                    out[o..o + live].copy_from_slice(&lanes[..live]);
+                let sums = _mm256_cvtepi32_ps(acc[b]);
+                let v = _mm256_mul_ps(_mm256_mul_ps(sums, scales), _mm256_set1_ps(self.xs[i + u]));
+                // SAFETY: AVX2 is enabled here.
+                unsafe { store8(v, out, (i + u) * ldo + j, live) };
+            }
+        }
+    }
+
+    /// As [`Block::run_avx2`] with one `vpdpbusd` (AVX-VNNI) per input row,
+    /// panel and group on the offset input values; the offset is taken off
+    /// once per stored row at the end.
+    #[target_feature(enable = "avx2,avxvnni")]
+    #[inline]
+    unsafe fn run_avx_vnni<const U: usize, const P: usize>(
+        &self,
+        i: usize,
+        p: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        use std::arch::x86_64::*;
+        const W: usize = 8;
+        let x_rows = self.rows::<U>(self.first, i);
+        let w_rows = self.panel_starts::<P>(p, W);
+        let mut acc = [[_mm256_setzero_si256(); P]; U];
+        for g in 0..self.groups {
+            // SAFETY (every read below): as in `run_avx2`.
+            let w: [__m256i; P] = std::array::from_fn(|b| unsafe {
+                _mm256_loadu_si256(w_rows[b].add(g * W * PANEL_GROUP) as *const __m256i)
+            });
+            for u in 0..U {
+                let x = unsafe { (x_rows[u].add(g * PANEL_GROUP) as *const i32).read_unaligned() };
+                let x = _mm256_set1_epi32(x);
+                for (a, &w) in acc[u].iter_mut().zip(&w) {
+                    *a = _mm256_dpbusd_avx_epi32(*a, x, w);
                 }
             }
         }
+        for b in 0..P {
+            let j = (p + b) * W;
+            let (scales, live) = self.scales(j, W);
+            let offsets = &self.panels.offsets[j..j + W];
+            // SAFETY: eight floats on the stack; eight offsets (padded to
+            // whole panels by `PanelSet::pack`).
+            let (scales, offsets) = unsafe {
+                (
+                    _mm256_loadu_ps(scales.as_ptr()),
+                    _mm256_loadu_si256(offsets.as_ptr() as *const __m256i),
+                )
+            };
+            for (u, acc) in acc.iter().enumerate() {
+                let sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[b], offsets));
+                let v = _mm256_mul_ps(_mm256_mul_ps(sums, scales), _mm256_set1_ps(self.xs[i + u]));
+                // SAFETY: AVX2 is enabled here.
+                unsafe { store8(v, out, (i + u) * ldo + j, live) };
+            }
+        }
+    }
+
+    /// As [`Block::run_avx_vnni`] on 512-bit registers: sixteen stored rows
+    /// per panel.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn run_avx512_vnni<const U: usize, const P: usize>(
+        &self,
+        i: usize,
+        p: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        use std::arch::x86_64::*;
+        const W: usize = 16;
+        let x_rows = self.rows::<U>(self.first, i);
+        let w_rows = self.panel_starts::<P>(p, W);
+        let mut acc = [[_mm512_setzero_si512(); P]; U];
+        for g in 0..self.groups {
+            // SAFETY (every read below): as in `run_avx2`.
+            let w: [__m512i; P] = std::array::from_fn(|b| unsafe {
+                _mm512_loadu_si512(w_rows[b].add(g * W * PANEL_GROUP) as *const _)
+            });
+            for u in 0..U {
+                let x = unsafe { (x_rows[u].add(g * PANEL_GROUP) as *const i32).read_unaligned() };
+                let x = _mm512_set1_epi32(x);
+                for (a, &w) in acc[u].iter_mut().zip(&w) {
+                    *a = _mm512_dpbusd_epi32(*a, x, w);
+                }
+            }
+        }
+        for b in 0..P {
+            let j = (p + b) * W;
+            let (scales, live) = self.scales(j, W);
+            let offsets = &self.panels.offsets[j..j + W];
+            // SAFETY: sixteen floats on the stack; sixteen offsets (padded
+            // to whole panels by `PanelSet::pack`).
+            let (scales, offsets) = unsafe {
+                (
+                    _mm512_loadu_ps(scales.as_ptr()),
+                    _mm512_loadu_si512(offsets.as_ptr() as *const _),
+                )
+            };
+            let mask: __mmask16 = if live == W { !0 } else { (1u16 << live) - 1 };
+            for (u, acc) in acc.iter().enumerate() {
+                let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[b], offsets));
+                let v = _mm512_mul_ps(_mm512_mul_ps(sums, scales), _mm512_set1_ps(self.xs[i + u]));
+                let o = (i + u) * ldo + j;
+                assert!(o + live <= out.len());
+                // SAFETY: the mask writes only the `live` floats from `o`,
+                // inside `out` (asserted just above).
+                unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(o), mask, v) };
+            }
+        }
+    }
+}
+
+/// Stores the first `live` (≤ 8) lanes of `v` at `out[o..]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store8(v: std::arch::x86_64::__m256, out: &mut [f32], o: usize, live: usize) {
+    use std::arch::x86_64::*;
+    let dst = &mut out[o..o + live];
+    if live == 8 {
+        // SAFETY: `dst` holds eight floats.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) };
+    } else {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: eight floats on the stack.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        dst.copy_from_slice(&lanes[..live]);
     }
 }
 
@@ -255,8 +623,27 @@ pub(super) fn int8_product(
 }
 
 /// Quantizes each `cols`-wide row of activations to `int8` with an `f32`
-/// scale of its own (max |x| / 127).
+/// scale of its own (max |x| / 127). The same arithmetic compiled for AVX2
+/// where the CPU has it (wider vectors for the rounding and the narrowing).
 pub(super) fn quantize_activations(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked just above).
+            return unsafe { quantize_activations_avx2(x, cols) };
+        }
+    }
+    quantize_rows(x, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_activations_avx2(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
+    quantize_rows(x, cols)
+}
+
+#[inline(always)]
+fn quantize_rows(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
     let rows = x.len() / cols;
     let mut q = vec![0i8; rows * cols];
     let mut scale = vec![0.0f32; rows];
@@ -265,18 +652,38 @@ pub(super) fn quantize_activations(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>
         .zip(q.chunks_exact_mut(cols))
         .zip(scale.iter_mut())
     {
-        let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let max = max_abs(row);
         if max > 0.0 && max.is_finite() {
             *s = max / I8_MAX;
             let inv = I8_MAX / max;
             for (o, &v) in qrow.iter_mut().zip(row) {
                 // Round to nearest by the 1.5·2²³ trick (|v · inv| ≤ 127):
-                // vectorizes, unlike `f32::round`.
-                *o = ((v * inv + ROUNDER) - ROUNDER) as i8;
+                // the sum's low mantissa bits are the rounded integer, read
+                // as bits (a float-to-integer cast saturates, which does
+                // not vectorize); a NaN gives 0, as the cast did.
+                let t = v * inv + ROUNDER;
+                let n = (t.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
+                *o = if t.is_nan() { 0 } else { n as i8 };
             }
         }
     }
     (q, scale)
+}
+
+/// The largest `|v|` of `values` (0 when empty), NaNs passed over: sixteen
+/// lanes side by side, which vectorizes (a fold over `f32::max` does not).
+#[inline(always)]
+fn max_abs(values: &[f32]) -> f32 {
+    let larger = |m: f32, v: f32| if v.abs() > m { v.abs() } else { m };
+    let mut lanes = [0.0f32; 16];
+    let mut chunks = values.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = larger(*l, v);
+        }
+    }
+    let rest = chunks.remainder().iter().fold(0.0f32, |m, &v| larger(m, v));
+    lanes.into_iter().fold(rest, larger)
 }
 
 /// `dots[i] = Σ_k xq[i · stride + offset + k] · row[k]` for `count` rows of `xq`.
@@ -425,17 +832,26 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     #[test]
-    fn the_panel_product_equals_the_portable_one_on_any_shape() {
-        if !panels_supported() {
-            // The panel product never runs on this CPU; the portable one does.
-            assert_eq!(int8_kernel(), "portable");
-            return;
-        }
+    fn every_panel_kernel_equals_the_portable_product_on_any_shape() {
+        let kernels: Vec<Int8Kernel> = Int8Kernel::ALL
+            .into_iter()
+            .filter(|k| k.supported() && k.panel_rows().is_some())
+            .collect();
+        // The chosen kernel is one this CPU runs, and the best of them.
+        assert!(int8_kernel().supported());
+        assert_eq!(
+            Int8Kernel::detected(),
+            Int8Kernel::ALL.into_iter().find(|k| k.supported()).unwrap()
+        );
         let mut rng = StdRng::seed_from_u64(17);
-        let mut panels = Vec::new();
-        for case in 0..300 {
+        for case in 0..400 {
             let n = rng.random_range(0..11);
-            let rows = rng.random_range(1..45);
+            // Now and then more rows than one L1 tile of panels holds.
+            let rows = if case % 25 == 0 {
+                rng.random_range(200..700)
+            } else {
+                rng.random_range(1..60)
+            };
             let cols = rng.random_range(1..75);
             let extreme = case % 10 == 0;
             let value = |rng: &mut StdRng| {
@@ -453,15 +869,98 @@ mod tests {
             let ldo = rows + rng.random_range(0..4);
             let mut want = vec![f32::NAN; n * ldo];
             int8_product(&xq, &xs, cols, &q, &scale, &mut want, ldo);
-            pack_panels(&q, rows, cols, &mut panels);
-            assert_eq!(panels.len(), panels_len(rows, cols));
-            let mut got = vec![f32::NAN; n * ldo];
-            int8_panel_product(&xq, &xs, cols, &panels, &scale, &mut got, ldo);
-            for (at, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    g.to_bits() == w.to_bits(),
-                    "case {case}: n {n}, rows {rows}, cols {cols}, ldo {ldo}, at {at}: {g} vs {w}"
-                );
+            for &kernel in &kernels {
+                let panels = PanelSet::pack(kernel, &q, rows, cols);
+                let mut got = vec![f32::NAN; n * ldo];
+                int8_panel_product(&xq, &xs, &panels, &scale, &mut got, ldo);
+                for (at, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_bits() == w.to_bits(),
+                        "{} case {case}: n {n}, rows {rows}, cols {cols}, ldo {ldo}, at {at}: {g} vs {w}",
+                        kernel.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_are_named_and_only_supported_ones_can_be_chosen() {
+        for kernel in Int8Kernel::ALL {
+            assert_eq!(kernel.name().parse::<Int8Kernel>(), Ok(kernel));
+        }
+        let unknown = "avx1024".parse::<Int8Kernel>().unwrap_err();
+        assert!(
+            unknown.contains("avx1024") && unknown.contains("avx512-vnni"),
+            "{unknown}"
+        );
+        assert!(Int8Kernel::Portable.supported());
+        // The process's kernel can be chosen again, never changed.
+        let chosen = int8_kernel();
+        assert_eq!(choose_int8_kernel(chosen), Ok(()));
+        for other in Int8Kernel::ALL.into_iter().filter(|&k| k != chosen) {
+            let err = choose_int8_kernel(other).unwrap_err();
+            assert!(err.contains(other.name()), "{err}");
+        }
+    }
+
+    #[test]
+    fn activations_quantize_alike_with_and_without_avx2() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for cols in [1, 7, 16, 32, 45] {
+            let x: Vec<f32> = (0..cols * 40)
+                .map(|i| match (i % 97, rng.random_range(0..50)) {
+                    (13, _) => f32::NAN,
+                    (29, _) => f32::INFINITY,
+                    (_, 0) => 0.0,
+                    _ => rng.random_range(-3.0..3.0),
+                })
+                .collect();
+            let (q, s) = quantize_activations(&x, cols);
+            let (want_q, want_s) = quantize_rows(&x, cols);
+            assert_eq!(q, want_q, "cols {cols}");
+            assert_eq!(s, want_s, "cols {cols}");
+            // The bits trick rounds like `((v · inv + R) − R) as i8`.
+            for ((row, qrow), &s) in x.chunks(cols).zip(q.chunks(cols)).zip(&s) {
+                let inv = if s > 0.0 { I8_MAX / max_abs(row) } else { 0.0 };
+                for (&v, &q) in row.iter().zip(qrow) {
+                    let want = if s > 0.0 {
+                        ((v * inv + ROUNDER) - ROUNDER) as i8
+                    } else {
+                        0
+                    };
+                    assert_eq!(q, want, "{v} · {inv}");
+                }
+            }
+            // Each value within half a step of its row's scale.
+            for ((row, qrow), &s) in x.chunks(cols).zip(q.chunks(cols)).zip(&s) {
+                for (&v, &q) in row.iter().zip(qrow) {
+                    if s > 0.0 && v.is_finite() {
+                        assert!(
+                            (v - s * f32::from(q)).abs() <= s / 2.0 + 1e-6,
+                            "{v} vs {q}·{s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn max_abs_equals_a_fold_over_f32_max() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for len in [0, 1, 15, 16, 17, 32, 45, 100] {
+            for _ in 0..20 {
+                let values: Vec<f32> = (0..len)
+                    .map(|_| match rng.random_range(0..20) {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        2 => -0.0,
+                        _ => rng.random_range(-5.0..5.0),
+                    })
+                    .collect();
+                let want = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert_eq!(max_abs(&values).to_bits(), want.to_bits(), "{values:?}");
             }
         }
     }
