@@ -162,7 +162,7 @@ pub enum Matrix {
         q: Vec<i8>,
         /// Per row.
         scale: Vec<f32>,
-        /// `q` laid out for the AVX2 product, made at first use.
+        /// `q` laid out for this process's panel kernel, made at first use.
         panels: Panels,
     },
     /// `int4` in `[-8, 7]`, stored as `q + 8`, low nibble first; each row
@@ -179,7 +179,7 @@ pub enum Matrix {
         /// `rows × ⌈cols / group⌉` scales.
         scale: Vec<f32>,
         /// With one scale per row, the values widened to `int8` and laid
-        /// out for the AVX2 product, made at first use.
+        /// out for this process's panel kernel, made at first use.
         panels: Panels,
     },
     /// Compressed sparse rows.
