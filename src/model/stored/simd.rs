@@ -226,14 +226,14 @@ pub(super) fn int8_panel_product(
     // absolute values; for VNNI offset into unsigned bytes (x + 128).
     let stride = cols.div_ceil(PANEL_GROUP) * PANEL_GROUP;
     let vnni = kernel != Int8Kernel::Avx2;
-    let mut first = vec![if vnni { VNNI_OFFSET as u8 as i8 } else { 0 }; n * stride];
+    let mut inputs = vec![if vnni { VNNI_OFFSET as u8 as i8 } else { 0 }; n * stride];
     let mut magnitude = if vnni {
         Vec::new()
     } else {
         vec![0i8; n * stride]
     };
     for (i, row) in xq.chunks_exact(cols.max(1)).take(n).enumerate() {
-        let f = &mut first[i * stride..i * stride + cols];
+        let f = &mut inputs[i * stride..i * stride + cols];
         if vnni {
             for (f, &v) in f.iter_mut().zip(row) {
                 *f = (v as u8 ^ 0x80) as i8;
@@ -248,7 +248,7 @@ pub(super) fn int8_panel_product(
     #[cfg(target_arch = "x86_64")]
     {
         let at = Block {
-            first: &first,
+            inputs: &inputs,
             magnitude: &magnitude,
             xs,
             stride,
@@ -279,7 +279,7 @@ pub(super) fn int8_panel_product(
 #[cfg(target_arch = "x86_64")]
 struct Block<'a> {
     /// Input rows, `stride` bytes each: signed (AVX2) or offset (VNNI).
-    first: &'a [i8],
+    inputs: &'a [i8],
     /// AVX2 only: the absolute values of the input rows.
     magnitude: &'a [i8],
     xs: &'a [f32],
@@ -349,7 +349,7 @@ impl Block<'_> {
         let n_panels = rows.div_ceil(width);
         let panel_bytes = self.groups * width * PANEL_GROUP;
         assert!(self.panels.bytes.len() >= n_panels * panel_bytes);
-        assert!(self.first.len() >= n * self.stride);
+        assert!(self.inputs.len() >= n * self.stride);
         assert!(self.magnitude.is_empty() || self.magnitude.len() >= n * self.stride);
         assert!(self.panels.offsets.is_empty() || self.panels.offsets.len() >= n_panels * width);
         assert!(n == 0 || out.len() >= (n - 1) * ldo + rows);
@@ -436,7 +436,7 @@ impl Block<'_> {
         use std::arch::x86_64::*;
         const W: usize = 8;
         let (x_rows, m_rows) = (
-            self.rows::<U>(self.first, i),
+            self.rows::<U>(self.inputs, i),
             self.rows::<U>(self.magnitude, i),
         );
         let w_rows = self.panel_starts::<P>(p, W);
@@ -491,7 +491,7 @@ impl Block<'_> {
     ) {
         use std::arch::x86_64::*;
         const W: usize = 8;
-        let x_rows = self.rows::<U>(self.first, i);
+        let x_rows = self.rows::<U>(self.inputs, i);
         let w_rows = self.panel_starts::<P>(p, W);
         let mut acc = [[_mm256_setzero_si256(); P]; U];
         for g in 0..self.groups {
@@ -541,7 +541,7 @@ impl Block<'_> {
     ) {
         use std::arch::x86_64::*;
         const W: usize = 16;
-        let x_rows = self.rows::<U>(self.first, i);
+        let x_rows = self.rows::<U>(self.inputs, i);
         let w_rows = self.panel_starts::<P>(p, W);
         let mut acc = [[_mm512_setzero_si512(); P]; U];
         for g in 0..self.groups {
