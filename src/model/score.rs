@@ -166,35 +166,34 @@ fn scan(
             while above_kth != 0 {
                 let j = above_kth.trailing_zeros() as usize;
                 above_kth &= above_kth - 1;
-                let (j, s) = (first + j, chunk[j]);
-                let (wj, ws) = best[k - 1];
-                if excluded[j] || !better(s, j as u32, ws, wj) {
-                    continue;
+                if !excluded[first + j] {
+                    admit(&mut best, k, (first + j) as u32, chunk[j]);
                 }
-                best.pop();
-                let at = best.partition_point(|&(bj, bs)| better(bs, bj, s, j as u32));
-                best.insert(at, (j as u32, s));
             }
             continue;
         }
         for (j, &s) in chunk.iter().enumerate() {
-            let j = first + j;
-            if excluded[j] {
-                continue;
+            if !excluded[first + j] {
+                admit(&mut best, k, (first + j) as u32, key(s));
             }
-            let (j, s) = (j as u32, key(s));
-            if best.len() == k {
-                let (wj, ws) = best[k - 1];
-                if !better(s, j, ws, wj) {
-                    continue;
-                }
-                best.pop();
-            }
-            let at = best.partition_point(|&(bj, bs)| better(bs, bj, s, j));
-            best.insert(at, (j, s));
         }
     }
     (best, above)
+}
+
+/// Puts item `j` with key `s` into `best` (the `k` best so far, best
+/// first) when the list has room or `j` beats its last, which then leaves.
+#[inline]
+fn admit(best: &mut Vec<(u32, f32)>, k: usize, j: u32, s: f32) {
+    if best.len() == k {
+        let (wj, ws) = best[k - 1];
+        if !better(s, j, ws, wj) {
+            return;
+        }
+        best.pop();
+    }
+    let at = best.partition_point(|&(bj, bs)| better(bs, bj, s, j));
+    best.insert(at, (j, s));
 }
 
 /// Fewest whole passes over the targets when timing throughput.

@@ -410,6 +410,9 @@ impl Block<'_> {
     fn scales(&self, j: usize, width: usize) -> ([f32; MAX_PANEL_ROWS], usize) {
         let live = (self.scale.len() - j).min(width);
         let mut scales = [0.0f32; MAX_PANEL_ROWS];
+        // A whole panel copies a constant length once inlined (`width` is
+        // the kernel's constant): no `memmove` call per block, as a
+        // copy of `live` values would make.
         if live == width {
             scales[..width].copy_from_slice(&self.scale[j..j + width]);
         } else {
