@@ -189,8 +189,10 @@ pub fn label_users(
                 if let Some(p) = target_position(train.len(), len, i)
                     && labelled.contains(&p)
                 {
-                    let h = (slot * len + i) * d;
-                    wanted.push((u, p, ws.hf[h..h + d].to_vec()));
+                    let hidden = ws.hidden(slot * len + i).ok_or_else(|| {
+                        Error::internal("a labelled position without an input item")
+                    })?;
+                    wanted.push((u, p, hidden.to_vec()));
                 }
             }
         }
@@ -202,8 +204,7 @@ pub fn label_users(
         cpu::forward(model, &table, &mut ws, &inputs[..b * len], b, None);
         for (slot, (&u, train)) in chunk.iter().zip(&trains).enumerate() {
             if !train.is_empty() {
-                let h = (slot * len + len - 1) * d;
-                wanted.push((u, train.len(), ws.hf[h..h + d].to_vec()));
+                wanted.push((u, train.len(), ws.last_hidden(slot).to_vec()));
             }
         }
         if wanted.is_empty() {

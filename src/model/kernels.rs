@@ -5,9 +5,34 @@
 //! row-major `f32` buffers and never allocate per call in the hot paths.
 
 use gemm::Parallelism;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+
+/// Defines `$name`, which runs the `#[inline(always)]` function `$body`
+/// compiled for AVX2 and FMA where the CPU has them (its loops then run
+/// eight lanes wide), else as the crate is compiled. Both compile the same
+/// operations in the same order (Rust never fuses a multiply and an add on
+/// its own), so they give the same bits.
+macro_rules! wide_where_supported {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports the features `wide` was compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
 
 /// A read-only matrix view: `rows × cols` with element `(r, c)` at
 /// `data[r * rs + c * cs]`.
@@ -170,17 +195,76 @@ pub fn layer_norm(
         .zip(xhat.par_chunks_mut(d))
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(d))
-        .for_each(|(((y, xh), rs), x)| {
-            let mean = x.iter().sum::<f32>() / d as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            *rs = r;
-            for i in 0..d {
-                let n = (x[i] - mean) * r;
-                xh[i] = n;
-                y[i] = n * gamma[i] + beta[i];
-            }
-        });
+        .for_each(|(((y, xh), rs), x)| *rs = layer_norm_row(x, gamma, beta, eps, y, xh));
+}
+
+/// `Σ f(v)` over `values`, in eight lanes summed in a fixed order (so the
+/// loop vectorizes and the result does not depend on the CPU).
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = values.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            lanes[k] += f(c[k]);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `Σ a·b` over two equally long slices, in eight lanes as [`lane_sum`].
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let b = &b[..a.len()];
+    let mut lanes = [0.0f32; 8];
+    let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn layer_norm_row_body(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+    xhat: &mut [f32],
+) -> f32 {
+    let d = x.len();
+    let (gamma, beta, y, xhat) = (&gamma[..d], &beta[..d], &mut y[..d], &mut xhat[..d]);
+    let mean = lane_sum(x, |v| v) / d as f32;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / d as f32;
+    let r = 1.0 / (var + eps).sqrt();
+    for i in 0..d {
+        let n = (x[i] - mean) * r;
+        xhat[i] = n;
+        y[i] = n * gamma[i] + beta[i];
+    }
+    r
+}
+
+wide_where_supported! {
+    /// Layer norm of one row `x`: writes `y` and `xhat`, returns `1 / std`.
+    fn layer_norm_row(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        y: &mut [f32],
+        xhat: &mut [f32],
+    ) -> f32 => layer_norm_row_body
 }
 
 /// Backward of [`layer_norm`]: writes `dx` (or adds to it with `accumulate`)
@@ -201,26 +285,7 @@ pub fn layer_norm_backward(
         .zip(dy.par_chunks(d))
         .zip(xhat.par_chunks(d))
         .zip(rstd.par_iter())
-        .for_each(|(((dx, dy), xh), r)| {
-            let mut mean_g = 0.0f32;
-            let mut mean_gx = 0.0f32;
-            for i in 0..d {
-                let g = dy[i] * gamma[i];
-                mean_g += g;
-                mean_gx += g * xh[i];
-            }
-            mean_g /= d as f32;
-            mean_gx /= d as f32;
-            for i in 0..d {
-                let g = dy[i] * gamma[i];
-                let v = r * (g - mean_g - xh[i] * mean_gx);
-                if accumulate {
-                    dx[i] += v;
-                } else {
-                    dx[i] = v;
-                }
-            }
-        });
+        .for_each(|(((dx, dy), xh), r)| layer_norm_row_backward(dy, xh, *r, gamma, dx, accumulate));
     let rows = dy.len() / d;
     let chunk = rows.div_ceil(8).max(1);
     let partial: Vec<(Vec<f32>, Vec<f32>)> = dy
@@ -245,35 +310,276 @@ pub fn layer_norm_backward(
     }
 }
 
-/// A reproducible random stream for one (seed, site, row): dropout masks do
-/// not depend on how rows are spread over threads.
-pub fn row_rng(seed: u64, site: u64, row: u64) -> SmallRng {
-    let mut z =
-        seed ^ site.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ row.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    // splitmix64 finalizer
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    SmallRng::seed_from_u64(z ^ (z >> 31))
+#[inline(always)]
+fn layer_norm_row_backward_body(
+    dy: &[f32],
+    xhat: &[f32],
+    r: f32,
+    gamma: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let d = dy.len();
+    let (xhat, gamma, dx) = (&xhat[..d], &gamma[..d], &mut dx[..d]);
+    let (mut lanes_g, mut lanes_gx) = ([0.0f32; 8], [0.0f32; 8]);
+    let (mut cy, mut cg, mut cx) = (
+        dy.chunks_exact(8),
+        gamma.chunks_exact(8),
+        xhat.chunks_exact(8),
+    );
+    for ((y, g), x) in (&mut cy).zip(&mut cg).zip(&mut cx) {
+        for k in 0..8 {
+            let v = y[k] * g[k];
+            lanes_g[k] += v;
+            lanes_gx[k] += v * x[k];
+        }
+    }
+    let (mut tail_g, mut tail_gx) = (0.0f32, 0.0f32);
+    for ((y, g), x) in cy
+        .remainder()
+        .iter()
+        .zip(cg.remainder())
+        .zip(cx.remainder())
+    {
+        let v = y * g;
+        tail_g += v;
+        tail_gx += v * x;
+    }
+    let mean_g = (lanes_g.iter().sum::<f32>() + tail_g) / d as f32;
+    let mean_gx = (lanes_gx.iter().sum::<f32>() + tail_gx) / d as f32;
+    for i in 0..d {
+        let v = r * (dy[i] * gamma[i] - mean_g - xhat[i] * mean_gx);
+        if accumulate {
+            dx[i] += v;
+        } else {
+            dx[i] = v;
+        }
+    }
 }
 
-/// Inverted dropout in place: each element is kept with probability `1 - p`
-/// and scaled by `1 / (1 - p)`; `mask` records the factor (0 or the scale).
-/// Rows are `width` wide; `p = 0` keeps everything.
-pub fn dropout(x: &mut [f32], mask: &mut [f32], width: usize, p: f32, seed: u64, site: u64) {
-    if p <= 0.0 {
-        mask.fill(1.0);
-        return;
+wide_where_supported! {
+    /// [`layer_norm_backward`] of one row: `dx` from `dy`, given the row's
+    /// `xhat` and `1 / std` `r`.
+    fn layer_norm_row_backward(
+        dy: &[f32],
+        xhat: &[f32],
+        r: f32,
+        gamma: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+    ) => layer_norm_row_backward_body
+}
+
+#[inline(always)]
+fn relu_dropout_backward_body(grad: &mut [f32], mask: &[f32], pre: &[f32]) {
+    let (mask, pre) = (&mask[..grad.len()], &pre[..grad.len()]);
+    for i in 0..grad.len() {
+        grad[i] = if pre[i] > 0.0 { grad[i] * mask[i] } else { 0.0 };
     }
-    let scale = 1.0 / (1.0 - p);
-    x.par_chunks_mut(width)
-        .zip(mask.par_chunks_mut(width))
+}
+
+wide_where_supported! {
+    /// The backward of `dropout(relu(pre))` with dropout factors `mask`:
+    /// `grad ← grad · mask` where `pre > 0`, else 0.
+    fn relu_dropout_backward_rows(grad: &mut [f32], mask: &[f32], pre: &[f32])
+        => relu_dropout_backward_body
+}
+
+/// The backward of `dropout(relu(pre))` with dropout factors `mask`, in
+/// place on `grad` (all three the same length).
+pub fn relu_dropout_backward(grad: &mut [f32], mask: &[f32], pre: &[f32]) {
+    grad.par_chunks_mut(4096)
+        .zip(mask.par_chunks(4096))
+        .zip(pre.par_chunks(4096))
+        .for_each(|((g, m), z)| relu_dropout_backward_rows(g, m, z));
+}
+
+/// The dropout draws of one (seed, site, row): element `j` of the row is
+/// kept when a 32-bit hash of (row key, `j`) is at least `⌊p·2³²⌋`. The
+/// hash of every element is computed on its own (no sequential generator),
+/// so a row's draws run in SIMD lanes, and masks do not depend on how rows
+/// are spread over threads.
+#[derive(Debug, Clone, Copy)]
+pub struct DropStream {
+    key_lo: u32,
+    key_hi: u32,
+}
+
+impl DropStream {
+    /// The stream of `row` at dropout site `site` of the step seeded `seed`.
+    pub fn new(seed: u64, site: u64, row: u64) -> DropStream {
+        let mut z = seed
+            ^ site.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ row.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        // splitmix64 finalizer
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        DropStream {
+            key_lo: z as u32,
+            key_hi: (z >> 32) as u32,
+        }
+    }
+
+    /// The draw of element `j`: two rounds of murmur3's finalizer, each a
+    /// bijection, keyed by the two halves of the row key (distinct `j` of a
+    /// row never share a draw).
+    #[inline(always)]
+    fn draw(self, j: u32) -> u32 {
+        fmix32(fmix32(j.wrapping_mul(0x9E37_79B9) ^ self.key_lo) ^ self.key_hi)
+    }
+}
+
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// Dropout's rule for rate `p`: draws below `threshold` drop, the rest are
+/// scaled by `scale = 1 / (1 − p)`.
+#[derive(Debug, Clone, Copy)]
+pub struct DropRule {
+    threshold: u32,
+    scale: f32,
+}
+
+impl DropRule {
+    /// The rule for rate `p` (`0 ≤ p < 1`).
+    pub fn new(p: f32) -> DropRule {
+        DropRule {
+            threshold: (p as f64 * 4_294_967_296.0).clamp(0.0, u32::MAX as f64) as u32,
+            scale: 1.0 / (1.0 - p),
+        }
+    }
+}
+
+#[inline(always)]
+fn drop_factors_body(factors: &mut [f32], stream: DropStream, first: u32, rule: DropRule) {
+    for (j, f) in factors.iter_mut().enumerate() {
+        let keep = stream.draw(first.wrapping_add(j as u32)) >= rule.threshold;
+        *f = if keep { rule.scale } else { 0.0 };
+    }
+}
+
+wide_where_supported! {
+    /// Writes dropout's factors (0 or the rule's scale) for elements
+    /// `first, first + 1, …` of `stream` into `factors`.
+    pub fn drop_factors(factors: &mut [f32], stream: DropStream, first: u32, rule: DropRule)
+        => drop_factors_body
+}
+
+/// One dropout site of a training step: its rule and the seed of its rows'
+/// streams. `None` where dropout is off (rate 0, or not training).
+#[derive(Debug, Clone, Copy)]
+pub struct DropSite {
+    rule: DropRule,
+    seed: u64,
+    site: u64,
+}
+
+impl DropSite {
+    /// Site `site` of the step seeded `seed` at rate `p`; `None` for `p ≤ 0`.
+    pub fn new(p: f32, seed: u64, site: u64) -> Option<DropSite> {
+        (p > 0.0).then(|| DropSite {
+            rule: DropRule::new(p),
+            seed,
+            site,
+        })
+    }
+}
+
+/// Writes row `row`'s dropout factors at `drop` into `factors`: 0 or the
+/// rule's scale, or 1 everywhere without dropout.
+pub fn row_factors(drop: Option<DropSite>, row: usize, factors: &mut [f32]) {
+    match drop {
+        Some(s) => drop_factors(
+            factors,
+            DropStream::new(s.seed, s.site, row as u64),
+            0,
+            s.rule,
+        ),
+        None => factors.fill(1.0),
+    }
+}
+
+/// Rows per parallel task of the fused row passes.
+const ROWS_PER_TASK: usize = 16;
+
+/// A residual branch's output in one pass: rows of `y` (width
+/// `bias.len()`) become `(y + bias) ⊙ factors + residual`, the dropout
+/// factors of `drop` written to `mask` — as adding the bias, multiplying by
+/// the factors and adding `residual` in turn, with the same rounding.
+pub fn bias_dropout_residual(
+    y: &mut [f32],
+    bias: &[f32],
+    mask: &mut [f32],
+    residual: &[f32],
+    drop: Option<DropSite>,
+) {
+    let width = bias.len();
+    let task = width * ROWS_PER_TASK;
+    y.par_chunks_mut(task)
+        .zip(mask.par_chunks_mut(task))
+        .zip(residual.par_chunks(task))
         .enumerate()
-        .for_each(|(row, (x, m))| {
-            let mut rng = row_rng(seed, site, row as u64);
-            for (v, m) in x.iter_mut().zip(m.iter_mut()) {
-                let keep = rng.random::<f32>() >= p;
-                *m = if keep { scale } else { 0.0 };
-                *v *= *m;
+        .for_each(|(t, ((y, mask), residual))| {
+            let rows = y
+                .chunks_exact_mut(width)
+                .zip(mask.chunks_exact_mut(width))
+                .zip(residual.chunks_exact(width));
+            for (i, ((y, m), r)) in rows.enumerate() {
+                row_factors(drop, t * ROWS_PER_TASK + i, m);
+                for (((v, b), m), r) in y.iter_mut().zip(bias).zip(m.iter()).zip(r) {
+                    *v = (*v + b) * m + r;
+                }
+            }
+        });
+}
+
+/// The feed-forward's hidden layer in one pass: rows of `z` (width
+/// `bias.len()`) get `bias` added (kept: the backward needs them), and
+/// `out = relu(z) ⊙ factors`, the dropout factors of `drop` written to
+/// `mask`.
+pub fn bias_relu_dropout(
+    z: &mut [f32],
+    bias: &[f32],
+    out: &mut [f32],
+    mask: &mut [f32],
+    drop: Option<DropSite>,
+) {
+    let width = bias.len();
+    let task = width * ROWS_PER_TASK;
+    z.par_chunks_mut(task)
+        .zip(out.par_chunks_mut(task))
+        .zip(mask.par_chunks_mut(task))
+        .enumerate()
+        .for_each(|(t, ((z, out), mask))| {
+            let rows = z
+                .chunks_exact_mut(width)
+                .zip(out.chunks_exact_mut(width))
+                .zip(mask.chunks_exact_mut(width));
+            for (i, ((z, o), m)) in rows.enumerate() {
+                row_factors(drop, t * ROWS_PER_TASK + i, m);
+                for (((z, b), o), m) in z.iter_mut().zip(bias).zip(o.iter_mut()).zip(m.iter()) {
+                    *z += b;
+                    *o = z.max(0.0) * m;
+                }
+            }
+        });
+}
+
+/// `out = x ⊙ mask` (a gradient through dropout, into a buffer of its own).
+pub fn masked_copy(out: &mut [f32], x: &[f32], mask: &[f32]) {
+    out.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .zip(mask.par_chunks(4096))
+        .for_each(|((o, x), m)| {
+            for ((o, x), m) in o.iter_mut().zip(x).zip(m) {
+                *o = x * m;
             }
         });
 }
@@ -289,7 +595,7 @@ pub fn apply_mask(dx: &mut [f32], mask: &[f32]) {
         });
 }
 
-/// Shapes of one attention call.
+/// A batch of whole windows: `batch` sequences of `len` positions.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     /// Sequences.
@@ -303,20 +609,95 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
-    fn head_dim(&self) -> usize {
-        self.d_model / self.heads
+    /// Every position of every window as a row, `len` rows per sequence.
+    pub fn layout(&self) -> AttentionLayout {
+        let mut layout = AttentionLayout::new(self.heads, self.d_model);
+        for _ in 0..self.batch {
+            layout.push(self.len);
+        }
+        layout
     }
 }
 
-/// Causal multi-head self-attention. `qkv` is `(batch·len) × 3·d_model`
-/// (queries, keys, values side by side); `valid[b·len + t]` says whether
-/// position `t` of sequence `b` holds an item (padding keys are masked).
-/// Writes the softmax probabilities `probs` (`batch·heads·len·len`), the
-/// dropout factors `drop_mask` (same size) and the per-head outputs side by
-/// side into `out` (`(batch·len) × d_model`).
+/// Where each sequence's rows lie when attention runs: sequence `b` holds
+/// rows `starts[b]..starts[b + 1]` (its whole window, or only the positions
+/// worth computing), and its `heads` probability blocks of `rows × rows`
+/// follow those of the sequences before it.
+#[derive(Debug, Clone)]
+pub struct AttentionLayout {
+    heads: usize,
+    d_model: usize,
+    starts: Vec<usize>,
+    prob_starts: Vec<usize>,
+}
+
+impl AttentionLayout {
+    /// No sequences yet, `d_model`-wide rows in `heads` heads.
+    pub fn new(heads: usize, d_model: usize) -> AttentionLayout {
+        AttentionLayout {
+            heads,
+            d_model,
+            starts: vec![0],
+            prob_starts: vec![0],
+        }
+    }
+
+    /// Drops every sequence.
+    pub fn clear(&mut self) {
+        self.starts.truncate(1);
+        self.prob_starts.truncate(1);
+    }
+
+    /// Appends a sequence of `rows` rows.
+    pub fn push(&mut self, rows: usize) {
+        self.starts.push(self.rows() + rows);
+        self.prob_starts
+            .push(self.prob_values() + self.heads * rows * rows);
+    }
+
+    /// Rows of every sequence together.
+    pub fn rows(&self) -> usize {
+        self.starts[self.starts.len() - 1]
+    }
+
+    /// Probabilities (and dropout factors) of every sequence together.
+    pub fn prob_values(&self) -> usize {
+        self.prob_starts[self.prob_starts.len() - 1]
+    }
+
+    fn head_dim(&self) -> usize {
+        self.d_model / self.heads
+    }
+
+    /// `data` cut into each sequence's part: rows of `width` values, or
+    /// with `width` 0 its probability blocks.
+    fn split<'a>(&self, mut data: &'a mut [f32], width: usize) -> Vec<&'a mut [f32]> {
+        let starts = if width == 0 {
+            &self.prob_starts
+        } else {
+            &self.starts
+        };
+        let unit = width.max(1);
+        let mut parts = Vec::with_capacity(starts.len() - 1);
+        for w in starts.windows(2) {
+            let (part, rest) = std::mem::take(&mut data).split_at_mut((w[1] - w[0]) * unit);
+            parts.push(part);
+            data = rest;
+        }
+        parts
+    }
+}
+
+/// Causal multi-head self-attention over the sequences of `layout`. `qkv`
+/// holds one row per position, `3·d_model` wide (queries, keys, values
+/// side by side); `valid[r]` says whether row `r` holds an item (other keys
+/// are masked; a row with no valid key attends nowhere). Writes the softmax
+/// probabilities `probs` (`layout.prob_values()`), the dropout factors
+/// `drop_mask` (same size) and the per-head outputs side by side into `out`
+/// (one `d_model`-wide row per position).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
-    shape: AttentionShape,
+    layout: &AttentionLayout,
     qkv: &[f32],
     valid: &[bool],
     probs: &mut [f32],
@@ -326,29 +707,27 @@ pub fn attention(
     seed: u64,
     site: u64,
 ) {
-    let AttentionShape {
-        len,
-        heads,
-        d_model,
-        ..
-    } = shape;
-    let dh = shape.head_dim();
+    let (heads, d_model) = (layout.heads, layout.d_model);
+    let dh = layout.head_dim();
     let scale = 1.0 / (dh as f32).sqrt();
     let ld = 3 * d_model;
-    let keep_scale = if dropout_p > 0.0 {
-        1.0 / (1.0 - dropout_p)
-    } else {
-        1.0
-    };
+    let rule = (dropout_p > 0.0).then(|| DropRule::new(dropout_p));
+    let (probs, drop_mask) = (
+        &mut probs[..layout.prob_values()],
+        &mut drop_mask[..layout.prob_values()],
+    );
+    let out = &mut out[..layout.rows() * d_model];
     // One task per sequence: its heads' probabilities and its rows of `out`.
-    probs
-        .par_chunks_mut(heads * len * len)
-        .zip(drop_mask.par_chunks_mut(heads * len * len))
-        .zip(out.par_chunks_mut(len * d_model))
+    layout
+        .split(probs, 0)
+        .into_par_iter()
+        .zip(layout.split(drop_mask, 0))
+        .zip(layout.split(out, d_model))
         .enumerate()
         .for_each(|(b, ((probs, mask), out))| {
-            let rows = &qkv[b * len * ld..(b + 1) * len * ld];
-            let valid = &valid[b * len..(b + 1) * len];
+            let (first, len) = (layout.starts[b], layout.starts[b + 1] - layout.starts[b]);
+            let rows = &qkv[first * ld..(first + len) * ld];
+            let valid = &valid[first..first + len];
             let mut dropped = vec![0.0f32; len * len];
             for h in 0..heads {
                 let p = &mut probs[h * len * len..(h + 1) * len * len];
@@ -357,7 +736,7 @@ pub fn attention(
                 let v = View::strided(&rows[2 * d_model + h * dh..], len, dh, ld);
                 matmul(p, len, q, k.t(), false, scale, Parallelism::None);
                 let m = &mut mask[h * len * len..(h + 1) * len * len];
-                let mut rng = row_rng(seed, site, (b * heads + h) as u64);
+                let stream = DropStream::new(seed, site, (b * heads + h) as u64);
                 for i in 0..len {
                     let row = &mut p[i * len..(i + 1) * len];
                     let mut max = f32::NEG_INFINITY;
@@ -381,19 +760,13 @@ pub fn attention(
                     let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                     let mrow = &mut m[i * len..(i + 1) * len];
                     let drow = &mut dropped[i * len..(i + 1) * len];
+                    match rule {
+                        Some(rule) => drop_factors(mrow, stream, (i * len) as u32, rule),
+                        None => mrow.fill(1.0),
+                    }
                     for j in 0..len {
                         row[j] *= inv;
-                        let factor = if dropout_p > 0.0 {
-                            if rng.random::<f32>() >= dropout_p {
-                                keep_scale
-                            } else {
-                                0.0
-                            }
-                        } else {
-                            1.0
-                        };
-                        mrow[j] = factor;
-                        drow[j] = row[j] * factor;
+                        drow[j] = row[j] * mrow[j];
                     }
                 }
                 let o = &mut out[h * dh..];
@@ -410,36 +783,36 @@ pub fn attention(
         });
 }
 
-/// Backward of [`attention`]: from `d_out` (`(batch·len) × d_model`) writes
-/// `d_qkv` (`(batch·len) × 3·d_model`).
+/// Backward of [`attention`] over the same `layout`: from `d_out` (one
+/// `d_model`-wide row per position) writes `d_qkv` (`3·d_model` wide).
 pub fn attention_backward(
-    shape: AttentionShape,
+    layout: &AttentionLayout,
     qkv: &[f32],
     probs: &[f32],
     drop_mask: &[f32],
     d_out: &[f32],
     d_qkv: &mut [f32],
 ) {
-    let AttentionShape {
-        len,
-        heads,
-        d_model,
-        ..
-    } = shape;
-    let dh = shape.head_dim();
+    let (heads, d_model) = (layout.heads, layout.d_model);
+    let dh = layout.head_dim();
     let scale = 1.0 / (dh as f32).sqrt();
     let ld = 3 * d_model;
-    d_qkv
-        .par_chunks_mut(len * ld)
+    let d_qkv = &mut d_qkv[..layout.rows() * ld];
+    layout
+        .split(d_qkv, ld)
+        .into_par_iter()
         .enumerate()
         .for_each(|(b, dq_rows)| {
-            let rows = &qkv[b * len * ld..(b + 1) * len * ld];
-            let d_out = &d_out[b * len * d_model..(b + 1) * len * d_model];
+            let (first, len) = (layout.starts[b], layout.starts[b + 1] - layout.starts[b]);
+            let rows = &qkv[first * ld..(first + len) * ld];
+            let d_out = &d_out[first * d_model..(first + len) * d_model];
+            let blocks = layout.prob_starts[b]..layout.prob_starts[b + 1];
+            let (probs, drop_mask) = (&probs[blocks.clone()], &drop_mask[blocks]);
             let mut dropped = vec![0.0f32; len * len];
             let mut dp = vec![0.0f32; len * len];
             for h in 0..heads {
-                let p = &probs[(b * heads + h) * len * len..(b * heads + h + 1) * len * len];
-                let m = &drop_mask[(b * heads + h) * len * len..(b * heads + h + 1) * len * len];
+                let p = &probs[h * len * len..(h + 1) * len * len];
+                let m = &drop_mask[h * len * len..(h + 1) * len * len];
                 for ((d, p), m) in dropped.iter_mut().zip(p).zip(m) {
                     *d = p * m;
                 }
@@ -460,17 +833,13 @@ pub fn attention_backward(
                 // dP = (dO · Vᵀ) ⊙ mask, then the softmax backward, then the score scale.
                 matmul(&mut dp, len, d_o, v.t(), false, 1.0, Parallelism::None);
                 for i in 0..len {
-                    let prow = &p[i * len..(i + 1) * len];
-                    let drow = &mut dp[i * len..(i + 1) * len];
-                    let mrow = &m[i * len..(i + 1) * len];
-                    let mut dot = 0.0f32;
-                    for j in 0..len {
-                        drow[j] *= mrow[j];
-                        dot += drow[j] * prow[j];
-                    }
-                    for j in 0..len {
-                        drow[j] = prow[j] * (drow[j] - dot) * scale;
-                    }
+                    let span = i * len..(i + 1) * len;
+                    softmax_dropout_backward_row(
+                        &mut dp[span.clone()],
+                        &p[span.clone()],
+                        &m[span],
+                        scale,
+                    );
                 }
                 // dQ = dS · K ; dK = dSᵀ · Q
                 matmul(
@@ -493,6 +862,26 @@ pub fn attention_backward(
                 );
             }
         });
+}
+
+#[inline(always)]
+fn softmax_dropout_backward_row_body(grad: &mut [f32], probs: &[f32], mask: &[f32], scale: f32) {
+    let (probs, mask) = (&probs[..grad.len()], &mask[..grad.len()]);
+    for (g, m) in grad.iter_mut().zip(mask) {
+        *g *= m;
+    }
+    let dot = lane_dot(grad, probs);
+    for (g, p) in grad.iter_mut().zip(probs) {
+        *g = p * (*g - dot) * scale;
+    }
+}
+
+wide_where_supported! {
+    /// One attention row's backward through dropout (`mask`), the softmax
+    /// (`probs`) and the score scale: `grad ← p ⊙ (grad ⊙ mask − ⟨grad ⊙
+    /// mask, p⟩) · scale`.
+    fn softmax_dropout_backward_row(grad: &mut [f32], probs: &[f32], mask: &[f32], scale: f32)
+        => softmax_dropout_backward_row_body
 }
 
 /// `exp(x)` to within a few ulp for `x ≤ 88`, branch-free so loops over it
@@ -552,20 +941,9 @@ fn exp_normalize_body(row: &mut [f32], offset: Option<&[f32]>) -> f32 {
     chunks.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>()
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp_normalize_avx2(row: &mut [f32], offset: Option<&[f32]>) -> f32 {
-    exp_normalize_body(row, offset)
-}
-
-/// [`exp_normalize_body`], with AVX2 and FMA where the CPU has them.
-pub fn exp_normalize(row: &mut [f32], offset: Option<&[f32]>) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function was compiled for.
-        return unsafe { exp_normalize_avx2(row, offset) };
-    }
-    exp_normalize_body(row, offset)
+wide_where_supported! {
+    /// [`exp_normalize_body`], eight lanes wide where the CPU has AVX2.
+    pub fn exp_normalize(row: &mut [f32], offset: Option<&[f32]>) -> f32 => exp_normalize_body
 }
 
 /// `Σ exp((v − shift) · scale)` over `row`, with [`fast_exp`] in eight
@@ -588,20 +966,9 @@ fn exp_sum_body(row: &[f32], shift: f32, scale: f32) -> f32 {
         + sums.iter().sum::<f32>()
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp_sum_avx2(row: &[f32], shift: f32, scale: f32) -> f32 {
-    exp_sum_body(row, shift, scale)
-}
-
-/// [`exp_sum_body`], with AVX2 and FMA where the CPU has them.
-pub fn exp_sum(row: &[f32], shift: f32, scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function was compiled for.
-        return unsafe { exp_sum_avx2(row, shift, scale) };
-    }
-    exp_sum_body(row, shift, scale)
+wide_where_supported! {
+    /// [`exp_sum_body`], eight lanes wide where the CPU has AVX2.
+    pub fn exp_sum(row: &[f32], shift: f32, scale: f32) -> f32 => exp_sum_body
 }
 
 /// A loss over the logits of `rows` hidden states against a table of class
@@ -714,6 +1081,8 @@ pub fn softmax_cross_entropy(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
 
     fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         let mut c = vec![0.0; m * n];
@@ -875,7 +1244,15 @@ mod tests {
         let valid = [false, true, true];
         let (mut probs, mut mask, mut out) = (vec![0.0; 9], vec![0.0; 9], vec![0.0; 6]);
         attention(
-            shape, &qkv, &valid, &mut probs, &mut mask, &mut out, 0.0, 1, 1,
+            &shape.layout(),
+            &qkv,
+            &valid,
+            &mut probs,
+            &mut mask,
+            &mut out,
+            0.0,
+            1,
+            1,
         );
         assert_eq!(&probs[3..6], &[0.0, 1.0, 0.0], "t1 sees only itself");
         assert_eq!(
@@ -908,7 +1285,15 @@ mod tests {
         let loss = |qkv: &[f32]| -> f64 {
             let (mut probs, mut mask, mut out) = (vec![0.0; pn], vec![0.0; pn], vec![0.0; n * 4]);
             attention(
-                shape, qkv, &valid, &mut probs, &mut mask, &mut out, 0.0, 1, 1,
+                &shape.layout(),
+                qkv,
+                &valid,
+                &mut probs,
+                &mut mask,
+                &mut out,
+                0.0,
+                1,
+                1,
             );
             out.iter()
                 .zip(&weights)
@@ -917,10 +1302,18 @@ mod tests {
         };
         let (mut probs, mut mask, mut out) = (vec![0.0; pn], vec![0.0; pn], vec![0.0; n * 4]);
         attention(
-            shape, &qkv, &valid, &mut probs, &mut mask, &mut out, 0.0, 1, 1,
+            &shape.layout(),
+            &qkv,
+            &valid,
+            &mut probs,
+            &mut mask,
+            &mut out,
+            0.0,
+            1,
+            1,
         );
         let mut d_qkv = vec![0.0; n * 12];
-        attention_backward(shape, &qkv, &probs, &mask, &weights, &mut d_qkv);
+        attention_backward(&shape.layout(), &qkv, &probs, &mask, &weights, &mut d_qkv);
         for i in 0..qkv.len() {
             let (mut plus, mut minus) = (qkv.clone(), qkv.clone());
             plus[i] += 1e-2;
@@ -982,19 +1375,174 @@ mod tests {
         assert_eq!(dt[0], 0.0);
     }
 
+    /// Dropout factors of `rows` rows of `width` at rate `p` through the
+    /// residual pass (zero bias and residual, so the output is the factors).
+    fn factors(rows: usize, width: usize, p: f32, seed: u64, site: u64) -> (Vec<f32>, Vec<f32>) {
+        let mut y = vec![1.0f32; rows * width];
+        let mut mask = vec![-1.0f32; rows * width];
+        let zero = vec![0.0f32; rows * width];
+        bias_dropout_residual(
+            &mut y,
+            &vec![0.0; width],
+            &mut mask,
+            &zero,
+            DropSite::new(p, seed, site),
+        );
+        (y, mask)
+    }
+
     #[test]
-    fn dropout_is_reproducible_and_scaled() {
-        let mut a = vec![1.0f32; 1000];
-        let mut b = vec![1.0f32; 1000];
-        let (mut ma, mut mb) = (vec![0.0; 1000], vec![0.0; 1000]);
-        dropout(&mut a, &mut ma, 100, 0.25, 9, 3);
-        dropout(&mut b, &mut mb, 100, 0.25, 9, 3);
+    fn dropout_is_reproducible_scaled_and_at_its_rate_independently() {
+        let (rows, width) = (300, 100);
+        let (a, ma) = factors(rows, width, 0.25, 9, 3);
+        let (b, mb) = factors(rows, width, 0.25, 9, 3);
         assert_eq!(a, b);
-        let kept = a.iter().filter(|v| **v > 0.0).count();
-        assert!((650..850).contains(&kept), "{kept}");
+        assert_eq!(ma, mb);
+        assert_eq!(a, ma, "the output is the factor times 1");
         assert!(
             a.iter()
                 .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6)
         );
+        // 30,000 draws at p = 0.25: the kept share within 4 standard deviations.
+        let n = a.len() as f64;
+        let kept = a.iter().filter(|v| **v > 0.0).count() as f64;
+        let sd = (n * 0.25 * 0.75).sqrt();
+        assert!((kept - 0.75 * n).abs() < 4.0 * sd, "{kept} of {n} kept");
+        // Neighbours are independent: both kept with probability 0.75².
+        let pairs = a
+            .chunks_exact(width)
+            .flat_map(|row| row.windows(2))
+            .filter(|w| w[0] > 0.0 && w[1] > 0.0)
+            .count() as f64;
+        let n_pairs = (rows * (width - 1)) as f64;
+        let q = 0.75f64 * 0.75;
+        let sd = (n_pairs * q * (1.0 - q)).sqrt();
+        assert!(
+            (pairs - q * n_pairs).abs() < 4.0 * sd,
+            "{pairs} of {n_pairs}"
+        );
+        // Another site or seed draws another mask; each row its own.
+        assert_ne!(factors(rows, width, 0.25, 9, 4).0, a);
+        assert_ne!(factors(rows, width, 0.25, 10, 3).0, a);
+        assert_ne!(a[..width], a[width..2 * width]);
+        // A row's factors are its own stream's, however rows are split.
+        let mut row = vec![0.0f32; width];
+        row_factors(DropSite::new(0.25, 9, 3), 137, &mut row);
+        assert_eq!(row, a[137 * width..138 * width]);
+        // Other rates keep their share too.
+        for p in [0.1f32, 0.5, 0.9] {
+            let (a, _) = factors(rows, width, p, 1, 1);
+            let kept = a.iter().filter(|v| **v > 0.0).count() as f64;
+            let keep = 1.0 - p as f64;
+            let sd = (n * keep * (1.0 - keep)).sqrt();
+            assert!(
+                (kept - keep * n).abs() < 4.0 * sd,
+                "p {p}: {kept} of {n} kept"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_dropout_passes_equal_their_steps_one_by_one() {
+        let (rows, width) = (37, 24);
+        let bias = data(width, 3);
+        let residual = data(rows * width, 4);
+        let y0 = data(rows * width, 5);
+        for drop in [DropSite::new(0.3, 11, 2), None] {
+            let mut y = y0.clone();
+            let mut mask = vec![0.0; rows * width];
+            bias_dropout_residual(&mut y, &bias, &mut mask, &residual, drop);
+            let mut z = y0.clone();
+            let (mut out, mut zmask) = (vec![0.0; rows * width], vec![0.0; rows * width]);
+            bias_relu_dropout(&mut z, &bias, &mut out, &mut zmask, drop);
+            assert_eq!(mask, zmask, "both passes draw row r from the same stream");
+            for r in 0..rows {
+                let mut f = vec![0.0f32; width];
+                row_factors(drop, r, &mut f);
+                for c in 0..width {
+                    let i = r * width + c;
+                    let biased = y0[i] + bias[c];
+                    assert_eq!(mask[i], f[c]);
+                    assert_eq!(y[i].to_bits(), (biased * f[c] + residual[i]).to_bits());
+                    assert_eq!(z[i].to_bits(), biased.to_bits());
+                    assert_eq!(out[i].to_bits(), (biased.max(0.0) * f[c]).to_bits());
+                }
+            }
+            if drop.is_none() {
+                assert!(mask.iter().all(|m| *m == 1.0));
+            }
+        }
+        let mut out = vec![0.0; rows * width];
+        masked_copy(&mut out, &y0, &residual);
+        assert!(
+            out.iter()
+                .zip(&y0)
+                .zip(&residual)
+                .all(|((o, x), m)| *o == x * m)
+        );
+    }
+
+    #[test]
+    fn wide_row_kernels_equal_the_portable_ones() {
+        // The dispatching functions run the AVX2 build where the CPU has it;
+        // the bodies called directly are the crate's baseline build.
+        for (case, len) in [1usize, 7, 8, 9, 50, 64, 127, 128, 513]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 10 * case as u64;
+            let (x, gamma, beta) = (data(len, seed), data(len, seed + 1), data(len, seed + 2));
+            let (mut y1, mut y2) = (vec![0.0; len], vec![0.0; len]);
+            let (mut h1, mut h2) = (vec![0.0; len], vec![0.0; len]);
+            let r1 = layer_norm_row(&x, &gamma, &beta, 1e-5, &mut y1, &mut h1);
+            let r2 = layer_norm_row_body(&x, &gamma, &beta, 1e-5, &mut y2, &mut h2);
+            assert_eq!((r1.to_bits(), &y1, &h1), (r2.to_bits(), &y2, &h2));
+            // Against double precision.
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+            assert!((r1 as f64 - 1.0 / (var + 1e-5).sqrt()).abs() < 1e-4 * r1 as f64);
+
+            let dy = data(len, seed + 3);
+            for accumulate in [false, true] {
+                let (mut d1, mut d2) = (data(len, seed + 4), data(len, seed + 4));
+                layer_norm_row_backward(&dy, &h1, r1, &gamma, &mut d1, accumulate);
+                layer_norm_row_backward_body(&dy, &h1, r1, &gamma, &mut d2, accumulate);
+                assert_eq!(d1, d2);
+            }
+
+            let (mask, pre) = (data(len, seed + 5), data(len, seed + 6));
+            let (mut g1, mut g2) = (dy.clone(), dy.clone());
+            relu_dropout_backward_rows(&mut g1, &mask, &pre);
+            relu_dropout_backward_body(&mut g2, &mask, &pre);
+            assert_eq!(g1, g2);
+            for i in 0..len {
+                let want = if pre[i] > 0.0 { dy[i] * mask[i] } else { 0.0 };
+                assert_eq!(g1[i].to_bits(), want.to_bits());
+            }
+
+            let probs = data(len, seed + 7);
+            let (mut s1, mut s2) = (dy.clone(), dy.clone());
+            softmax_dropout_backward_row(&mut s1, &probs, &mask, 0.125);
+            softmax_dropout_backward_row_body(&mut s2, &probs, &mask, 0.125);
+            assert_eq!(s1, s2);
+            let dot: f64 = (0..len)
+                .map(|i| (dy[i] * mask[i]) as f64 * probs[i] as f64)
+                .sum();
+            for i in 0..len {
+                let want = probs[i] as f64 * ((dy[i] * mask[i]) as f64 - dot) * 0.125;
+                assert!((s1[i] as f64 - want).abs() < 1e-5, "{len} {i}");
+            }
+
+            let stream = DropStream::new(seed, 3, 5);
+            let rule = DropRule::new(0.3);
+            let (mut f1, mut f2) = (vec![0.0; len], vec![0.0; len]);
+            drop_factors(&mut f1, stream, 17, rule);
+            drop_factors_body(&mut f2, stream, 17, rule);
+            assert_eq!(f1, f2);
+            for (j, f) in f1.iter().enumerate() {
+                let keep = stream.draw(17 + j as u32) >= rule.threshold;
+                assert_eq!(*f, if keep { rule.scale } else { 0.0 });
+            }
+        }
     }
 }

@@ -231,16 +231,24 @@ impl Trainer {
         };
         cpu::forward(model, table, &mut self.ws, inputs, batch, dropout_seed);
 
-        // Gather the positions with a target.
+        // Gather the positions with a target, and their rows of the forward pass.
         let rows: Vec<usize> = (0..n).filter(|&i| targets[i] != PAD).collect();
         if rows.is_empty() {
             return Err(Error::internal("a training batch without targets"));
         }
+        let hidden_rows = rows
+            .iter()
+            .map(|&p| {
+                self.ws
+                    .row_of(p)
+                    .ok_or_else(|| Error::internal("a training target without an input item"))
+            })
+            .collect::<Result<Vec<usize>>>()?;
         let nv = rows.len();
         self.hv.resize(nv * d, 0.0);
         self.dhv.clear();
         self.dhv.resize(nv * d, 0.0);
-        for (k, &r) in rows.iter().enumerate() {
+        for (k, &r) in hidden_rows.iter().enumerate() {
             self.hv[k * d..(k + 1) * d].copy_from_slice(&self.ws.hf[r * d..(r + 1) * d]);
         }
         let weight = 1.0 / nv as f32;
@@ -514,18 +522,12 @@ impl Trainer {
             }
         };
 
-        self.ws.dhf[..n * d].fill(0.0);
-        for (k, &r) in rows.iter().enumerate() {
+        let computed = self.ws.rows();
+        self.ws.dhf[..computed * d].fill(0.0);
+        for (k, &r) in hidden_rows.iter().enumerate() {
             self.ws.dhf[r * d..(r + 1) * d].copy_from_slice(&self.dhv[k * d..(k + 1) * d]);
         }
-        cpu::backward(
-            model,
-            &mut self.ws,
-            inputs,
-            batch,
-            &mut self.grads,
-            &mut self.d_table,
-        );
+        cpu::backward(model, &mut self.ws, &mut self.grads, &mut self.d_table);
 
         let sparse = self.sampler.is_some();
         if sparse {

@@ -6,8 +6,9 @@ use rayon::prelude::*;
 
 use super::{PAD, SasRec, SasRecConfig, Weights};
 use crate::model::kernels::{
-    AttentionShape, View, add_bias, add_column_sums, apply_mask, attention, attention_backward,
-    dropout, layer_norm, layer_norm_backward, matmul, par_all,
+    AttentionLayout, DropSite, View, add_bias, add_column_sums, apply_mask, attention,
+    attention_backward, bias_dropout_residual, bias_relu_dropout, layer_norm, layer_norm_backward,
+    masked_copy, matmul, par_all, relu_dropout_backward, row_factors,
 };
 
 /// Layer norm epsilon (as PyTorch's default).
@@ -59,18 +60,35 @@ impl LayerCache {
     }
 }
 
-/// Buffers for batches of up to `batch` sequences.
+/// Marks a window position without a row in [`Workspace::row_of`].
+const NO_ROW: u32 = u32::MAX;
+
+/// Buffers for batches of up to `batch` sequences. A forward pass computes
+/// one row per window position that holds an item, plus each window's last
+/// position (so an empty window still has a last hidden state): padding
+/// positions are never computed.
 #[derive(Debug, Clone)]
 pub struct Workspace {
     batch: usize,
+    len: usize,
+    d: usize,
+    /// Each sequence's rows.
+    layout: AttentionLayout,
+    /// Per row: whether it holds an item, its window position
+    /// (`sequence · max_len + t`) and its item.
     valid: Vec<bool>,
+    positions: Vec<usize>,
+    items: Vec<u32>,
+    /// Per window position: its row, or [`NO_ROW`].
+    row_of: Vec<u32>,
     /// Hidden states entering each block, and leaving the last one.
     h: Vec<Vec<f32>>,
     in_mask: Vec<f32>,
     layers: Vec<LayerCache>,
     xhatf: Vec<f32>,
     rstdf: Vec<f32>,
-    /// Final hidden states (`(batch·max_len) × d`).
+    /// Final hidden states, one `d`-wide row per computed position
+    /// ([`Workspace::row_of`] finds a position's row).
     pub hf: Vec<f32>,
     // Backward scratch.
     dh: Vec<f32>,
@@ -78,7 +96,7 @@ pub struct Workspace {
     dqkv: Vec<f32>,
     datt: Vec<f32>,
     df: Vec<f32>,
-    /// Gradient of the loss w.r.t. the final hidden states.
+    /// Gradient of the loss w.r.t. the final hidden states (rows as `hf`).
     pub dhf: Vec<f32>,
 }
 
@@ -89,7 +107,13 @@ impl Workspace {
         let d = config.d_model;
         Workspace {
             batch,
-            valid: vec![false; n],
+            len: config.max_len,
+            d,
+            layout: AttentionLayout::new(config.heads, d),
+            valid: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            items: Vec::with_capacity(n),
+            row_of: vec![NO_ROW; n],
             h: vec![vec![0.0; n * d]; config.layers + 1],
             in_mask: vec![0.0; n * d],
             layers: (0..config.layers)
@@ -110,6 +134,60 @@ impl Workspace {
     /// Sequences the workspace holds at most.
     pub fn capacity(&self) -> usize {
         self.batch
+    }
+
+    /// Rows the last forward pass computed.
+    pub fn rows(&self) -> usize {
+        self.layout.rows()
+    }
+
+    /// The row of window position `position` (`sequence · max_len + t`)
+    /// in the last forward pass: `None` for a padding position.
+    pub fn row_of(&self, position: usize) -> Option<usize> {
+        self.row_of
+            .get(position)
+            .filter(|&&r| r != NO_ROW)
+            .map(|&r| r as usize)
+    }
+
+    /// The final hidden state of window position `position` in the last
+    /// forward pass (`None` for a padding position).
+    pub fn hidden(&self, position: usize) -> Option<&[f32]> {
+        let d = self.d;
+        self.row_of(position).map(|r| &self.hf[r * d..(r + 1) * d])
+    }
+
+    /// The final hidden state of sequence `sequence`'s last position in the
+    /// last forward pass (every sequence has one).
+    pub fn last_hidden(&self, sequence: usize) -> &[f32] {
+        let d = self.d;
+        let r = self.row_of[sequence * self.len + self.len - 1] as usize;
+        &self.hf[r * d..(r + 1) * d]
+    }
+
+    /// Lays out the rows of `batch` windows of `inputs`: the positions
+    /// holding an item and each window's last position.
+    fn lay_out(&mut self, inputs: &[u32], batch: usize) {
+        let len = self.len;
+        self.layout.clear();
+        self.valid.clear();
+        self.positions.clear();
+        self.items.clear();
+        self.row_of.fill(NO_ROW);
+        for b in 0..batch {
+            let first = self.positions.len();
+            for t in 0..len {
+                let at = b * len + t;
+                let x = inputs[at];
+                if x != PAD || t == len - 1 {
+                    self.row_of[at] = self.positions.len() as u32;
+                    self.positions.push(at);
+                    self.items.push(x);
+                    self.valid.push(x != PAD);
+                }
+            }
+            self.layout.push(self.positions.len() - first);
+        }
     }
 }
 
@@ -139,8 +217,10 @@ fn site(layer: usize, which: u64) -> u64 {
 
 /// Runs the model over `batch` sequences of `max_len` item indices
 /// (`inputs`, [`PAD`] for empty slots), leaving the final hidden states in
-/// `ws.hf`. `table` is the item table ([`SasRec::item_table`]). With
-/// `dropout_seed`, dropout is on (training), drawn reproducibly from it.
+/// `ws.hf` ([`Workspace::hidden`], [`Workspace::last_hidden`]): only the
+/// positions holding an item, and each window's last, are computed.
+/// `table` is the item table ([`SasRec::item_table`]). With `dropout_seed`,
+/// dropout is on (training), drawn reproducibly from it.
 pub fn forward(
     model: &SasRec,
     table: &[f32],
@@ -152,9 +232,8 @@ pub fn forward(
     let c = &model.config;
     let w = &model.weights;
     let (len, d, f) = (c.max_len, c.d_model, c.ffn);
-    let n = batch * len;
     assert!(
-        batch <= ws.batch && inputs.len() == n,
+        batch <= ws.batch && inputs.len() == batch * len,
         "batch does not fit the workspace"
     );
     let p = if dropout_seed.is_some() {
@@ -164,34 +243,31 @@ pub fn forward(
     };
     let seed = dropout_seed.unwrap_or(0);
 
-    for (v, &x) in ws.valid[..n].iter_mut().zip(inputs) {
-        *v = x != PAD;
-    }
+    ws.lay_out(inputs, batch);
+    let n = ws.layout.rows();
     {
-        let h0 = &mut ws.h[0][..n * d];
-        h0.par_chunks_mut(d)
-            .zip(inputs.par_iter())
+        let drop = DropSite::new(p, seed, 0);
+        let (items, positions) = (&ws.items, &ws.positions);
+        ws.h[0][..n * d]
+            .par_chunks_mut(d)
+            .zip(ws.in_mask[..n * d].par_chunks_mut(d))
             .enumerate()
-            .for_each(|(i, (row, &x))| {
+            .for_each(|(i, (row, mask))| {
+                row_factors(drop, i, mask);
+                let x = items[i];
                 if x == PAD {
                     row.fill(0.0);
                 } else {
+                    let t = positions[i] % len;
                     let e = &table[x as usize * d..(x as usize + 1) * d];
-                    let pos = &w.pos[(i % len) * d..(i % len + 1) * d];
+                    let pos = &w.pos[t * d..(t + 1) * d];
                     for k in 0..d {
-                        row[k] = e[k] + pos[k];
+                        row[k] = (e[k] + pos[k]) * mask[k];
                     }
                 }
             });
-        dropout(h0, &mut ws.in_mask[..n * d], d, p, seed, 0);
     }
 
-    let shape = AttentionShape {
-        batch,
-        len,
-        heads: c.heads,
-        d_model: d,
-    };
     for (l, lw) in w.layers.iter().enumerate() {
         let (before, after) = ws.h.split_at_mut(l + 1);
         let h_in = &before[l][..n * d];
@@ -219,9 +295,9 @@ pub fn forward(
             par_all(),
         );
         add_bias(qkv, &lw.bqkv);
-        let pn = batch * c.heads * len * len;
+        let pn = ws.layout.prob_values();
         attention(
-            shape,
+            &ws.layout,
             &cache.qkv[..n * 3 * d],
             valid,
             &mut cache.probs[..pn],
@@ -242,9 +318,13 @@ pub fn forward(
             1.0,
             par_all(),
         );
-        add_bias(hmid, &lw.bo);
-        dropout(hmid, &mut cache.ymask[..n * d], d, p, seed, site(l, 1));
-        add_into(hmid, h_in);
+        bias_dropout_residual(
+            hmid,
+            &lw.bo,
+            &mut cache.ymask[..n * d],
+            h_in,
+            DropSite::new(p, seed, site(l, 1)),
+        );
 
         layer_norm(
             hmid,
@@ -265,16 +345,13 @@ pub fn forward(
             1.0,
             par_all(),
         );
-        add_bias(z1, &lw.b1);
-        let fbuf = &mut cache.f[..n * f];
-        fbuf.par_chunks_mut(4096)
-            .zip(z1.par_chunks(4096))
-            .for_each(|(o, z)| {
-                for (o, z) in o.iter_mut().zip(z) {
-                    *o = z.max(0.0);
-                }
-            });
-        dropout(fbuf, &mut cache.fmask[..n * f], f, p, seed, site(l, 2));
+        bias_relu_dropout(
+            z1,
+            &lw.b1,
+            &mut cache.f[..n * f],
+            &mut cache.fmask[..n * f],
+            DropSite::new(p, seed, site(l, 2)),
+        );
         // h_out = hmid + dropout(f · W2 + b2)
         matmul(
             h_out,
@@ -285,9 +362,13 @@ pub fn forward(
             1.0,
             par_all(),
         );
-        add_bias(h_out, &lw.b2);
-        dropout(h_out, &mut cache.y2mask[..n * d], d, p, seed, site(l, 3));
-        add_into(h_out, &cache.hmid[..n * d]);
+        bias_dropout_residual(
+            h_out,
+            &lw.b2,
+            &mut cache.y2mask[..n * d],
+            &cache.hmid[..n * d],
+            DropSite::new(p, seed, site(l, 3)),
+        );
     }
     layer_norm(
         &ws.h[c.layers][..n * d],
@@ -310,28 +391,15 @@ fn add_into(acc: &mut [f32], x: &[f32]) {
         });
 }
 
-/// Back-propagates `ws.dhf` (∂loss/∂final hidden states, set by the caller)
-/// through the last [`forward`] of the same `inputs`. Adds the weight
-/// gradients to `grads` and the item-table gradient of the inputs to the
-/// rows of `d_table` (`n_items × d`) that `inputs` name.
-pub fn backward(
-    model: &SasRec,
-    ws: &mut Workspace,
-    inputs: &[u32],
-    batch: usize,
-    grads: &mut Weights,
-    d_table: &mut [f32],
-) {
+/// Back-propagates `ws.dhf` (∂loss/∂final hidden states, set by the caller
+/// for the rows of the last [`forward`]) through that forward pass. Adds the
+/// weight gradients to `grads` and the item-table gradient of its inputs to
+/// the rows of `d_table` (`n_items × d`) that the inputs name.
+pub fn backward(model: &SasRec, ws: &mut Workspace, grads: &mut Weights, d_table: &mut [f32]) {
     let c = &model.config;
     let w = &model.weights;
     let (len, d, f) = (c.max_len, c.d_model, c.ffn);
-    let n = batch * len;
-    let shape = AttentionShape {
-        batch,
-        len,
-        heads: c.heads,
-        d_model: d,
-    };
+    let n = ws.layout.rows();
 
     layer_norm_backward(
         &ws.dhf[..n * d],
@@ -349,8 +417,7 @@ pub fn backward(
         let cache = &ws.layers[l];
         // Feed-forward branch: h_out = hmid + mask2 ⊙ (f · W2 + b2).
         let dy2 = &mut ws.dtmp[..n * d];
-        dy2.copy_from_slice(&ws.dh[..n * d]);
-        apply_mask(dy2, &cache.y2mask[..n * d]);
+        masked_copy(dy2, &ws.dh[..n * d], &cache.y2mask[..n * d]);
         matmul(
             &mut lg.w2,
             d,
@@ -371,14 +438,7 @@ pub fn backward(
             1.0,
             par_all(),
         );
-        df.par_chunks_mut(4096)
-            .zip(cache.fmask[..n * f].par_chunks(4096))
-            .zip(cache.z1[..n * f].par_chunks(4096))
-            .for_each(|((g, m), z)| {
-                for ((g, m), z) in g.iter_mut().zip(m).zip(z) {
-                    *g = if *z > 0.0 { *g * m } else { 0.0 };
-                }
-            });
+        relu_dropout_backward(df, &cache.fmask[..n * f], &cache.z1[..n * f]);
         matmul(
             &mut lg.w1,
             f,
@@ -412,8 +472,7 @@ pub fn backward(
         );
         // Attention branch: hmid = h_in + mask ⊙ (att · Wo + bo).
         let dy = &mut ws.dtmp[..n * d];
-        dy.copy_from_slice(&ws.dh[..n * d]);
-        apply_mask(dy, &cache.ymask[..n * d]);
+        masked_copy(dy, &ws.dh[..n * d], &cache.ymask[..n * d]);
         matmul(
             &mut lg.wo,
             d,
@@ -434,9 +493,9 @@ pub fn backward(
             1.0,
             par_all(),
         );
-        let pn = batch * c.heads * len * len;
+        let pn = ws.layout.prob_values();
         attention_backward(
-            shape,
+            &ws.layout,
             &cache.qkv[..n * 3 * d],
             &cache.probs[..pn],
             &cache.pmask[..pn],
@@ -477,12 +536,12 @@ pub fn backward(
     }
     // Input: h0 = dropout(table[x] + pos[t]) for real items, 0 for padding.
     apply_mask(&mut ws.dh[..n * d], &ws.in_mask[..n * d]);
-    for (i, &x) in inputs.iter().enumerate() {
+    for (i, &x) in ws.items.iter().enumerate() {
         if x == PAD {
             continue;
         }
         let g = &ws.dh[i * d..(i + 1) * d];
-        let t = i % len;
+        let t = ws.positions[i] % len;
         for k in 0..d {
             d_table[x as usize * d + k] += g[k];
             grads.pos[t * d + k] += g[k];
@@ -578,9 +637,8 @@ pub fn score(model: &SasRec, table: &[f32], histories: &[&[u32]], out: &mut Vec<
         }
         forward(model, table, &mut ws, &inputs[..g * len], g, None);
         for i in 0..g {
-            let row = (i * len + len - 1) * d;
             let at = (n * chunk + i) * d;
-            last[at..at + d].copy_from_slice(&ws.hf[row..row + d]);
+            last[at..at + d].copy_from_slice(ws.last_hidden(i));
         }
     }
     matmul(

@@ -461,7 +461,17 @@ fn full_block(
     let probs = shape.batch * shape.heads * shape.len * shape.len;
     let (mut p, mut mask) = (vec![0.0; probs], vec![0.0; probs]);
     let mut att = vec![0.0; n * d];
-    attention(shape, &qkv, valid, &mut p, &mut mask, &mut att, 0.0, 0, 0);
+    attention(
+        &shape.layout(),
+        &qkv,
+        valid,
+        &mut p,
+        &mut mask,
+        &mut att,
+        0.0,
+        0,
+        0,
+    );
     let mut out = vec![0.0; n * d];
     layer.wo.apply(&att, n, &mut out, d);
     add_bias(&mut out, &layer.bo);
