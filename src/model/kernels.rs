@@ -2,7 +2,11 @@
 //! products (the `gemm` crate, which candle's CPU backend also uses), layer
 //! norm, causal multi-head attention, dropout masks and the blocked
 //! softmax–cross-entropy over the item table. They work on preallocated
-//! row-major `f32` buffers and never allocate per call in the hot paths.
+//! row-major `f32` buffers; the only allocations per call are attention's
+//! per-sequence scratch (a few `len × len` blocks) and its list of each
+//! sequence's part of the buffers. Row kernels whose loops gain from wider
+//! vectors run in an AVX2 build where the CPU has it
+//! (`wide_where_supported!`), with the same results.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
