@@ -635,6 +635,51 @@ mod tests {
     }
 
     #[test]
+    fn padding_positions_are_never_computed_and_change_nothing() {
+        let m = model(0);
+        let len = m.config.max_len;
+        // An empty window, a short one, one cut to the last `len` items.
+        let histories: [&[u32]; 3] = [&[], &[3, 7], &[1, 2, 3, 4, 5, 6, 7, 8]];
+        let mut inputs = vec![PAD; histories.len() * len];
+        for (slot, h) in inputs.chunks_mut(len).zip(histories) {
+            cpu::window_into(h, slot);
+        }
+        let mut ws = cpu::Workspace::new(&m.config, histories.len());
+        cpu::forward(&m, &m.weights.item, &mut ws, &inputs, histories.len(), None);
+        // One row per item, plus the empty window's last position.
+        let items = inputs.iter().filter(|&&x| x != PAD).count();
+        assert_eq!(ws.rows(), items + 1);
+        for (p, &x) in inputs.iter().enumerate() {
+            let last = p % len == len - 1;
+            assert_eq!(ws.hidden(p).is_some(), x != PAD || last, "position {p}");
+        }
+        for (b, h) in histories.iter().enumerate() {
+            assert_eq!(ws.hidden(b * len + len - 1), Some(ws.last_hidden(b)));
+            // A window's last state does not depend on the others in the batch.
+            let mut alone = cpu::Workspace::new(&m.config, 1);
+            cpu::forward(
+                &m,
+                &m.weights.item,
+                &mut alone,
+                &inputs[b * len..(b + 1) * len],
+                1,
+                None,
+            );
+            assert_eq!(alone.last_hidden(0), ws.last_hidden(b), "history {h:?}");
+        }
+        // Against the stored engine, which runs whole windows, padding included.
+        let artifact = m
+            .to_artifact("teacher", "teacher", "supervised", "ce", None)
+            .unwrap();
+        let parsed = ModelArtifact::parse("test", artifact.bytes).unwrap();
+        let scorer = parsed.scorer(13).unwrap();
+        let (got, want) = (scores(&m, &histories), scores(scorer.as_ref(), &histories));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+
+    #[test]
     fn scoring_in_chunks_equals_scoring_one_by_one() {
         let m = model(0);
         let histories: Vec<Vec<u32>> = (0..150)
