@@ -673,23 +673,32 @@ impl AttentionLayout {
         self.d_model / self.heads
     }
 
-    /// `data` cut into each sequence's part: rows of `width` values, or
-    /// with `width` 0 its probability blocks.
-    fn split<'a>(&self, mut data: &'a mut [f32], width: usize) -> Vec<&'a mut [f32]> {
-        let starts = if width == 0 {
-            &self.prob_starts
-        } else {
-            &self.starts
-        };
-        let unit = width.max(1);
-        let mut parts = Vec::with_capacity(starts.len() - 1);
-        for w in starts.windows(2) {
-            let (part, rest) = std::mem::take(&mut data).split_at_mut((w[1] - w[0]) * unit);
-            parts.push(part);
-            data = rest;
-        }
-        parts
+    /// `data` (one `width`-wide row per position) cut into each sequence's rows.
+    fn split_rows<'a>(&self, data: &'a mut [f32], width: usize) -> Vec<&'a mut [f32]> {
+        split_at_starts(data, &self.starts, width)
     }
+
+    /// `data` (probabilities, or their dropout factors) cut into each
+    /// sequence's `heads` blocks.
+    fn split_probs<'a>(&self, data: &'a mut [f32]) -> Vec<&'a mut [f32]> {
+        split_at_starts(data, &self.prob_starts, 1)
+    }
+}
+
+/// `data` cut at `starts` (in units of `width` values): part `b` holds
+/// units `starts[b]..starts[b + 1]`.
+fn split_at_starts<'a>(
+    mut data: &'a mut [f32],
+    starts: &[usize],
+    width: usize,
+) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(starts.len().saturating_sub(1));
+    for w in starts.windows(2) {
+        let (part, rest) = std::mem::take(&mut data).split_at_mut((w[1] - w[0]) * width);
+        parts.push(part);
+        data = rest;
+    }
+    parts
 }
 
 /// Causal multi-head self-attention over the sequences of `layout`. `qkv`
@@ -723,10 +732,10 @@ pub fn attention(
     let out = &mut out[..layout.rows() * d_model];
     // One task per sequence: its heads' probabilities and its rows of `out`.
     layout
-        .split(probs, 0)
+        .split_probs(probs)
         .into_par_iter()
-        .zip(layout.split(drop_mask, 0))
-        .zip(layout.split(out, d_model))
+        .zip(layout.split_probs(drop_mask))
+        .zip(layout.split_rows(out, d_model))
         .enumerate()
         .for_each(|(b, ((probs, mask), out))| {
             let (first, len) = (layout.starts[b], layout.starts[b + 1] - layout.starts[b]);
@@ -803,7 +812,7 @@ pub fn attention_backward(
     let ld = 3 * d_model;
     let d_qkv = &mut d_qkv[..layout.rows() * ld];
     layout
-        .split(d_qkv, ld)
+        .split_rows(d_qkv, ld)
         .into_par_iter()
         .enumerate()
         .for_each(|(b, dq_rows)| {
@@ -1271,6 +1280,69 @@ mod tests {
             &[0.0, 0.0, 0.0],
             "an all-padding row attends nowhere"
         );
+    }
+
+    #[test]
+    fn attention_over_packed_rows_equals_attention_over_padded_windows() {
+        // Three windows of 4 positions holding 2, 4 and 1 items (right-aligned).
+        let (len, heads, d) = (4usize, 2usize, 4usize);
+        let lengths = [2usize, 4, 1];
+        let shape = AttentionShape {
+            batch: lengths.len(),
+            len,
+            heads,
+            d_model: d,
+        };
+        let padded = shape.layout();
+        let mut packed = AttentionLayout::new(heads, d);
+        let mut rows = Vec::new(); // padded row of each packed row
+        for (b, &n) in lengths.iter().enumerate() {
+            packed.push(n);
+            rows.extend((len - n..len).map(|t| b * len + t));
+        }
+        let n_padded = lengths.len() * len;
+        let qkv_padded = data(n_padded * 3 * d, 21);
+        let d_out_padded = data(n_padded * d, 22);
+        let valid_padded: Vec<bool> = (0..n_padded)
+            .map(|r| r % len >= len - lengths[r / len])
+            .collect();
+        let gather = |src: &[f32], width: usize| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|&r| src[r * width..(r + 1) * width].iter().copied())
+                .collect()
+        };
+        let (qkv, d_out) = (gather(&qkv_padded, 3 * d), gather(&d_out_padded, d));
+        let valid = vec![true; rows.len()];
+        for dropout in [0.0, 0.4] {
+            let run = |layout: &AttentionLayout, qkv: &[f32], valid: &[bool], d_out: &[f32]| {
+                let (pn, n) = (layout.prob_values(), layout.rows());
+                let (mut probs, mut mask) = (vec![0.0; pn], vec![0.0; pn]);
+                let mut out = vec![0.0; n * d];
+                attention(
+                    layout, qkv, valid, &mut probs, &mut mask, &mut out, dropout, 5, 6,
+                );
+                let mut d_qkv = vec![0.0; n * 3 * d];
+                attention_backward(layout, qkv, &probs, &mask, d_out, &mut d_qkv);
+                (out, d_qkv, mask)
+            };
+            let (out, d_qkv, mask) = run(&packed, &qkv, &valid, &d_out);
+            assert_eq!(packed.prob_values(), heads * (4 + 16 + 1));
+            if dropout > 0.0 {
+                assert!(mask.contains(&0.0), "dropout drew nothing");
+                continue; // the packed blocks draw other streams than the padded ones
+            }
+            let (out_p, d_qkv_p, _) = run(&padded, &qkv_padded, &valid_padded, &d_out_padded);
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+            for (k, &r) in rows.iter().enumerate() {
+                for c in 0..d {
+                    assert!(close(out[k * d + c], out_p[r * d + c]), "out row {k}");
+                }
+                for c in 0..3 * d {
+                    let (a, b) = (d_qkv[k * 3 * d + c], d_qkv_p[r * 3 * d + c]);
+                    assert!(close(a, b), "d_qkv row {k} col {c}: {a} vs {b}");
+                }
+            }
+        }
     }
 
     #[test]
