@@ -496,14 +496,15 @@ impl DropSite {
     }
 }
 
-/// Writes row `row`'s dropout factors at `drop` into `factors`: 0 or the
-/// rule's scale, or 1 everywhere without dropout.
-pub fn row_factors(drop: Option<DropSite>, row: usize, factors: &mut [f32]) {
+/// Writes dropout's factors at `drop` for elements `first, first + 1, …`
+/// of stream `stream` (a row, or an attention head of a sequence) into
+/// `factors`: 0 or the rule's scale, or 1 everywhere without dropout.
+pub fn site_factors(drop: Option<DropSite>, stream: usize, first: usize, factors: &mut [f32]) {
     match drop {
         Some(s) => drop_factors(
             factors,
-            DropStream::new(s.seed, s.site, row as u64),
-            0,
+            DropStream::new(s.seed, s.site, stream as u64),
+            first as u32,
             s.rule,
         ),
         None => factors.fill(1.0),
@@ -536,7 +537,7 @@ pub fn bias_dropout_residual(
                 .zip(mask.chunks_exact_mut(width))
                 .zip(residual.chunks_exact(width));
             for (i, ((y, m), r)) in rows.enumerate() {
-                row_factors(drop, t * ROWS_PER_TASK + i, m);
+                site_factors(drop, t * ROWS_PER_TASK + i, 0, m);
                 for (((v, b), m), r) in y.iter_mut().zip(bias).zip(m.iter()).zip(r) {
                     *v = (*v + b) * m + r;
                 }
@@ -567,7 +568,7 @@ pub fn bias_relu_dropout(
                 .zip(out.chunks_exact_mut(width))
                 .zip(mask.chunks_exact_mut(width));
             for (i, ((z, o), m)) in rows.enumerate() {
-                row_factors(drop, t * ROWS_PER_TASK + i, m);
+                site_factors(drop, t * ROWS_PER_TASK + i, 0, m);
                 for (((z, b), o), m) in z.iter_mut().zip(bias).zip(o.iter_mut()).zip(m.iter()) {
                     *z += b;
                     *o = z.max(0.0) * m;
@@ -706,9 +707,9 @@ fn split_at_starts<'a>(
 /// side by side); `valid[r]` says whether row `r` holds an item (other keys
 /// are masked; a row with no valid key attends nowhere). Writes the softmax
 /// probabilities `probs` (`layout.prob_values()`), the dropout factors
-/// `drop_mask` (same size) and the per-head outputs side by side into `out`
-/// (one `d_model`-wide row per position).
-#[allow(clippy::too_many_arguments)]
+/// `drop_mask` (same size; head `h` of sequence `b` draws stream
+/// `b · heads + h` of `drop`, all ones without dropout) and the per-head
+/// outputs side by side into `out` (one `d_model`-wide row per position).
 pub fn attention(
     layout: &AttentionLayout,
     qkv: &[f32],
@@ -716,15 +717,12 @@ pub fn attention(
     probs: &mut [f32],
     drop_mask: &mut [f32],
     out: &mut [f32],
-    dropout_p: f32,
-    seed: u64,
-    site: u64,
+    drop: Option<DropSite>,
 ) {
     let (heads, d_model) = (layout.heads, layout.d_model);
     let dh = layout.head_dim();
     let scale = 1.0 / (dh as f32).sqrt();
     let ld = 3 * d_model;
-    let rule = (dropout_p > 0.0).then(|| DropRule::new(dropout_p));
     let (probs, drop_mask) = (
         &mut probs[..layout.prob_values()],
         &mut drop_mask[..layout.prob_values()],
@@ -749,7 +747,6 @@ pub fn attention(
                 let v = View::strided(&rows[2 * d_model + h * dh..], len, dh, ld);
                 matmul(p, len, q, k.t(), false, scale, Parallelism::None);
                 let m = &mut mask[h * len * len..(h + 1) * len * len];
-                let stream = DropStream::new(seed, site, (b * heads + h) as u64);
                 for i in 0..len {
                     let row = &mut p[i * len..(i + 1) * len];
                     let mut max = f32::NEG_INFINITY;
@@ -773,10 +770,7 @@ pub fn attention(
                     let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                     let mrow = &mut m[i * len..(i + 1) * len];
                     let drow = &mut dropped[i * len..(i + 1) * len];
-                    match rule {
-                        Some(rule) => drop_factors(mrow, stream, (i * len) as u32, rule),
-                        None => mrow.fill(1.0),
-                    }
+                    site_factors(drop, b * heads + h, i * len, mrow);
                     for j in 0..len {
                         row[j] *= inv;
                         drow[j] = row[j] * mrow[j];
@@ -1263,9 +1257,7 @@ mod tests {
             &mut probs,
             &mut mask,
             &mut out,
-            0.0,
-            1,
-            1,
+            None,
         );
         assert_eq!(&probs[3..6], &[0.0, 1.0, 0.0], "t1 sees only itself");
         assert_eq!(
@@ -1319,7 +1311,13 @@ mod tests {
                 let (mut probs, mut mask) = (vec![0.0; pn], vec![0.0; pn]);
                 let mut out = vec![0.0; n * d];
                 attention(
-                    layout, qkv, valid, &mut probs, &mut mask, &mut out, dropout, 5, 6,
+                    layout,
+                    qkv,
+                    valid,
+                    &mut probs,
+                    &mut mask,
+                    &mut out,
+                    DropSite::new(dropout, 5, 6),
                 );
                 let mut d_qkv = vec![0.0; n * 3 * d];
                 attention_backward(layout, qkv, &probs, &mask, d_out, &mut d_qkv);
@@ -1367,9 +1365,7 @@ mod tests {
                 &mut probs,
                 &mut mask,
                 &mut out,
-                0.0,
-                1,
-                1,
+                None,
             );
             out.iter()
                 .zip(&weights)
@@ -1384,9 +1380,7 @@ mod tests {
             &mut probs,
             &mut mask,
             &mut out,
-            0.0,
-            1,
-            1,
+            None,
         );
         let mut d_qkv = vec![0.0; n * 12];
         attention_backward(&shape.layout(), &qkv, &probs, &mask, &weights, &mut d_qkv);
@@ -1503,7 +1497,7 @@ mod tests {
         assert_ne!(a[..width], a[width..2 * width]);
         // A row's factors are its own stream's, however rows are split.
         let mut row = vec![0.0f32; width];
-        row_factors(DropSite::new(0.25, 9, 3), 137, &mut row);
+        site_factors(DropSite::new(0.25, 9, 3), 137, 0, &mut row);
         assert_eq!(row, a[137 * width..138 * width]);
         // Other rates keep their share too.
         for p in [0.1f32, 0.5, 0.9] {
@@ -1534,7 +1528,7 @@ mod tests {
             assert_eq!(mask, zmask, "both passes draw row r from the same stream");
             for r in 0..rows {
                 let mut f = vec![0.0f32; width];
-                row_factors(drop, r, &mut f);
+                site_factors(drop, r, 0, &mut f);
                 for c in 0..width {
                     let i = r * width + c;
                     let biased = y0[i] + bias[c];

@@ -8,7 +8,7 @@ use super::{PAD, SasRec, SasRecConfig, Weights};
 use crate::model::kernels::{
     AttentionLayout, DropSite, View, add_bias, add_column_sums, apply_mask, attention,
     attention_backward, bias_dropout_residual, bias_relu_dropout, layer_norm, layer_norm_backward,
-    masked_copy, matmul, par_all, relu_dropout_backward, row_factors,
+    masked_copy, matmul, par_all, relu_dropout_backward, site_factors,
 };
 
 /// Layer norm epsilon (as PyTorch's default).
@@ -253,7 +253,7 @@ pub fn forward(
             .zip(ws.in_mask[..n * d].par_chunks_mut(d))
             .enumerate()
             .for_each(|(i, (row, mask))| {
-                row_factors(drop, i, mask);
+                site_factors(drop, i, 0, mask);
                 let x = items[i];
                 if x == PAD {
                     row.fill(0.0);
@@ -303,9 +303,7 @@ pub fn forward(
             &mut cache.probs[..pn],
             &mut cache.pmask[..pn],
             &mut cache.att[..n * d],
-            p,
-            seed,
-            site(l, 0),
+            DropSite::new(p, seed, site(l, 0)),
         );
         // hmid = h_in + dropout(att · Wo + bo)
         let hmid = &mut cache.hmid[..n * d];

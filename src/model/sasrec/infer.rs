@@ -468,9 +468,7 @@ fn full_block(
         &mut p,
         &mut mask,
         &mut att,
-        0.0,
-        0,
-        0,
+        None,
     );
     let mut out = vec![0.0; n * d];
     layer.wo.apply(&att, n, &mut out, d);
