@@ -18,6 +18,7 @@ pub mod stored;
 pub mod warm;
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use bytes::Bytes;
 use safetensors::SafeTensors;
@@ -44,12 +45,42 @@ pub trait Scorer: Send + Sync {
     fn slice_bytes(&self) -> usize {
         SLICE_BYTES_PACKED
     }
+
+    /// The scores of `histories`' users, to be computed a block of items at
+    /// a time, where this scorer computes them that way (a product that
+    /// reads the item table as stored): a ranking then takes each block
+    /// while it is in cache, and `users × items` scores never exist at
+    /// once. `None` where the scorer only scores whole rows
+    /// ([`Scorer::score`]).
+    fn item_blocks(&self, histories: &[&[u32]]) -> Result<Option<Box<dyn ItemBlocks + '_>>> {
+        let _ = histories;
+        Ok(None)
+    }
+}
+
+/// Some users' scores, computed for any range of items
+/// ([`Scorer::item_blocks`]).
+pub trait ItemBlocks {
+    /// Users: every block has a row for each.
+    fn users(&self) -> usize;
+
+    /// A range of items starts at a multiple of this.
+    fn granule(&self) -> usize;
+
+    /// Writes the scores of `users` for `items` (starting at a multiple of
+    /// [`ItemBlocks::granule`]) into `out`, `items.len()` per user,
+    /// row-major: each the same bits as [`Scorer::score`] gives it.
+    fn scores(&self, users: Range<usize>, items: Range<usize>, out: &mut [f32]);
 }
 
 /// [`Scorer::slice_bytes`] for a product that packs the item table per call.
 pub const SLICE_BYTES_PACKED: usize = 32 << 20;
 /// [`Scorer::slice_bytes`] for a product that reads the item table as stored.
 pub const SLICE_BYTES_STREAMED: usize = 8 << 20;
+/// Users a ranking task takes together from a scorer with
+/// [`Scorer::item_blocks`]: they share each pass over the item table, and
+/// their scores exist one block of items at a time.
+pub const SLICE_USERS_IN_BLOCKS: usize = 64;
 
 /// What a model is and how it was made: stored in its artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

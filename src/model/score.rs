@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, Target};
 use crate::error::{Error, Result};
-use crate::model::Scorer;
+use crate::model::{ItemBlocks, Scorer};
 
 /// A target's outcome: its rank and the top of the list.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +46,6 @@ fn better(sa: f32, a: u32, sb: f32, b: u32) -> bool {
 /// Reusable scratch space for ranking one user at a time.
 #[derive(Debug, Default)]
 pub struct Ranker {
-    excluded: Vec<bool>,
     /// The user's history, sorted and without repeats.
     distinct: Vec<u32>,
 }
@@ -61,55 +60,95 @@ impl Ranker {
         target: u32,
         list_len: usize,
     ) -> (Option<usize>, Vec<(u32, f32)>) {
-        let n = scores.len();
-        if self.excluded.len() != n {
-            self.excluded = vec![false; n];
-        }
-        for &i in history {
-            if let Some(slot) = self.excluded.get_mut(i as usize) {
-                *slot = true;
-            }
-        }
+        let distinct = std::mem::take(&mut self.distinct);
+        let mut ranking =
+            UserRanking::new(history, target, scores.len(), list_len, distinct, |t| {
+                scores[t]
+            });
+        ranking.feed(0, scores);
+        let (rank, top, distinct) = ranking.finish();
+        self.distinct = distinct;
+        (rank, top)
+    }
+}
 
-        let ranked_target = if self.excluded.get(target as usize).copied().unwrap_or(true) {
-            None
-        } else {
-            Some((target as usize, key(scores[target as usize])))
-        };
-        // One pass over the scores counts the items above the target and
-        // keeps the top of the list.
-        let (top, counted) = scan(scores, &self.excluded, list_len, ranked_target);
-        let rank = ranked_target.map(|(t, st)| {
-            // The excluded items among those above the target are taken
-            // back, each once however often the history repeats it.
-            let mut above = counted;
-            self.distinct.clear();
-            self.distinct.extend_from_slice(history);
-            self.distinct.sort_unstable();
-            self.distinct.dedup();
-            for &i in &self.distinct {
-                if let Some(&s) = scores.get(i as usize)
-                    && i as usize != t
-                    && better(key(s), i, st, t as u32)
-                {
-                    above -= 1;
+/// One user's ranking, fed their scores a block of items at a time, in
+/// item order: the target's rank and the top of the list, the history
+/// excluded. Whole rows are one block.
+struct UserRanking {
+    scan: Scan,
+    /// The history, sorted and without repeats.
+    distinct: Vec<u32>,
+    /// How many of `distinct` lie in the blocks fed so far.
+    passed: usize,
+    /// One past the last item fed.
+    fed: usize,
+}
+
+impl UserRanking {
+    /// A ranking of the `n` items for the user with `history` and `target`,
+    /// keeping the best `k`; `score_of(target)` is asked for the target's
+    /// score when it is ranked (inside the catalogue, not in the history).
+    /// `distinct` is scratch space.
+    fn new(
+        history: &[u32],
+        target: u32,
+        n: usize,
+        k: usize,
+        mut distinct: Vec<u32>,
+        score_of: impl FnOnce(usize) -> f32,
+    ) -> UserRanking {
+        distinct.clear();
+        distinct.extend_from_slice(history);
+        distinct.sort_unstable();
+        distinct.dedup();
+        let t = target as usize;
+        let ranked =
+            (t < n && distinct.binary_search(&target).is_err()).then(|| (t, key(score_of(t))));
+        UserRanking {
+            scan: Scan::new(k, ranked),
+            distinct,
+            passed: 0,
+            fed: 0,
+        }
+    }
+
+    /// The scores of items `first..first + scores.len()`, `first` being
+    /// where the blocks fed so far end.
+    fn feed(&mut self, first: usize, scores: &[f32]) {
+        assert_eq!(first, self.fed, "blocks are fed in item order");
+        let end = first + scores.len();
+        self.fed = end;
+        let rest = &self.distinct[self.passed..];
+        let here = &rest[..rest.partition_point(|&i| (i as usize) < end)];
+        self.passed += here.len();
+        self.scan
+            .feed(first, scores, |j| here.binary_search(&(j as u32)).is_ok());
+        // The scan counted the history's items above the target with the
+        // others: they are taken back, each once however often the history
+        // repeats it.
+        if let Some((t, st)) = self.scan.target {
+            for &i in here {
+                if i as usize != t && better(key(scores[i as usize - first]), i, st, t as u32) {
+                    self.scan.above -= 1;
                 }
             }
-            above + 1
-        });
-
-        for &i in history {
-            if let Some(slot) = self.excluded.get_mut(i as usize) {
-                *slot = false;
-            }
         }
-        (rank, top)
+    }
+
+    /// The target's 1-based rank (`None` when it was not ranked), the top
+    /// of the list, best first, and the scratch space back.
+    fn finish(self) -> (Option<usize>, Vec<(u32, f32)>, Vec<u32>) {
+        let rank = self.scan.target.map(|_| self.scan.above + 1);
+        (rank, self.scan.best, self.distinct)
     }
 }
 
 /// The best `k` not-excluded items, best first.
 pub fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
-    scan(scores, excluded, k, None).0
+    let mut scan = Scan::new(k, None);
+    scan.feed(0, scores, |j| excluded[j]);
+    scan.best
 }
 
 /// Scores looked at together: counted branch-free, and skipped whole by
@@ -117,9 +156,9 @@ pub fn top_k(scores: &[f32], excluded: &[bool], k: usize) -> Vec<(u32, f32)> {
 const SCAN_CHUNK: usize = 64;
 const _: () = assert!(SCAN_CHUNK <= 64, "a chunk's candidates are bits of a u64");
 
-/// One pass over `scores`: the best `k` not-excluded items, best first, and,
-/// for `target = Some((t, key))`, the number of items ranking above item `t`
-/// (excluded ones included).
+/// A pass over scores, fed in item order: the best `k` not-excluded items,
+/// best first, and, for `target = Some((t, key))`, the number of items
+/// ranking above item `t` (excluded ones included).
 ///
 /// The list keeps the `k` best seen so far, sorted best first; once it is
 /// full, only the scores of a chunk above the last one's are looked at,
@@ -128,57 +167,70 @@ const _: () = assert!(SCAN_CHUNK <= 64, "a chunk's candidates are bits of a u64"
 /// before it when their score is at least the target's (they win a tie);
 /// a NaN is never either, except that when the target's key is −∞ every
 /// item before it ranks above it (a NaN ties with −∞ and wins on index).
-fn scan(
-    scores: &[f32],
-    excluded: &[bool],
+struct Scan {
     k: usize,
+    best: Vec<(u32, f32)>,
+    above: usize,
     target: Option<(usize, f32)>,
-) -> (Vec<(u32, f32)>, usize) {
-    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    let mut above = 0;
-    for (c, chunk) in scores.chunks(SCAN_CHUNK).enumerate() {
-        let first = c * SCAN_CHUNK;
-        if let Some((t, st)) = target {
-            let split = t.clamp(first, first + chunk.len()) - first;
-            let (before, after) = chunk.split_at(split);
-            above += if st == f32::NEG_INFINITY {
-                before.len()
-            } else {
-                before.iter().map(|&s| u32::from(s >= st)).sum::<u32>() as usize
-            } + after.iter().map(|&s| u32::from(s > st)).sum::<u32>() as usize;
+}
+
+impl Scan {
+    fn new(k: usize, target: Option<(usize, f32)>) -> Scan {
+        Scan {
+            k,
+            best: Vec::with_capacity(k + 1),
+            above: 0,
+            target,
         }
-        if k == 0 {
-            continue;
-        }
-        if best.len() == k {
-            // Only scores above the list's last can enter (a later item
-            // never wins a tie; a NaN is never above): a chunk without one
-            // is skipped (a vectorized test), otherwise their positions as
-            // bits, each checked again against the last as it rises.
-            let kth = best[k - 1].1;
-            if !chunk.iter().fold(false, |any, &s| any | (s > kth)) {
+    }
+
+    /// The scores of items `first..first + scores.len()`; `excluded(j)`
+    /// says whether item `j` (of these) is kept off the list.
+    fn feed(&mut self, first: usize, scores: &[f32], excluded: impl Fn(usize) -> bool) {
+        let (k, best) = (self.k, &mut self.best);
+        for (c, chunk) in scores.chunks(SCAN_CHUNK).enumerate() {
+            let first = first + c * SCAN_CHUNK;
+            if let Some((t, st)) = self.target {
+                let split = t.clamp(first, first + chunk.len()) - first;
+                let (before, after) = chunk.split_at(split);
+                self.above += if st == f32::NEG_INFINITY {
+                    before.len()
+                } else {
+                    before.iter().map(|&s| u32::from(s >= st)).sum::<u32>() as usize
+                } + after.iter().map(|&s| u32::from(s > st)).sum::<u32>() as usize;
+            }
+            if k == 0 {
                 continue;
             }
-            let mut above_kth = chunk
-                .iter()
-                .enumerate()
-                .fold(0u64, |bits, (j, &s)| bits | (u64::from(s > kth) << j));
-            while above_kth != 0 {
-                let j = above_kth.trailing_zeros() as usize;
-                above_kth &= above_kth - 1;
-                if !excluded[first + j] {
-                    admit(&mut best, k, (first + j) as u32, chunk[j]);
+            if best.len() == k {
+                // Only scores above the list's last can enter (a later item
+                // never wins a tie; a NaN is never above): a chunk without one
+                // is skipped (a vectorized test), otherwise their positions as
+                // bits, each checked again against the last as it rises.
+                let kth = best[k - 1].1;
+                if !chunk.iter().fold(false, |any, &s| any | (s > kth)) {
+                    continue;
                 }
+                let mut above_kth = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |bits, (j, &s)| bits | (u64::from(s > kth) << j));
+                while above_kth != 0 {
+                    let j = above_kth.trailing_zeros() as usize;
+                    above_kth &= above_kth - 1;
+                    if !excluded(first + j) {
+                        admit(best, k, (first + j) as u32, chunk[j]);
+                    }
+                }
+                continue;
             }
-            continue;
-        }
-        for (j, &s) in chunk.iter().enumerate() {
-            if !excluded[first + j] {
-                admit(&mut best, k, (first + j) as u32, key(s));
+            for (j, &s) in chunk.iter().enumerate() {
+                if !excluded(first + j) {
+                    admit(best, k, (first + j) as u32, key(s));
+                }
             }
         }
     }
-    (best, above)
 }
 
 /// Puts item `j` with key `s` into `best` (the `k` best so far, best
@@ -224,22 +276,14 @@ pub fn measure_speed(
     list_len: usize,
     latency_users: usize,
 ) -> Result<Speed> {
-    let n = scorer.n_items();
-    let mut scores = Vec::new();
-    let mut ranker = Ranker::default();
-    let warm: Vec<&[u32]> = targets
-        .iter()
-        .take(batch.max(1))
-        .map(|t| dataset.history(t))
-        .collect();
-    scorer.score(&warm, &mut scores)?;
+    let mut scratch = (Vec::new(), Ranker::default());
+    let warm = &targets[..batch.max(1).min(targets.len())];
+    rank_slice(scorer, dataset, warm, list_len, &mut scratch)?;
     let mut times = Vec::with_capacity(latency_users);
     for t in targets.iter().cycle().take(latency_users.max(1)) {
-        let history = dataset.history(t);
         let started = std::time::Instant::now();
-        scorer.score(&[history], &mut scores)?;
-        let (_, top) = ranker.rank(&scores[..n], history, t.item, list_len);
-        std::hint::black_box(top);
+        let one = std::slice::from_ref(t);
+        std::hint::black_box(rank_slice(scorer, dataset, one, list_len, &mut scratch)?);
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
@@ -285,20 +329,26 @@ pub fn rank_targets(
     }
     let threads = rayon::current_num_threads().max(1);
     let batch = batch.max(1);
-    // Each task scores a slice of the batch and ranks it at once, while its
+    // Each task scores a slice of users and ranks it at once, while its
     // scores are still in cache (a whole batch's scores at 200,000 items are
     // 205 MB). The slices of a batch are a whole multiple of the threads, so
     // that none waits on another's last slice; a task takes its scratch from
-    // a pool (as many as run at once), kept from batch to batch.
+    // a pool (as many as run at once), kept from slice to slice. Several
+    // batches run as one round, so the threads meet (and the sink runs) once
+    // a round rather than once a batch; the sink still gets batch by batch.
     let widest = (scorer.slice_bytes() / (4 * n.max(1))).max(1);
     let users = batch.min(targets.len()).max(1);
     let slices = users.div_ceil(widest).div_ceil(threads) * threads;
     let slice = users.div_ceil(slices);
+    let round = batch * ROUND_USERS.div_ceil(batch);
     let pool: std::sync::Mutex<Vec<(Vec<f32>, Ranker)>> = std::sync::Mutex::default();
-    let mut ranked = Vec::with_capacity(batch);
-    for chunk in targets.chunks(batch) {
-        let slices: Vec<Result<Vec<Ranked>>> = chunk
-            .par_chunks(slice)
+    let mut ranked = Vec::with_capacity(round.min(targets.len()));
+    for round in targets.chunks(round) {
+        let slices: Vec<Result<Vec<Ranked>>> = round
+            .chunks(batch)
+            .flat_map(|batch| batch.chunks(slice))
+            .collect::<Vec<_>>()
+            .into_par_iter()
             .map(|slice| {
                 let taken = pool.lock().ok().and_then(|mut pool| pool.pop());
                 let mut scratch = taken.unwrap_or_default();
@@ -313,12 +363,20 @@ pub fn rank_targets(
         for slice in slices {
             ranked.extend(slice?);
         }
-        sink(&ranked)?;
+        for batch in ranked.chunks(batch) {
+            sink(batch)?;
+        }
     }
     Ok(())
 }
 
-/// Scores `slice`'s users in one call and ranks each.
+/// Users ranked between two meetings of the threads in [`rank_targets`]
+/// (rounded up to whole batches): their results are held until the round
+/// ends, a few MB at most.
+const ROUND_USERS: usize = 8192;
+
+/// Scores `slice`'s users and ranks each: block by block where the scorer
+/// computes scores that way, otherwise all in one call.
 fn rank_slice(
     scorer: &dyn Scorer,
     dataset: &Dataset,
@@ -328,6 +386,18 @@ fn rank_slice(
 ) -> Result<Vec<Ranked>> {
     let n = scorer.n_items();
     let histories: Vec<&[u32]> = slice.iter().map(|t| dataset.history(t)).collect();
+    if let Some(blocks) = scorer.item_blocks(&histories)? {
+        let width = block_width(slice.len(), blocks.granule());
+        return rank_in_blocks(
+            blocks.as_ref(),
+            n,
+            slice,
+            &histories,
+            list_len,
+            width,
+            scores,
+        );
+    }
     scorer.score(&histories, scores)?;
     if scores.len() != slice.len() * n {
         return Err(Error::internal(format!(
@@ -343,6 +413,82 @@ fn rank_slice(
         .map(|(row, (target, history))| {
             let scores = &scores[row * n..(row + 1) * n];
             let (rank, top) = ranker.rank(scores, history, target.item, list_len);
+            Ranked {
+                target: *target,
+                rank,
+                top,
+            }
+        })
+        .collect())
+}
+
+/// Bytes of one block of scores for all the users of a slice in
+/// [`rank_in_blocks`]: ranked while in the core's L2 cache.
+const BLOCK_SCORES_BYTES: usize = 256 << 10;
+
+/// Items per block for `users` users: [`BLOCK_SCORES_BYTES`] of scores, a
+/// whole number of granules.
+fn block_width(users: usize, granule: usize) -> usize {
+    let granule = granule.max(1);
+    (BLOCK_SCORES_BYTES / (4 * users.max(1)) / granule).max(1) * granule
+}
+
+/// Ranks `slice`'s users on scores computed `width` items (a multiple of the
+/// granule) at a time, each block ranked as soon as it is computed. Every user's target is scored
+/// first (its own granule of items, the same bits as in its block), so the
+/// items above it are counted as the blocks pass; the results equal
+/// [`Ranker::rank`] on whole rows.
+fn rank_in_blocks(
+    blocks: &dyn ItemBlocks,
+    n: usize,
+    slice: &[Target],
+    histories: &[&[u32]],
+    list_len: usize,
+    width: usize,
+    buffer: &mut Vec<f32>,
+) -> Result<Vec<Ranked>> {
+    let users = slice.len();
+    if blocks.users() != users {
+        return Err(Error::internal(format!(
+            "scorer made item blocks for {} users, not {users}",
+            blocks.users()
+        )));
+    }
+    let granule = blocks.granule().max(1);
+    let mut one = vec![0.0f32; granule];
+    let mut rankings: Vec<UserRanking> = slice
+        .iter()
+        .zip(histories)
+        .enumerate()
+        .map(|(u, (target, history))| {
+            UserRanking::new(history, target.item, n, list_len, Vec::new(), |t| {
+                let start = t / granule * granule;
+                let items = start..(start + granule).min(n);
+                let one = &mut one[..items.len()];
+                blocks.scores(u..u + 1, items, one);
+                one[t - start]
+            })
+        })
+        .collect();
+    if !width.is_multiple_of(granule) || width == 0 {
+        return Err(Error::internal(format!(
+            "blocks of {width} items are not whole granules of {granule}"
+        )));
+    }
+    for start in (0..n).step_by(width) {
+        let items = start..(start + width).min(n);
+        let len = items.len();
+        buffer.resize(users * len, 0.0);
+        blocks.scores(0..users, items, &mut buffer[..users * len]);
+        for (ranking, scores) in rankings.iter_mut().zip(buffer.chunks_exact(len)) {
+            ranking.feed(start, scores);
+        }
+    }
+    Ok(rankings
+        .into_iter()
+        .zip(slice)
+        .map(|(ranking, target)| {
+            let (rank, top, _) = ranking.finish();
             Ranked {
                 target: *target,
                 rank,
@@ -566,6 +712,125 @@ mod tests {
             full.truncate(5);
             assert_eq!(top, full, "case {case}: n {n}, target {target}");
         }
+    }
+
+    /// Scores held whole, handed out a range at a time.
+    struct HeldBlocks {
+        scores: Vec<f32>,
+        n: usize,
+        granule: usize,
+    }
+
+    impl ItemBlocks for HeldBlocks {
+        fn users(&self) -> usize {
+            self.scores.len() / self.n
+        }
+
+        fn granule(&self) -> usize {
+            self.granule
+        }
+
+        fn scores(
+            &self,
+            users: std::ops::Range<usize>,
+            items: std::ops::Range<usize>,
+            out: &mut [f32],
+        ) {
+            assert!(
+                items.start.is_multiple_of(self.granule),
+                "{items:?} not on a granule"
+            );
+            let width = items.len();
+            for (u, out) in users.zip(out.chunks_exact_mut(width)) {
+                out.copy_from_slice(&self.scores[u * self.n + items.start..u * self.n + items.end]);
+            }
+        }
+    }
+
+    /// Ranking blocks of items as they come gives what ranking whole rows
+    /// gives: ranks, lists and their order, with ties, NaN, ±∞, histories
+    /// that repeat items, hold the target or items past the catalogue, and
+    /// blocks of any whole number of granules.
+    #[test]
+    fn ranking_in_blocks_equals_ranking_whole_rows() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(23);
+        let mut ranker = Ranker::default();
+        for case in 0..400 {
+            let n = rng.random_range(1..500);
+            let users = rng.random_range(1..9);
+            let granule = [1, 8, 16][rng.random_range(0..3)];
+            let width = granule * rng.random_range(1..12);
+            let list_len = rng.random_range(0..25);
+            let scores: Vec<f32> = (0..users * n)
+                .map(|i| match rng.random_range(0..60) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    3..20 => (i % n) as f32 * 0.01,
+                    _ => rng.random_range(0..10) as f32 * 0.25,
+                })
+                .collect();
+            let history_items: Vec<Vec<u32>> = (0..users)
+                .map(|_| {
+                    (0..rng.random_range(0..40))
+                        .map(|_| rng.random_range(0..n as u32 + 3))
+                        .collect()
+                })
+                .collect();
+            let histories: Vec<&[u32]> = history_items.iter().map(|h| h.as_slice()).collect();
+            let slice: Vec<Target> = (0..users)
+                .map(|u| Target {
+                    user: u as u32,
+                    position: 1,
+                    item: if rng.random_bool(0.2) && !histories[u].is_empty() {
+                        histories[u][0].min(n as u32 - 1)
+                    } else {
+                        rng.random_range(0..n as u32)
+                    },
+                })
+                .collect();
+            let blocks = HeldBlocks {
+                scores: scores.clone(),
+                n,
+                granule,
+            };
+            let mut buffer = Vec::new();
+            let got = rank_in_blocks(&blocks, n, &slice, &histories, list_len, width, &mut buffer)
+                .unwrap();
+            for (u, ranked) in got.iter().enumerate() {
+                let (rank, top) = ranker.rank(
+                    &scores[u * n..(u + 1) * n],
+                    histories[u],
+                    slice[u].item,
+                    list_len,
+                );
+                let context =
+                    format!("case {case}: n {n}, granule {granule}, width {width}, user {u}");
+                assert_eq!(ranked.target, slice[u], "{context}");
+                assert_eq!(ranked.rank, rank, "{context}");
+                assert_eq!(ranked.top.len(), top.len(), "{context}");
+                for (g, w) in ranked.top.iter().zip(&top) {
+                    assert!(
+                        g.0 == w.0 && g.1.to_bits() == w.1.to_bits(),
+                        "{context}: {g:?} vs {w:?}"
+                    );
+                }
+            }
+        }
+        // Blocks that are not whole granules are refused, not misread.
+        let blocks = HeldBlocks {
+            scores: vec![0.0; 32],
+            n: 32,
+            granule: 16,
+        };
+        let target = [Target {
+            user: 0,
+            position: 1,
+            item: 3,
+        }];
+        assert!(rank_in_blocks(&blocks, 32, &target, &[&[]], 5, 24, &mut Vec::new()).is_err());
     }
 
     #[test]

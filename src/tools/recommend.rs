@@ -16,7 +16,7 @@ use crate::dataset::{Dataset, Target};
 use crate::error::{Error, Result};
 use crate::model::ModelArtifact;
 use crate::model::sasrec::infer::COMPRESSION_KEY;
-use crate::model::score::{Ranked, Ranker};
+use crate::model::score::rank_targets;
 
 /// Reads and checks a model artifact from a local file (exit 3 when it is
 /// not a valid artifact).
@@ -69,7 +69,6 @@ pub fn recommend(
     out: &Path,
 ) -> Result<usize> {
     let scorer = artifact.scorer(dataset.n_items())?;
-    let n = dataset.n_items();
     let schema = recommendations_schema(dataset.user_ids.data_type(), dataset.item_ids.data_type());
     let tmp = out.with_extension("parquet.partial");
     let file = std::fs::File::create(&tmp)
@@ -79,38 +78,24 @@ pub fn recommend(
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, Arc::clone(&schema), Some(props))
         .map_err(|e| Error::internal(e.to_string()))?;
     let result = (|| -> Result<usize> {
+        // Each user's target is past their history and outside the
+        // catalogue: nothing is excluded but the history, no rank is kept.
+        let targets: Vec<Target> = users
+            .iter()
+            .map(|&user| Target {
+                user,
+                position: dataset.user_items(user as usize).len(),
+                item: u32::MAX,
+            })
+            .collect();
         let mut rows = 0;
-        let mut ranker = Ranker::default();
-        let mut scores = Vec::new();
-        for chunk in users.chunks(batch.max(1)) {
-            let histories: Vec<&[u32]> = chunk
-                .iter()
-                .map(|&u| dataset.user_items(u as usize))
-                .collect();
-            scorer.score(&histories, &mut scores)?;
-            let ranked: Vec<Ranked> = chunk
-                .iter()
-                .zip(&histories)
-                .enumerate()
-                .map(|(i, (&user, history))| {
-                    let (_, top) = ranker.rank(&scores[i * n..(i + 1) * n], history, u32::MAX, k);
-                    Ranked {
-                        target: Target {
-                            user,
-                            position: history.len(),
-                            item: u32::MAX,
-                        },
-                        rank: None,
-                        top,
-                    }
-                })
-                .collect();
-            let batch = recommendation_batch(&schema, dataset, &artifact.card.name, &ranked)?;
+        rank_targets(scorer.as_ref(), dataset, &targets, batch, k, |ranked| {
+            let batch = recommendation_batch(&schema, dataset, &artifact.card.name, ranked)?;
             rows += batch.num_rows();
             writer
                 .write(&batch)
-                .map_err(|e| Error::internal(e.to_string()))?;
-        }
+                .map_err(|e| Error::internal(e.to_string()))
+        })?;
         writer.close().map_err(|e| Error::internal(e.to_string()))?;
         Ok(rows)
     })();

@@ -19,7 +19,10 @@ use super::{PAD, SasRec, SasRecConfig};
 use crate::error::{Error, Result};
 use crate::model::kernels::{AttentionShape, add_bias, attention};
 use crate::model::stored::{Encoded, Layout, Matrix, read_f32};
-use crate::model::{CARD_KEY, ModelCard, Scorer};
+use crate::model::{
+    CARD_KEY, ItemBlocks, ModelCard, SLICE_BYTES_PACKED, SLICE_BYTES_STREAMED,
+    SLICE_USERS_IN_BLOCKS, Scorer,
+};
 
 /// Metadata key holding the layout of every stored matrix.
 pub const LAYOUT_KEY: &str = "recdistill.layout";
@@ -367,6 +370,25 @@ impl StoredSasRec {
         })
     }
 
+    /// Each history's user vector (its window's last final hidden state,
+    /// the row scored against the item table): `histories.len() × d`.
+    fn user_vectors(&self, histories: &[&[u32]]) -> Vec<f32> {
+        let (len, d) = (self.config.max_len, self.config.d_model);
+        let mut vectors = vec![0.0; histories.len() * d];
+        let mut inputs = vec![PAD; SCORE_CHUNK.min(histories.len()) * len];
+        for (group, out) in histories
+            .chunks(SCORE_CHUNK)
+            .zip(vectors.chunks_mut(SCORE_CHUNK * d))
+        {
+            let b = group.len();
+            for (slot, h) in inputs.chunks_mut(len).zip(group) {
+                window_into(h, slot);
+            }
+            self.last_hidden(&inputs[..b * len], b, out);
+        }
+        vectors
+    }
+
     /// Runs the model over `batch` windows (`inputs`, [`PAD`] for empty
     /// slots) and writes each window's last final hidden state into `last`
     /// (`batch × d`).
@@ -561,35 +583,38 @@ impl Scorer for StoredSasRec {
     }
 
     fn score(&self, histories: &[&[u32]], out: &mut Vec<f32>) -> Result<()> {
-        let (len, d, v) = (
-            self.config.max_len,
-            self.config.d_model,
-            self.config.n_items,
-        );
+        let v = self.config.n_items;
         // Every score is overwritten below: only a growing buffer is zeroed.
         out.resize(histories.len() * v, 0.0);
-        let mut inputs = vec![PAD; SCORE_CHUNK.min(histories.len()) * len];
-        let mut last = vec![0.0; SCORE_CHUNK * d];
         for (group, scores) in histories
             .chunks(SCORE_CHUNK)
             .zip(out.chunks_mut(SCORE_CHUNK * v))
         {
-            let b = group.len();
-            for (slot, h) in inputs.chunks_mut(len).zip(group) {
-                window_into(h, slot);
-            }
-            self.last_hidden(&inputs[..b * len], b, &mut last[..b * d]);
-            self.item.apply(&last[..b * d], b, scores, v);
+            let vectors = self.user_vectors(group);
+            self.item.apply(&vectors, group.len(), scores, v);
         }
         Ok(())
     }
 
     fn slice_bytes(&self) -> usize {
-        if self.item.streams_as_stored() {
-            crate::model::SLICE_BYTES_STREAMED
+        if self.item.streams_in_blocks() {
+            SLICE_USERS_IN_BLOCKS * 4 * self.config.n_items
+        } else if self.item.streams_as_stored() {
+            SLICE_BYTES_STREAMED
         } else {
-            crate::model::SLICE_BYTES_PACKED
+            SLICE_BYTES_PACKED
         }
+    }
+
+    fn item_blocks(&self, histories: &[&[u32]]) -> Result<Option<Box<dyn ItemBlocks + '_>>> {
+        if !self.item.streams_in_blocks() {
+            return Ok(None);
+        }
+        let vectors = self.user_vectors(histories);
+        Ok(self
+            .item
+            .row_blocks(&vectors, histories.len())
+            .map(|blocks| Box::new(blocks) as Box<dyn ItemBlocks + '_>))
     }
 }
 
@@ -616,6 +641,68 @@ mod tests {
                 assert!((g - w).abs() < 1e-4 * w.abs().max(1.0), "{g} vs {w}");
             }
         }
+    }
+
+    /// An integer item table's blocks hold the bits `score` gives, for any
+    /// users and any range of items from a granule on; other tables (dense,
+    /// `int4` with several scales a row) have no blocks.
+    #[test]
+    fn item_blocks_score_like_whole_rows() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let n = 300;
+        let config = SasRecConfig {
+            n_items: n,
+            d_model: 8,
+            layers: 1,
+            heads: 2,
+            ffn: 16,
+            max_len: 5,
+            dropout: 0.1,
+            content_dim: 0,
+        };
+        let dense = StoredSasRec::from_dense(&SasRec::new(config, Vec::new(), 3).unwrap());
+        let histories: Vec<&[u32]> = vec![&[1, 2, 3], &[250, 7], &[299], &[4, 5, 6, 7, 8, 9, 10]];
+        assert!(dense.item_blocks(&histories).unwrap().is_none());
+        let (r, c, d) = (dense.item.rows(), dense.item.cols(), dense.item.to_dense());
+        let mut rng = StdRng::seed_from_u64(1);
+        for item in [
+            Matrix::quantize_int8(r, c, &d),
+            Matrix::quantize_int4(r, c, c, &d),
+        ] {
+            let stored = StoredSasRec {
+                item,
+                ..dense.clone()
+            };
+            let mut whole = Vec::new();
+            stored.score(&histories, &mut whole).unwrap();
+            let blocks = stored
+                .item_blocks(&histories)
+                .unwrap()
+                .expect("an integer table");
+            assert_eq!(blocks.users(), histories.len());
+            let g = blocks.granule();
+            for _ in 0..50 {
+                let start = rng.random_range(0..n.div_ceil(g)) * g;
+                let end = rng.random_range(start + 1..=n);
+                let first = rng.random_range(0..histories.len());
+                let users = first..rng.random_range(first + 1..=histories.len());
+                let width = end - start;
+                let mut out = vec![f32::NAN; users.len() * width];
+                blocks.scores(users.clone(), start..end, &mut out);
+                for (row, u) in users.enumerate() {
+                    for j in start..end {
+                        let (got, want) = (out[row * width + j - start], whole[u * n + j]);
+                        assert_eq!(got.to_bits(), want.to_bits(), "user {u}, item {j}");
+                    }
+                }
+            }
+        }
+        let grouped = StoredSasRec {
+            item: Matrix::quantize_int4(r, c, c / 2, &d),
+            ..dense.clone()
+        };
+        assert!(grouped.item_blocks(&histories).unwrap().is_none());
     }
 
     fn compressed_artifact() -> crate::model::ModelArtifact {

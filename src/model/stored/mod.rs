@@ -20,6 +20,8 @@
 //! not multiply out, unsorted or out-of-range sparse indices, non-finite
 //! values, negative scales.
 
+use std::ops::Range;
+
 use half::f16;
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -593,6 +595,67 @@ impl Matrix {
         matches!(self, Matrix::Int8 { .. } | Matrix::Int4 { .. })
     }
 
+    /// Can the product be computed a range of stored rows at a time
+    /// ([`Matrix::row_blocks`]): `int8`, and `int4` with one scale per row?
+    pub fn streams_in_blocks(&self) -> bool {
+        match self {
+            Matrix::Int8 { .. } => true,
+            Matrix::Int4 { cols, group, .. } => group >= cols,
+            _ => false,
+        }
+    }
+
+    /// The product of the `n` rows of `x` with this matrix, ready to be
+    /// computed a range of stored rows at a time: the input rows quantized
+    /// once, the stored values read as they are (in this process's panels
+    /// where its integer kernel uses them; an `int4` matrix's panels hold its
+    /// values widened to `int8`, `rows × cols` bytes beside the packed
+    /// ones). `None` unless [`Matrix::streams_in_blocks`].
+    pub fn row_blocks(&self, x: &[f32], n: usize) -> Option<RowBlocks<'_>> {
+        if !self.streams_in_blocks() {
+            return None;
+        }
+        let (rows, cols) = (self.rows(), self.cols());
+        assert!(x.len() >= n * cols, "input smaller than n × cols");
+        let (xq, xs) = quantize_activations(&x[..n * cols], cols);
+        let kernel = simd::int8_kernel();
+        let (values, scale) = match self {
+            Matrix::Int8 {
+                q, scale, panels, ..
+            } => match kernel {
+                Int8Kernel::Portable => (RowValues::Int8(q), scale),
+                _ => (
+                    RowValues::Panels(panels.get(kernel, rows, cols, || q)),
+                    scale,
+                ),
+            },
+            Matrix::Int4 {
+                packed,
+                scale,
+                panels,
+                ..
+            } => match kernel {
+                Int8Kernel::Portable => (RowValues::Int4(packed), scale),
+                _ => (
+                    RowValues::Panels(panels.get(kernel, rows, cols, || {
+                        let mut wide = vec![0i8; rows * cols];
+                        widen_int4_rows(packed, cols, &mut wide);
+                        wide
+                    })),
+                    scale,
+                ),
+            },
+            _ => return None,
+        };
+        Some(RowBlocks {
+            xq,
+            xs,
+            cols,
+            values,
+            scale,
+        })
+    }
+
     /// `out[i · ldo + j] = Σ_k x[i · cols + k] · M[j, k]` for the `n` rows
     /// of `x`: overwrites `rows` values of each of `n` output rows.
     pub fn apply(&self, x: &[f32], n: usize, out: &mut [f32], ldo: usize) {
@@ -623,65 +686,12 @@ impl Matrix {
                     par,
                 );
             }
-            Matrix::Int8 {
-                q, scale, panels, ..
-            } => {
-                let (xq, xs) = quantize_activations(&x[..n * cols], cols);
-                let kernel = simd::int8_kernel();
-                let panels =
-                    (kernel != Int8Kernel::Portable).then(|| panels.get(kernel, rows, cols, || q));
-                for_user_blocks(out, ldo, n, work, |first, count, o| {
-                    let xq = &xq[first * cols..(first + count) * cols];
-                    let xs = &xs[first..first + count];
-                    match panels {
-                        Some(panels) => int8_panel_product(xq, xs, panels, scale, o, ldo),
-                        None => int8_product(xq, xs, cols, q, scale, o, ldo),
-                    }
-                });
-            }
-            Matrix::Int4 {
-                group,
-                packed,
-                scale,
-                panels,
-                ..
-            } if *group >= cols => {
-                // One scale per row: the values widened to int8 run through
-                // the int8 product, as panels made once (where the CPU runs
-                // the panel product: rows × cols bytes held beside the
-                // packed values) or a tile of rows at a time.
-                let width = cols.div_ceil(2);
-                let (xq, xs) = quantize_activations(&x[..n * cols], cols);
-                let kernel = simd::int8_kernel();
-                let panels = (kernel != Int8Kernel::Portable).then(|| {
-                    panels.get(kernel, rows, cols, || {
-                        let mut wide = vec![0i8; rows * cols];
-                        widen_int4_rows(packed, cols, &mut wide);
-                        wide
-                    })
-                });
-                for_user_blocks(out, ldo, n, work, |first, count, o| {
-                    let xq = &xq[first * cols..(first + count) * cols];
-                    let xs = &xs[first..first + count];
-                    if let Some(panels) = panels {
-                        int8_panel_product(xq, xs, panels, scale, o, ldo);
-                        return;
-                    }
-                    let mut tile = vec![0i8; INT4_TILE_ROWS.min(rows) * cols];
-                    for j0 in (0..rows).step_by(INT4_TILE_ROWS) {
-                        let r = INT4_TILE_ROWS.min(rows - j0);
-                        let tile = &mut tile[..r * cols];
-                        widen_int4_rows(&packed[j0 * width..(j0 + r) * width], cols, tile);
-                        int8_product(xq, xs, cols, tile, &scale[j0..j0 + r], &mut o[j0..], ldo);
-                    }
-                });
-            }
             Matrix::Int4 {
                 group,
                 packed,
                 scale,
                 ..
-            } => {
+            } if *group < cols => {
                 let (xq, xs) = quantize_activations(&x[..n * cols], cols);
                 let (width, groups) = (cols.div_ceil(2), cols.div_ceil(*group));
                 for_user_blocks(out, ldo, n, work, |first, count, o| {
@@ -708,6 +718,15 @@ impl Matrix {
                             o[i * ldo + j] = xs[first + i] * a;
                         }
                     }
+                });
+            }
+            Matrix::Int8 { .. } | Matrix::Int4 { .. } => {
+                // One scale per row (the grouped `int4` case is above).
+                let blocks = self
+                    .row_blocks(&x[..n * cols], n)
+                    .expect("a matrix streamed in blocks has row blocks");
+                for_user_blocks(out, ldo, n, work, |first, count, o| {
+                    blocks.product(first..first + count, 0..rows, o, ldo)
                 });
             }
             Matrix::Sparse {
@@ -748,6 +767,101 @@ impl Matrix {
                 u.apply(&inner, n, out, ldo);
             }
         }
+    }
+}
+
+/// A product of quantized input rows with an integer matrix's stored rows,
+/// computed for any users and any range of stored rows
+/// ([`Matrix::row_blocks`]); each value is the same bits whatever range it
+/// is computed in, and the same as [`Matrix::apply`] gives.
+#[derive(Debug)]
+pub struct RowBlocks<'a> {
+    xq: Vec<i8>,
+    xs: Vec<f32>,
+    cols: usize,
+    values: RowValues<'a>,
+    /// One per stored row.
+    scale: &'a [f32],
+}
+
+/// The stored values as [`RowBlocks`] reads them.
+#[derive(Debug)]
+enum RowValues<'a> {
+    /// Laid out for the panel kernel.
+    Panels(&'a simd::PanelSet),
+    /// Row-major `int8`, for the portable kernel.
+    Int8(&'a [i8]),
+    /// Packed `int4` rows, widened a tile at a time for the portable kernel.
+    Int4(&'a [u8]),
+}
+
+impl RowBlocks<'_> {
+    /// Input rows.
+    pub fn inputs(&self) -> usize {
+        self.xs.len()
+    }
+
+    /// Stored rows.
+    pub fn rows(&self) -> usize {
+        self.scale.len()
+    }
+
+    /// A range of stored rows starts at a multiple of this (the panel
+    /// kernel's width; 1 for the portable kernel).
+    pub fn granule(&self) -> usize {
+        match &self.values {
+            RowValues::Panels(panels) => panels.width(),
+            RowValues::Int8(_) | RowValues::Int4(_) => 1,
+        }
+    }
+
+    /// `out[(i − users.start) · ldo + j − rows.start]` = the product of input
+    /// row `i` and stored row `j`, for `i` in `users` and `j` in `rows`
+    /// (`rows.start` a multiple of [`RowBlocks::granule`]).
+    pub fn product(&self, users: Range<usize>, rows: Range<usize>, out: &mut [f32], ldo: usize) {
+        let cols = self.cols;
+        let xq = &self.xq[users.start * cols..users.end * cols];
+        let xs = &self.xs[users.clone()];
+        match self.values {
+            RowValues::Panels(panels) => {
+                int8_panel_product(xq, xs, panels, self.scale, rows, out, ldo)
+            }
+            RowValues::Int8(q) => int8_product(
+                xq,
+                xs,
+                cols,
+                &q[rows.start * cols..rows.end * cols],
+                &self.scale[rows],
+                out,
+                ldo,
+            ),
+            RowValues::Int4(packed) => {
+                let width = cols.div_ceil(2);
+                let mut tile = vec![0i8; INT4_TILE_ROWS.min(rows.len()) * cols];
+                for j0 in rows.clone().step_by(INT4_TILE_ROWS) {
+                    let r = INT4_TILE_ROWS.min(rows.end - j0);
+                    let tile = &mut tile[..r * cols];
+                    widen_int4_rows(&packed[j0 * width..(j0 + r) * width], cols, tile);
+                    let o = &mut out[j0 - rows.start..];
+                    int8_product(xq, xs, cols, tile, &self.scale[j0..j0 + r], o, ldo);
+                }
+            }
+        }
+    }
+}
+
+impl crate::model::ItemBlocks for RowBlocks<'_> {
+    fn users(&self) -> usize {
+        self.inputs()
+    }
+
+    fn granule(&self) -> usize {
+        RowBlocks::granule(self)
+    }
+
+    fn scores(&self, users: Range<usize>, items: Range<usize>, out: &mut [f32]) {
+        let width = items.len();
+        self.product(users, items, out, width);
     }
 }
 

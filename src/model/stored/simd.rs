@@ -4,6 +4,7 @@
 //! or a portable loop. Every kernel sums the same integers exactly and
 //! scales them in the same order, so all of them give the same bits.
 
+use std::ops::Range;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
@@ -199,29 +200,46 @@ impl PanelSet {
     pub(super) fn kernel(&self) -> Int8Kernel {
         self.kernel
     }
+
+    /// Stored rows per panel: a product over some of the rows starts at a
+    /// multiple of it.
+    pub(super) fn width(&self) -> usize {
+        self.kernel.panel_rows().unwrap_or(1)
+    }
 }
 
-/// `out[i · ldo + j] = (Σ_k xq[i, k] · q[j, k]) · scale[j] · xs[i]` for every
-/// row `i` of `xq` and stored row `j`, on the panels of `q`. Needs a CPU that
-/// runs the panels' kernel.
+/// `out[i · ldo + j − items.start] = (Σ_k xq[i, k] · q[j, k]) · scale[j] · xs[i]`
+/// for every row `i` of `xq` and stored row `j` in `items` (which starts at
+/// a multiple of [`PanelSet::width`]), on the panels of `q`. Every value is
+/// the same bits whatever range it is computed in. Needs a CPU that runs the
+/// panels' kernel.
 pub(super) fn int8_panel_product(
     xq: &[i8],
     xs: &[f32],
     panels: &PanelSet,
     scale: &[f32],
+    items: Range<usize>,
     out: &mut [f32],
     ldo: usize,
 ) {
     let kernel = panels.kernel;
     assert!(kernel.supported(), "this CPU cannot run {}", kernel.name());
     assert_eq!(scale.len(), panels.rows, "one scale per stored row");
+    assert!(
+        items.start.is_multiple_of(panels.width()) && items.end <= panels.rows,
+        "items {items:?} are not whole panels' rows of {}",
+        panels.rows
+    );
     let cols = panels.cols;
     let n = xs.len();
     assert!(xq.len() >= n * cols, "input smaller than n × cols");
     assert!(
-        n == 0 || out.len() >= (n - 1) * ldo + panels.rows,
+        n == 0 || out.len() >= (n - 1) * ldo + items.len(),
         "output too small"
     );
+    if items.is_empty() {
+        return;
+    }
     // Input rows widened to whole groups: for AVX2 as they are plus their
     // absolute values; for VNNI offset into unsigned bytes (x + 128).
     let stride = cols.div_ceil(PANEL_GROUP) * PANEL_GROUP;
@@ -255,6 +273,8 @@ pub(super) fn int8_panel_product(
             groups: stride / PANEL_GROUP,
             panels,
             scale,
+            first: items.start,
+            end: items.end,
         };
         // SAFETY: the CPU runs the kernel (asserted above); `Block::tiles`
         // hands each block only rows and panels inside the operands.
@@ -287,6 +307,10 @@ struct Block<'a> {
     groups: usize,
     panels: &'a PanelSet,
     scale: &'a [f32],
+    /// The stored row written to each output row's first slot.
+    first: usize,
+    /// One past the last stored row computed.
+    end: usize,
 }
 
 /// Runs `$run::<users, $p>` for `users` in `1..=4`.
@@ -345,16 +369,18 @@ impl Block<'_> {
         ldo: usize,
         mut block: impl FnMut(usize, usize, usize, usize, &mut [f32]),
     ) {
-        let (n, rows) = (self.xs.len(), self.scale.len());
-        let n_panels = rows.div_ceil(width);
+        let n = self.xs.len();
+        assert!(self.first.is_multiple_of(width) && self.first < self.end);
+        assert!(self.end <= self.scale.len());
+        let n_panels = self.end.div_ceil(width);
         let panel_bytes = self.groups * width * PANEL_GROUP;
         assert!(self.panels.bytes.len() >= n_panels * panel_bytes);
         assert!(self.inputs.len() >= n * self.stride);
         assert!(self.magnitude.is_empty() || self.magnitude.len() >= n * self.stride);
         assert!(self.panels.offsets.is_empty() || self.panels.offsets.len() >= n_panels * width);
-        assert!(n == 0 || out.len() >= (n - 1) * ldo + rows);
+        assert!(n == 0 || out.len() >= (n - 1) * ldo + self.end - self.first);
         let tile = (PANEL_TILE_BYTES / panel_bytes.max(1)).max(max);
-        for p0 in (0..n_panels).step_by(tile) {
+        for p0 in (self.first / width..n_panels).step_by(tile) {
             let p1 = (p0 + tile).min(n_panels);
             let mut i = 0;
             while i < n {
@@ -404,11 +430,11 @@ impl Block<'_> {
         std::array::from_fn(|b| self.panels.bytes[(p + b) * panel_bytes..].as_ptr())
     }
 
-    /// The scales of stored rows `j..j + width` (zeros past the last row)
-    /// and how many of them are real.
-    #[inline]
+    /// The scales of stored rows `j..j + width` (zeros past the last row
+    /// computed) and how many of them are real.
+    #[inline(always)]
     fn scales(&self, j: usize, width: usize) -> ([f32; MAX_PANEL_ROWS], usize) {
-        let live = (self.scale.len() - j).min(width);
+        let live = (self.end - j).min(width);
         let mut scales = [0.0f32; MAX_PANEL_ROWS];
         // A whole panel copies a constant length once inlined (`width` is
         // the kernel's constant): no `memmove` call per block, as a
@@ -475,7 +501,7 @@ impl Block<'_> {
                 let sums = _mm256_cvtepi32_ps(acc[b]);
                 let v = _mm256_mul_ps(_mm256_mul_ps(sums, scales), _mm256_set1_ps(self.xs[i + u]));
                 // SAFETY: AVX2 is enabled here.
-                unsafe { store8(v, out, (i + u) * ldo + j, live) };
+                unsafe { store8(v, out, (i + u) * ldo + j - self.first, live) };
             }
         }
     }
@@ -526,7 +552,7 @@ impl Block<'_> {
                 let sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[b], offsets));
                 let v = _mm256_mul_ps(_mm256_mul_ps(sums, scales), _mm256_set1_ps(self.xs[i + u]));
                 // SAFETY: AVX2 is enabled here.
-                unsafe { store8(v, out, (i + u) * ldo + j, live) };
+                unsafe { store8(v, out, (i + u) * ldo + j - self.first, live) };
             }
         }
     }
@@ -576,7 +602,7 @@ impl Block<'_> {
             for (u, acc) in acc.iter().enumerate() {
                 let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[b], offsets));
                 let v = _mm512_mul_ps(_mm512_mul_ps(sums, scales), _mm512_set1_ps(self.xs[i + u]));
-                let o = (i + u) * ldo + j;
+                let o = (i + u) * ldo + j - self.first;
                 assert!(o + live <= out.len());
                 // SAFETY: the mask writes only the `live` floats from `o`,
                 // inside `out` (asserted just above).
@@ -875,7 +901,7 @@ mod tests {
             for &kernel in &kernels {
                 let panels = PanelSet::pack(kernel, &q, rows, cols);
                 let mut got = vec![f32::NAN; n * ldo];
-                int8_panel_product(&xq, &xs, &panels, &scale, &mut got, ldo);
+                int8_panel_product(&xq, &xs, &panels, &scale, 0..rows, &mut got, ldo);
                 for (at, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         g.to_bits() == w.to_bits(),
@@ -883,6 +909,25 @@ mod tests {
                         kernel.name()
                     );
                 }
+                // Some of the rows, from a whole panel on: the same bits in
+                // their own output rows, nothing written past them.
+                let width = panels.width();
+                let start = rng.random_range(0..rows.div_ceil(width)) * width;
+                let end = rng.random_range(start + 1..=rows);
+                let part = end - start;
+                let mut got = vec![f32::NAN; n * part + 1];
+                int8_panel_product(&xq, &xs, &panels, &scale, start..end, &mut got, part);
+                for i in 0..n {
+                    for j in start..end {
+                        let (g, w) = (got[i * part + j - start], want[i * ldo + j]);
+                        assert!(
+                            g.to_bits() == w.to_bits(),
+                            "{} case {case}: rows {start}..{end} of {rows}, user {i}, row {j}: {g} vs {w}",
+                            kernel.name()
+                        );
+                    }
+                }
+                assert!(got[n * part].is_nan(), "written past the range's output");
             }
         }
     }
