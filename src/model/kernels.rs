@@ -938,14 +938,7 @@ fn exp_normalize_body(row: &mut [f32], offset: Option<&[f32]>) -> f32 {
     for v in row.iter_mut() {
         *v = fast_exp(*v - max);
     }
-    let mut sums = [0.0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for k in 0..8 {
-            sums[k] += c[k];
-        }
-    }
-    chunks.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>()
+    lane_sum(row, |v| v)
 }
 
 wide_where_supported! {
@@ -958,19 +951,7 @@ wide_where_supported! {
 /// value, as a softmax's normaliser is computed.
 #[inline(always)]
 fn exp_sum_body(row: &[f32], shift: f32, scale: f32) -> f32 {
-    let mut sums = [0.0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for k in 0..8 {
-            sums[k] += fast_exp((c[k] - shift) * scale);
-        }
-    }
-    chunks
-        .remainder()
-        .iter()
-        .map(|&v| fast_exp((v - shift) * scale))
-        .sum::<f32>()
-        + sums.iter().sum::<f32>()
+    lane_sum(row, |v| fast_exp((v - shift) * scale))
 }
 
 wide_where_supported! {

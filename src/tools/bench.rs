@@ -187,7 +187,7 @@ pub async fn teacher(job: &Job, epochs: usize, peer: Option<Peer>) -> Result<Str
         spec.d_model,
         matched / theirs
     ));
-    if matched != ours {
+    if spec.ffn != spec.d_model {
         report.push_str(&format!(
             "ratio recdistill at the job's ffn {} / pytorch at ffn {}: {:.2}\n",
             spec.ffn,
