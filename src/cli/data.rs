@@ -95,6 +95,12 @@ pub async fn sample(args: SampleArgs) -> Result<()> {
             summary.written.len(),
             lake.url()
         );
+        if let Some((_, [hr, ndcg, _])) = summary.ceiling.iter().find(|(k, _)| *k == 10) {
+            println!(
+                "Bayes ceiling of its test targets ({}): HR@10 {hr:.4}, NDCG@10 {ndcg:.4}",
+                sample::CEILING_FILE
+            );
+        }
         return Ok(());
     }
     let spec = SampleSpec {

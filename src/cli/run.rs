@@ -98,7 +98,12 @@ pub async fn run(args: JobArgs) -> Result<()> {
         summary.manifest.outputs.len()
     )
     .map_err(io)?;
-    results_table(&mut out, &summary.evaluation.results).map_err(io)?;
+    results_table(
+        &mut out,
+        &summary.evaluation.results,
+        summary.evaluation.ceiling.as_deref(),
+    )
+    .map_err(io)?;
     drop(out);
     if rc.job.spec.publish.enabled() {
         let outcome = publish_run(&rc.job, date, false).await?;
@@ -107,15 +112,32 @@ pub async fn run(args: JobArgs) -> Result<()> {
     Ok(())
 }
 
-/// One line per model: accuracy at 10, size, speed, and whether it is on
-/// the accuracy-vs-bytes frontier.
-fn results_table(out: &mut impl Write, results: &[ModelResult]) -> std::io::Result<()> {
+/// One line per model: accuracy at 10 (and its fraction of the log's Bayes
+/// ceiling, where the log has one), size, speed, and whether it is on the
+/// accuracy-vs-bytes frontier.
+fn results_table(
+    out: &mut impl Write,
+    results: &[ModelResult],
+    ceiling: Option<&[Option<[f64; 3]>]>,
+) -> std::io::Result<()> {
+    let at_10 = |r: &ModelResult| r.metrics.ks.iter().position(|&k| k == 10);
+    let bound = results
+        .first()
+        .and_then(at_10)
+        .and_then(|i| ceiling?.get(i).copied().flatten());
+    if let Some([hr, ndcg, mrr]) = bound {
+        writeln!(
+            out,
+            "Bayes ceiling of these test targets: ndcg@10 {ndcg:.4}, hr@10 {hr:.4}, mrr@10 {mrr:.4}"
+        )?;
+    }
     writeln!(
         out,
-        "{:<48} {:<10} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
+        "{:<48} {:<10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
         "model",
         "role",
         "ndcg@10",
+        "/ceiling",
         "hr@10",
         "mrr@10",
         "params",
@@ -125,25 +147,25 @@ fn results_table(out: &mut impl Write, results: &[ModelResult]) -> std::io::Resu
         "frontier"
     )?;
     for r in results {
-        let at = |v: &[f64]| {
-            r.metrics
-                .ks
-                .iter()
-                .position(|&k| k == 10)
-                .map(|i| format!("{:.4}", v[i]))
-                .unwrap_or_else(|| "-".into())
-        };
+        let at = |v: &[f64]| at_10(r).map_or_else(|| "-".into(), |i| format!("{:.4}", v[i]));
         let speed = |f: fn(&Speed) -> f64, digits: usize| {
             r.speed
                 .as_ref()
                 .map_or("-".to_string(), |s| format!("{:.*}", digits, f(s)))
         };
+        let fraction = match (bound, at_10(r)) {
+            (Some([_, ndcg, _]), Some(i)) if ndcg > 0.0 => {
+                format!("{:.3}", r.metrics.ndcg[i] / ndcg)
+            }
+            _ => "-".into(),
+        };
         writeln!(
             out,
-            "{:<48} {:<10} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
+            "{:<48} {:<10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8}",
             r.name,
             r.role,
             at(&r.metrics.ndcg),
+            fraction,
             at(&r.metrics.hr),
             at(&r.metrics.mrr),
             r.params,

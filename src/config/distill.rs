@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::check_segment;
-use super::models::{ModelsSpec, Sampling, Softmax, check_sasrec};
+use super::models::{ModelsSpec, Sampling, Softmax, Windows, check_sasrec};
 use crate::error::{Error, Result};
 
 /// `[distill]`: the source teacher's soft labels, the chain of assistants
@@ -112,6 +112,9 @@ pub struct LinkSpec {
     pub ffn: usize,
     /// Most recent items the model sees.
     pub max_len: usize,
+    /// Which windows of each user's train sequence an epoch trains on
+    /// (`last` or `all`, as for the teacher).
+    pub windows: Windows,
     /// Dropout probability.
     pub dropout: f32,
     /// Sequences per step.
@@ -146,6 +149,7 @@ impl Default for LinkSpec {
             heads: 1,
             ffn: 32,
             max_len: 50,
+            windows: Windows::Last,
             dropout: 0.2,
             batch_size: 128,
             lr: 0.001,

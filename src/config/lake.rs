@@ -100,6 +100,10 @@ pub struct InputSpec {
     /// Item content table folder (item_id, embedding), relative to the lake
     /// root; empty when there is none.
     pub item_content: String,
+    /// The Bayes ceiling table of a synthetic log (`recdistill sample`
+    /// writes it), relative to the lake root: each model's accuracy is also
+    /// reported as a fraction of it. Absent (every real log): no fraction.
+    pub ceiling: String,
     /// Memory DataFusion may use for queries, in MiB.
     pub memory_limit_mb: usize,
     /// DataFusion partitions (parallel streams); 0 means one per core.
@@ -123,6 +127,7 @@ impl Default for InputSpec {
             interactions: "interactions".into(),
             items: "items".into(),
             item_content: String::new(),
+            ceiling: "ceiling".into(),
             memory_limit_mb: 2048,
             target_partitions: 0,
             batch_size: 8192,

@@ -27,7 +27,10 @@ pub use distill::{DistillSpec, LinkSpec, LossFamily, SoftLoss};
 pub use evaluation::EvaluationSpec;
 pub use features::{FeatureSpec, Protocol, SplitSpec};
 pub use lake::{InputSpec, LakeSpec};
-pub use models::{MeanPoolSpec, ModelsSpec, PopularitySpec, Sampling, Softmax, TeacherSpec};
+pub use models::{
+    CooccurrenceSpec, MeanPoolSpec, ModelsSpec, PopularitySpec, Sampling, Softmax, TeacherSpec,
+    TransitionsSpec, Windows,
+};
 pub use publish::PublishSpec;
 pub use warm_start::WarmStartSpec;
 
@@ -367,10 +370,18 @@ impl JobSpec {
         }
         if self.compress.enabled && self.distill.enabled {
             self.compress.validate().map_err(at)?;
-            let trained = self.distill.trained_models();
+            let mut trained = self.distill.trained_models();
+            // The teachers can be compressed too, to put their own int8 and
+            // int4 variants on the frontier beside the students.
+            let t = &self.models.teacher;
+            for (on, name) in [(t.ids, "teacher"), (t.content, "teacher-content")] {
+                if t.enabled && on {
+                    trained.push(name.to_string());
+                }
+            }
             if let Some(missing) = self.compress.models.iter().find(|m| !trained.contains(m)) {
                 return Err(at(format!(
-                    "compress.models names {missing:?}, which the distill chain does not train (it trains {})",
+                    "compress.models names {missing:?}, which neither the teachers nor the distill chain train (they train {})",
                     trained.join(", ")
                 )));
             }
@@ -428,7 +439,11 @@ mod tests {
             ("distill.shuffle_buffer=0", "shuffle_buffer"),
             (
                 "compress.models=[\"student-kd-teacher-ce\"]",
-                "which the distill chain does not train",
+                "which neither the teachers nor the distill chain train",
+            ),
+            (
+                "compress.models=[\"teacher-content\"]",
+                "which neither the teachers nor the distill chain train",
             ),
         ];
         let sampled_without_negatives = [
@@ -457,6 +472,9 @@ mod tests {
         assert_eq!(d.links().len(), 1);
         assert_eq!(d.alpha_of(&d.student), 0.0);
         assert_eq!(d.temperature_of(&d.student), 2.0);
+        // The teacher may be compressed beside the students.
+        let teacher = ["compress.models=[\"teacher\", \"student-scratch\"]".to_string()];
+        Job::parse("", "t.toml", None, &teacher).unwrap();
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `[models]`: the baselines (`popularity`, `meanpool`) and the SASRec
-//! teacher, with the softmax and negative sampling it trains with.
+//! `[models]`: the baselines (`popularity`, `transitions`, `cooccurrence`,
+//! `meanpool`) and the SASRec teacher, with the softmax and negative
+//! sampling it trains with.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +13,10 @@ use super::lake::InputSpec;
 pub struct ModelsSpec {
     /// `[models.popularity]`
     pub popularity: PopularitySpec,
+    /// `[models.transitions]`
+    pub transitions: TransitionsSpec,
+    /// `[models.cooccurrence]`
+    pub cooccurrence: CooccurrenceSpec,
     /// `[models.meanpool]`
     pub meanpool: MeanPoolSpec,
     /// `[models.teacher]`
@@ -34,6 +39,10 @@ pub struct TeacherSpec {
     pub ffn: usize,
     /// Most recent items the model sees.
     pub max_len: usize,
+    /// Which windows of each user's train sequence an epoch trains on:
+    /// `last` (the most recent `max_len` items) or `all` (every `max_len`
+    /// items, back to the first).
+    pub windows: Windows,
     /// Dropout probability.
     pub dropout: f32,
     /// Sequences per step.
@@ -65,6 +74,17 @@ pub struct TeacherSpec {
     pub ids: bool,
     /// Also train `teacher-content`, fed the item content table.
     pub content: bool,
+    /// A neighbour baseline (`transitions` or `cooccurrence`) whose soft
+    /// labels the teachers learn from beside the hard labels; `""` for none.
+    pub baseline: String,
+    /// Weight of the hard labels when learning from `baseline` (the soft
+    /// labels get 1 − it).
+    pub baseline_alpha: f32,
+    /// Items per position of `baseline`'s soft labels.
+    pub baseline_k: usize,
+    /// Loss family against `baseline`'s soft labels (`kl`, `mse`, `rank`
+    /// or a `+` join), at temperature 1.
+    pub baseline_loss: String,
 }
 
 impl Default for TeacherSpec {
@@ -76,6 +96,7 @@ impl Default for TeacherSpec {
             heads: 2,
             ffn: 64,
             max_len: 50,
+            windows: Windows::Last,
             dropout: 0.2,
             batch_size: 128,
             lr: 0.001,
@@ -90,6 +111,10 @@ impl Default for TeacherSpec {
             in_batch: false,
             ids: true,
             content: false,
+            baseline: String::new(),
+            baseline_alpha: 0.5,
+            baseline_k: 20,
+            baseline_loss: "kl".into(),
         }
     }
 }
@@ -107,6 +132,68 @@ impl Default for PopularitySpec {
         PopularitySpec { enabled: true }
     }
 }
+
+/// `[models.transitions]`: first-order item-to-item counts of the train
+/// split (`sql/transitions.sql`): a user's next items are the ones that
+/// most often followed their last item, then the most popular.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransitionsSpec {
+    /// Build, store and evaluate it.
+    pub enabled: bool,
+    /// Successors kept per item (the most frequent).
+    pub neighbors: usize,
+    /// The popularity back-off: an item's score is its count after the
+    /// user's last item plus `backoff` × its share of the train events (a
+    /// Dirichlet prior of this many pseudo-transitions).
+    pub backoff: f64,
+}
+
+impl Default for TransitionsSpec {
+    fn default() -> Self {
+        TransitionsSpec {
+            enabled: true,
+            neighbors: 50,
+            backoff: 1.0,
+        }
+    }
+}
+
+/// `[models.cooccurrence]`: item-KNN over co-occurrence
+/// (`sql/cooccurrence.sql`): two items are neighbours when users had them
+/// within `window` events of each other, by cosine (`count / sqrt(n_a ·
+/// n_b)`), the top `neighbors` kept per item; a user's score sums the rows
+/// of their last `history` items, each older one weighed by `decay`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CooccurrenceSpec {
+    /// Build, store and evaluate it.
+    pub enabled: bool,
+    /// Neighbours kept per item (the most similar).
+    pub neighbors: usize,
+    /// Events apart (1 to 5) within which two items of a user count as seen
+    /// together.
+    pub window: usize,
+    /// The user's most recent items whose neighbours are summed.
+    pub history: usize,
+    /// Weight of each older item, relative to the one after it.
+    pub decay: f64,
+}
+
+impl Default for CooccurrenceSpec {
+    fn default() -> Self {
+        CooccurrenceSpec {
+            enabled: true,
+            neighbors: 50,
+            window: 3,
+            history: 5,
+            decay: 0.5,
+        }
+    }
+}
+
+/// The widest `models.cooccurrence.window` the SQL spells out.
+pub const MAX_COOCCURRENCE_WINDOW: usize = 5;
 
 /// `[models.meanpool]`: the learned baseline. A user is the mean of the
 /// embeddings of their last `window` items; scores are dot products with a
@@ -156,6 +243,21 @@ impl ModelsSpec {
         input: &InputSpec,
         features: &FeatureSpec,
     ) -> std::result::Result<(), String> {
+        let t = &self.transitions;
+        if t.enabled && (t.neighbors == 0 || !(t.backoff.is_finite() && t.backoff >= 0.0)) {
+            return Err("models.transitions: neighbors must be at least 1 and backoff ≥ 0".into());
+        }
+        let c = &self.cooccurrence;
+        if c.enabled
+            && (c.neighbors == 0
+                || c.history == 0
+                || !(1..=MAX_COOCCURRENCE_WINDOW).contains(&c.window)
+                || !(c.decay.is_finite() && c.decay > 0.0 && c.decay <= 1.0))
+        {
+            return Err(format!(
+                "models.cooccurrence: neighbors and history must be at least 1, window between 1 and {MAX_COOCCURRENCE_WINDOW}, decay in (0, 1]"
+            ));
+        }
         let m = &self.meanpool;
         if m.enabled {
             if m.d_model == 0 || m.window == 0 || m.batch_size == 0 || m.epochs == 0 {
@@ -192,6 +294,36 @@ impl ModelsSpec {
                     "models.teacher: ids = false and content = false train no teacher; set enabled = false instead".into(),
                 );
             }
+            match t.baseline.as_str() {
+                "" => {}
+                "transitions" | "cooccurrence" => {
+                    let enabled = if t.baseline == "transitions" {
+                        self.transitions.enabled
+                    } else {
+                        self.cooccurrence.enabled
+                    };
+                    if !enabled {
+                        return Err(format!(
+                            "models.teacher.baseline = {:?} needs models.{}.enabled = true",
+                            t.baseline, t.baseline
+                        ));
+                    }
+                    if !(0.0..=1.0).contains(&t.baseline_alpha) || t.baseline_k == 0 {
+                        return Err(
+                            "models.teacher: baseline_alpha must be in [0, 1] and baseline_k at least 1"
+                                .into(),
+                        );
+                    }
+                    t.baseline_loss
+                        .parse::<super::distill::LossFamily>()
+                        .map_err(|e| format!("models.teacher.baseline_loss: {e}"))?;
+                }
+                other => {
+                    return Err(format!(
+                        "models.teacher.baseline = {other:?}: a teacher learns from transitions or cooccurrence, or \"\" for none"
+                    ));
+                }
+            }
             if t.content && input.item_content.is_empty() && features.item_content_sql.is_empty() {
                 return Err(
                     "models.teacher.content = true needs an item content table: set input.item_content or features.item_content_sql".into(),
@@ -203,7 +335,11 @@ impl ModelsSpec {
 
     /// Whether any model is enabled.
     pub fn any_enabled(&self) -> bool {
-        self.popularity.enabled || self.meanpool.enabled || self.teacher.enabled
+        self.popularity.enabled
+            || self.transitions.enabled
+            || self.cooccurrence.enabled
+            || self.meanpool.enabled
+            || self.teacher.enabled
     }
 }
 
@@ -216,6 +352,17 @@ pub enum Softmax {
     /// Over sampled negatives (and, with `in_batch`, the batch's other
     /// targets), with the log-Q correction.
     Sampled,
+}
+
+/// Which windows of each user's train sequence an epoch trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Windows {
+    /// The most recent `max_len` train items of each user.
+    Last,
+    /// Every `max_len` train items of each user, from the most recent back:
+    /// each train item after the first is a target once per epoch.
+    All,
 }
 
 /// How negatives are drawn for sampled softmax.

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use ballista::prelude::SessionContextExt;
 use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::ListingOptions;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -18,6 +20,7 @@ use datafusion::sql::sqlparser::parser::Parser;
 
 use crate::config::{InputSpec, LakeSpec};
 use crate::error::{Error, Result};
+use crate::lake::Lake;
 
 /// Cores DataFusion may use: the job's `target_partitions`, or every core.
 pub fn partitions(input: &InputSpec) -> usize {
@@ -177,6 +180,35 @@ pub async fn collect_sql(
         .collect()
         .await
         .map_err(|e| Error::from_datafusion(what, e))
+}
+
+/// Registers a Parquet folder (Hive-partitioned by `dt` or flat) as `name`.
+/// Returns false when the folder holds no files.
+pub async fn register_folder(
+    lake: &Lake,
+    ctx: &SessionContext,
+    name: &str,
+    folder: &str,
+) -> Result<bool> {
+    if lake.list(folder).await?.is_empty() {
+        return Ok(false);
+    }
+    let partitioned = lake
+        .list_folders(folder)
+        .await?
+        .iter()
+        .any(|f| f.starts_with("dt="));
+    let mut options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    if partitioned {
+        options = options
+            .with_table_partition_cols(vec![("dt".into(), arrow::datatypes::DataType::Utf8)]);
+    }
+    let url = lake.url_of(&format!("{folder}/"));
+    ctx.register_listing_table(name, &url, options, None, None)
+        .await
+        .map_err(|e| Error::from_datafusion(&url, e))?;
+    Ok(true)
 }
 
 #[cfg(test)]

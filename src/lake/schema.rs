@@ -67,10 +67,19 @@ pub const CONTRACT_FILES: &[(&str, &str)] = &[
     ),
     ("stats", include_str!("../../schemas/stats.json")),
     (
+        "transitions",
+        include_str!("../../schemas/transitions.json"),
+    ),
+    (
+        "cooccurrence",
+        include_str!("../../schemas/cooccurrence.json"),
+    ),
+    (
         "recommendations",
         include_str!("../../schemas/recommendations.json"),
     ),
     ("evaluation", include_str!("../../schemas/evaluation.json")),
+    ("ceiling", include_str!("../../schemas/ceiling.json")),
     ("training", include_str!("../../schemas/training.json")),
     (
         "soft_labels",

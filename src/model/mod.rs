@@ -11,6 +11,7 @@
 
 pub mod kernels;
 pub mod meanpool;
+pub mod neighbors;
 pub mod popularity;
 pub mod sasrec;
 pub mod score;
@@ -145,11 +146,64 @@ pub struct ModelArtifact {
     pub location: String,
 }
 
+/// The values of a tensor to store: `f32` weights, or `u32` indices (the
+/// neighbour tables' offsets and items).
+#[derive(Debug, Clone, Copy)]
+pub enum TensorData<'a> {
+    /// Weights.
+    F32(&'a [f32]),
+    /// Indices.
+    U32(&'a [u32]),
+}
+
+impl TensorData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            TensorData::F32(v) => v.len(),
+            TensorData::U32(v) => v.len(),
+        }
+    }
+
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            TensorData::F32(_) => safetensors::Dtype::F32,
+            TensorData::U32(_) => safetensors::Dtype::U32,
+        }
+    }
+
+    /// Little-endian bytes (safetensors' layout).
+    fn le_bytes(&self) -> Vec<u8> {
+        match self {
+            TensorData::F32(v) => f32_le_bytes(v),
+            TensorData::U32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// The dtypes a model kind stores: `f32`, and for the neighbour tables
+/// also `u32` indices.
+fn allowed_dtype(kind: &str, dtype: safetensors::Dtype) -> bool {
+    dtype == safetensors::Dtype::F32
+        || (kind == neighbors::KIND && dtype == safetensors::Dtype::U32)
+}
+
 impl ModelArtifact {
     /// Serializes named f32 tensors (shape, values) with the card in the metadata.
     pub fn from_f32(
         card: ModelCard,
         tensors: Vec<(&str, Vec<usize>, &[f32])>,
+    ) -> Result<ModelArtifact> {
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, shape, data)| (name, shape, TensorData::F32(data)))
+            .collect();
+        Self::from_tensors(card, tensors)
+    }
+
+    /// Serializes named tensors (shape, values) with the card in the metadata.
+    pub fn from_tensors(
+        card: ModelCard,
+        tensors: Vec<(&str, Vec<usize>, TensorData)>,
     ) -> Result<ModelArtifact> {
         let mut buffers = Vec::with_capacity(tensors.len());
         let mut params = 0u64;
@@ -161,14 +215,21 @@ impl ModelArtifact {
                     data.len()
                 )));
             }
-            params += elements as u64;
-            buffers.push((name.to_string(), shape.clone(), f32_le_bytes(data)));
+            // Indices are not parameters (as for the stored sparse matrices).
+            if let TensorData::F32(_) = data {
+                params += elements as u64;
+            }
+            buffers.push((
+                name.to_string(),
+                shape.clone(),
+                data.dtype(),
+                data.le_bytes(),
+            ));
         }
         let mut views = Vec::with_capacity(buffers.len());
-        for (name, shape, data) in &buffers {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                    .map_err(|e| Error::internal(format!("tensor {name}: {e}")))?;
+        for (name, shape, dtype, data) in &buffers {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                .map_err(|e| Error::internal(format!("tensor {name}: {e}")))?;
             views.push((name.clone(), view));
         }
         let card_json = serde_json::to_string(&card).map_err(|e| Error::internal(e.to_string()))?;
@@ -215,13 +276,15 @@ impl ModelArtifact {
         let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let mut params = 0u64;
         for (name, view) in tensors.tensors() {
-            if view.dtype() != safetensors::Dtype::F32 {
+            if !allowed_dtype(&card.kind, view.dtype()) {
                 return Err(bad(format!(
                     "tensor {name} is {:?}, expected F32",
                     view.dtype()
                 )));
             }
-            params += view.shape().iter().product::<usize>() as u64;
+            if view.dtype() == safetensors::Dtype::F32 {
+                params += view.shape().iter().product::<usize>() as u64;
+            }
         }
         Ok(ModelArtifact {
             card,
@@ -229,6 +292,31 @@ impl ModelArtifact {
             params,
             location: location.to_string(),
         })
+    }
+
+    /// The u32 values of tensor `name`, checked against `shape`.
+    pub fn tensor_u32(&self, name: &str, shape: &[usize]) -> Result<Vec<u32>> {
+        let location = self.location.clone();
+        let tensors =
+            SafeTensors::deserialize(&self.bytes).map_err(|e| Error::data(&location, e))?;
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| Error::data(&location, format!("missing tensor {name}")))?;
+        if view.shape() != shape || view.dtype() != safetensors::Dtype::U32 {
+            return Err(Error::data(
+                &location,
+                format!(
+                    "tensor {name} is {:?} {:?}, expected U32 {shape:?} for this model's config",
+                    view.dtype(),
+                    view.shape()
+                ),
+            ));
+        }
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     }
 
     /// The f32 values of tensor `name`, checked against `shape`.
@@ -319,6 +407,7 @@ impl ModelArtifact {
         match self.card.kind.as_str() {
             popularity::KIND => Ok(Box::new(popularity::Popularity::from_artifact(self)?)),
             meanpool::KIND => Ok(Box::new(meanpool::MeanPool::from_artifact(self)?)),
+            neighbors::KIND => Ok(Box::new(neighbors::Neighbors::from_artifact(self)?)),
             sasrec::KIND => Ok(Box::new(self.stored_sasrec()?)),
             other => Err(Error::data(
                 self.location.clone(),

@@ -41,6 +41,11 @@ const EMBEDDED_SQL: &[(&str, &str)] = &[
         "item_content.sql",
         include_str!("../../sql/item_content.sql"),
     ),
+    ("transitions.sql", include_str!("../../sql/transitions.sql")),
+    (
+        "cooccurrence.sql",
+        include_str!("../../sql/cooccurrence.sql"),
+    ),
 ];
 
 /// The optional content table, written as `features/item_content.parquet`
@@ -51,6 +56,25 @@ pub const ITEM_CONTENT_TABLE: &str = "item_content";
 /// The tables the stage writes, in the order they are built. Each is written
 /// to `features/<name>.parquet`.
 pub const FEATURE_TABLES: &[&str] = &["item_map", "user_map", "split", "item_popularity", "stats"];
+
+/// The neighbour tables of the item-to-item baselines, built after the
+/// feature tables when their model is enabled (`features/<name>.parquet`,
+/// from `sql/<name>.sql`).
+pub const TRANSITIONS_TABLE: &str = "transitions";
+/// See [`TRANSITIONS_TABLE`].
+pub const COOCCURRENCE_TABLE: &str = "cooccurrence";
+
+/// The neighbour tables `job` builds, in order.
+pub fn neighbor_tables(job: &Job) -> Vec<&'static str> {
+    let models = &job.spec.models;
+    [
+        (TRANSITIONS_TABLE, models.transitions.enabled),
+        (COOCCURRENCE_TABLE, models.cooccurrence.enabled),
+    ]
+    .into_iter()
+    .filter_map(|(table, enabled)| enabled.then_some(table))
+    .collect()
+}
 
 /// One feature query: the table it makes and its SQL.
 #[derive(Debug, Clone)]
@@ -86,6 +110,14 @@ pub fn feature_queries(job: &Job) -> Result<Vec<FeatureQuery>> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    for table in neighbor_tables(job) {
+        let (file, sql) = load_sql(job, &format!("{table}.sql"))?;
+        queries.push(FeatureQuery {
+            table: table.to_string(),
+            file,
+            sql,
+        });
+    }
     let content_sql = &job.spec.features.item_content_sql;
     if !content_sql.is_empty() {
         let (file, sql) = load_sql(job, content_sql)?;
@@ -152,6 +184,18 @@ pub fn sql_parameters(job: &Job) -> SqlParams {
         (
             "test_quantile".into(),
             ScalarValue::Float64(Some(spec.split.test_quantile)),
+        ),
+        (
+            "transitions_neighbors".into(),
+            ScalarValue::Int64(Some(spec.models.transitions.neighbors as i64)),
+        ),
+        (
+            "cooccurrence_neighbors".into(),
+            ScalarValue::Int64(Some(spec.models.cooccurrence.neighbors as i64)),
+        ),
+        (
+            "cooccurrence_window".into(),
+            ScalarValue::Int64(Some(spec.models.cooccurrence.window as i64)),
         ),
     ]
 }
@@ -237,7 +281,12 @@ pub async fn register_run_table(
 /// Registers the feature tables an earlier `features` stage wrote.
 pub async fn register_features(ctx: &SessionContext, run: &RunFolder, job: &Job) -> Result<()> {
     let content = has_item_content(job).then_some(ITEM_CONTENT_TABLE);
-    for table in FEATURE_TABLES.iter().copied().chain(content) {
+    let tables = FEATURE_TABLES
+        .iter()
+        .copied()
+        .chain(neighbor_tables(job))
+        .chain(content);
+    for table in tables {
         let rel = format!("features/{table}.parquet");
         if run.lake().head(&run.rel(&rel)).await?.is_none() {
             return Err(Error::config(format!(
@@ -313,7 +362,9 @@ mod tests {
         let built = build_features(&job, &run, &ctx).await.unwrap();
         assert_eq!(
             built.written.len(),
-            FEATURE_TABLES.len() + usize::from(has_item_content(&job))
+            FEATURE_TABLES.len()
+                + neighbor_tables(&job).len()
+                + usize::from(has_item_content(&job))
         );
         let batches = ctx
             .sql("SELECT CAST(user_id AS VARCHAR), CAST(item_id AS VARCHAR), split, user_index, item_index FROM split")

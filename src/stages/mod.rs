@@ -30,6 +30,7 @@ use std::time::Instant;
 use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
 
+use crate::artifacts::ceiling::{self, Ceiling};
 use crate::artifacts::models::load_models;
 use crate::artifacts::warm::WarmSource;
 use crate::config::Job;
@@ -362,12 +363,17 @@ async fn execute(
     let output = match stage {
         Stage::Baselines => {
             let warm = produced.warm(rc).await?;
-            baselines::train_baselines(job, run, dataset, warm.as_deref()).await?
+            baselines::train_baselines(job, run, &rc.ctx, dataset, warm.as_deref()).await?
         }
         Stage::Teacher => {
             let content = load_content(rc, &dataset).await?;
             let warm = produced.warm(rc).await?;
-            teacher::train_teachers(job, run, dataset, content, warm.as_deref()).await?
+            let baselines = if job.spec.models.teacher.baseline.is_empty() {
+                Vec::new()
+            } else {
+                produced.models_of(rc, &[Stage::Baselines]).await?
+            };
+            teacher::train_teachers(job, run, dataset, content, &baselines, warm.as_deref()).await?
         }
         Stage::SoftLabels => {
             let teachers = produced.models_of(rc, &[Stage::Teacher]).await?;
@@ -379,13 +385,17 @@ async fn execute(
             distill::distill_chain(job, run, dataset, warm.as_deref()).await?
         }
         Stage::Compress => {
-            let students = produced.models_of(rc, &[Stage::Distill]).await?;
-            compress::compress_models(job, run, dataset, &students).await?
+            let trained = produced
+                .models_of(rc, &[Stage::Teacher, Stage::Distill])
+                .await?;
+            compress::compress_models(job, run, dataset, &trained).await?
         }
         Stage::Evaluate => {
             let models = produced.models_of(rc, &Stage::TRAINING).await?;
+            let ceiling = load_ceiling(rc).await?;
             let evaluation =
-                evaluate::evaluate_models(job, run, &rc.run_id, dataset, &models).await?;
+                evaluate::evaluate_models(job, run, &rc.run_id, dataset, &models, ceiling.as_ref())
+                    .await?;
             let output = StageOutput {
                 models: Vec::new(),
                 written: evaluation.written.clone(),
@@ -402,6 +412,21 @@ async fn execute(
     };
     produced.stages.push((stage, output.models));
     Ok(output.written)
+}
+
+/// The log's Bayes ceiling (`input.ceiling`), when the lake has one.
+async fn load_ceiling(rc: &RunContext) -> Result<Option<Ceiling>> {
+    let ceiling = ceiling::load_ceiling(
+        &rc.ctx,
+        rc.lake(),
+        &rc.job.spec.input.ceiling,
+        &rc.job.spec.evaluation.ks,
+    )
+    .await?;
+    if let Some(c) = &ceiling {
+        tracing::info!(table = %c.location, "Bayes ceiling found");
+    }
+    Ok(ceiling)
 }
 
 /// The item content vectors, when the job has an item content table.
@@ -706,7 +731,17 @@ async fn run_shard_held(rc: &RunContext, stage: Stage, shard: Shard) -> Result<S
         }
         Stage::Evaluate => {
             let models = produced.models_of(rc, &Stage::TRAINING).await?;
-            evaluate::evaluate_shard(&rc.job, run, dataset, &models, shard, &folder).await?
+            let ceiling = load_ceiling(rc).await?;
+            evaluate::evaluate_shard(
+                &rc.job,
+                run,
+                dataset,
+                &models,
+                ceiling.as_ref(),
+                shard,
+                &folder,
+            )
+            .await?
         }
         _ => {
             return Err(Error::internal(format!(

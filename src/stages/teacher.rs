@@ -3,31 +3,41 @@
 //! the valid split. Each is saved as `models/<name>/model.safetensors`
 //! (config in the metadata) with its per-epoch history in
 //! `training/<name>.parquet`. With `warm_start`, each starts from the
-//! earlier run's teacher of the same name.
+//! earlier run's teacher of the same name. With `models.teacher.baseline`,
+//! each learns from that neighbour baseline's soft labels (made per epoch)
+//! as well as from the hard labels.
 
 use std::sync::Arc;
 
 use super::StageOutput;
 use crate::artifacts::models::write_trained;
 use crate::artifacts::warm::{WarmSource, start_sasrec};
-use crate::config::Job;
+use crate::config::{Job, LossFamily};
 use crate::dataset::{Dataset, ItemContent};
 use crate::error::{Error, Result};
+use crate::model::neighbors::Neighbors;
 use crate::model::sasrec::SasRecConfig;
+use crate::model::{Lineage, ModelArtifact};
 use crate::run::RunFolder;
-use crate::train::{self, TrainSettings};
+use crate::train::{self, Distillation, LabelSource, NeighborLabels, TrainSettings};
 
 /// Model name of the id-only teacher.
 pub const TEACHER: &str = "teacher";
 /// Model name of the teacher fed item content.
 pub const TEACHER_CONTENT: &str = "teacher-content";
 
+/// The temperature of a baseline's soft labels.
+const BASELINE_TEMPERATURE: f32 = 1.0;
+
 /// Trains the enabled teachers and writes their artifacts and histories.
+/// `baselines` are the models the baselines stage trained: the one
+/// `models.teacher.baseline` names is learned from.
 pub async fn train_teachers(
     job: &Job,
     run: &RunFolder,
     dataset: Arc<Dataset>,
     content: Option<Arc<ItemContent>>,
+    baselines: &[ModelArtifact],
     warm: Option<&WarmSource>,
 ) -> Result<StageOutput> {
     let spec = &job.spec.models.teacher;
@@ -45,6 +55,25 @@ pub async fn train_teachers(
         })?;
         variants.push((TEACHER_CONTENT, Some(content)));
     }
+    let baseline = match spec.baseline.as_str() {
+        "" => None,
+        wanted => {
+            let artifact = baselines
+                .iter()
+                .find(|m| m.card.name == wanted)
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "models.teacher.baseline = {wanted:?}: the baselines stage of this run built no such model"
+                    ))
+                })?;
+            let family: LossFamily = spec.baseline_loss.parse()?;
+            Some((
+                Arc::new(Neighbors::from_artifact(artifact)?),
+                artifact.sha256(),
+                family,
+            ))
+        }
+    };
     for (name, content) in variants {
         let dim = content.as_ref().map_or(0, |c| c.dim);
         let config = SasRecConfig::for_teacher(spec, dataset.n_items(), dim);
@@ -53,6 +82,7 @@ pub async fn train_teachers(
             .map_err(|e| Error::config(format!("models.teacher in {}: {e}", job.source)))?;
         let mut settings = TrainSettings::for_teacher(spec, job.spec.seed, name);
         settings.valid_users = job.spec.evaluation.valid_users;
+        settings.label_buffer = job.spec.distill.shuffle_buffer;
         let values = content.map(|c| c.values.clone()).unwrap_or_default();
         let (model, origin) = start_sasrec(warm, name, config, values, settings.seed).await?;
         if let Some(warm) = warm.filter(|_| origin.is_some()) {
@@ -60,8 +90,43 @@ pub async fn train_teachers(
         }
         let (device, threads) = (job.spec.device.clone(), job.spec.threads);
         let data = Arc::clone(&dataset);
+        let mut learn = match &baseline {
+            Some((table, sha256, family)) => {
+                let labels = NeighborLabels::new(
+                    Arc::clone(table),
+                    &spec.baseline,
+                    sha256,
+                    Arc::clone(&dataset),
+                    spec.baseline_k
+                        .min(dataset.n_items().saturating_sub(1))
+                        .max(1),
+                    BASELINE_TEMPERATURE,
+                )?;
+                let distillation = Distillation::new(
+                    labels.info().clone(),
+                    spec.baseline_alpha,
+                    family.clone(),
+                    job.spec.distill.rank_decay,
+                );
+                Some((Arc::new(distillation), labels))
+            }
+            None => None,
+        };
+        let lineage = learn.as_ref().map(|(d, _)| Lineage {
+            soft_labels: d.labels.location.clone(),
+            model: d.labels.model.clone(),
+            model_sha256: d.labels.model_sha256.clone(),
+            alpha: d.mix.alpha,
+            temperature: d.mix.temperature,
+        });
+        let loss = learn
+            .as_ref()
+            .map_or_else(|| "ce".to_string(), |(d, _)| d.mix.label());
         let (model, log) = tokio::task::spawn_blocking(move || {
-            train::fit_on_device(model, &data, &settings, &device, threads, None)
+            let source = learn
+                .as_mut()
+                .map(|(d, labels)| (Arc::clone(d), labels as &mut dyn LabelSource));
+            train::fit_on_device(model, &data, &settings, &device, threads, source)
         })
         .await
         .map_err(|e| Error::internal(format!("{name} training failed: {e}")))??;
@@ -74,7 +139,12 @@ pub async fn train_teachers(
                 "teacher trained"
             );
         }
-        let mut card = model.card(name, "teacher", "supervised", "ce", None)?;
+        let training = if lineage.is_some() {
+            "kd-baseline"
+        } else {
+            "supervised"
+        };
+        let mut card = model.card(name, "teacher", training, &loss, lineage)?;
         card.warm_started_from = origin;
         let artifact = model.artifact(card)?;
         out.written

@@ -17,6 +17,7 @@ use datafusion::datasource::listing::{
 };
 use datafusion::prelude::SessionContext;
 
+use crate::artifacts::ceiling::CEILING_TABLE;
 use crate::artifacts::evaluation::EVALUATION_FILE;
 use crate::config::{JobSpec, check_segment};
 use crate::error::{Error, Result};
@@ -66,13 +67,14 @@ pub async fn open(
     for (name, folder) in [
         ("interactions", &spec.input.interactions),
         ("items", &spec.input.items),
+        (CEILING_TABLE, &spec.input.ceiling),
     ] {
         if folder.is_empty() {
             continue;
         }
         // A damaged input file (or one still being written) leaves that
         // table out, with a warning naming it; the run tables still answer.
-        match register_folder(&lake, &ctx, name, folder.trim_end_matches('/')).await {
+        match engine::register_folder(&lake, &ctx, name, folder.trim_end_matches('/')).await {
             Ok(true) => catalog.tables.push(name.to_string()),
             Ok(false) => {}
             Err(Error::Data { message, .. }) => {
@@ -292,35 +294,6 @@ async fn first_unreadable(lake: &Lake, folder: &str) -> Option<String> {
         }
     }
     None
-}
-
-/// Registers a Parquet folder (Hive-partitioned by `dt` or flat) as `name`.
-/// Returns false when the folder holds no files.
-async fn register_folder(
-    lake: &Lake,
-    ctx: &SessionContext,
-    name: &str,
-    folder: &str,
-) -> Result<bool> {
-    if lake.list(folder).await?.is_empty() {
-        return Ok(false);
-    }
-    let partitioned = lake
-        .list_folders(folder)
-        .await?
-        .iter()
-        .any(|f| f.starts_with("dt="));
-    let mut options =
-        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    if partitioned {
-        options = options
-            .with_table_partition_cols(vec![("dt".into(), arrow::datatypes::DataType::Utf8)]);
-    }
-    let url = lake.url_of(&format!("{folder}/"));
-    ctx.register_listing_table(name, &url, options, None, None)
-        .await
-        .map_err(|e| Error::from_datafusion(&url, e))?;
-    Ok(true)
 }
 
 /// Registers the files a manifest lists: `features/<t>.parquet` as table

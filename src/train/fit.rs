@@ -3,6 +3,7 @@
 //! steps themselves are taken by a [`Steps`]: the CPU trainer
 //! ([`Trainer`]) or candle's autograd on a device ([`CandleSteps`]).
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,12 +17,14 @@ use super::distillation::{Distillation, LabelSource, NO_LABEL, ShuffleBuffer, So
 use super::pool::thread_pool;
 use super::steps::{Steps, TrainSettings};
 use super::stopping::{EarlyStopping, EpochLog};
+use crate::config::Windows;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::model::sasrec::{PAD, SasRec};
 
-/// A user's train sequence, as the inputs and next-item targets of one
-/// window of `len` positions, right-aligned (the most recent last).
+/// A user's train sequence (up to the end of the window), as the inputs
+/// and next-item targets of one window of `len` positions, right-aligned
+/// (the most recent last).
 pub fn fill_window(sequence: &[u32], inputs: &mut [u32], targets: &mut [u32]) {
     if sequence.is_empty() {
         inputs.fill(PAD);
@@ -39,11 +42,25 @@ pub fn fill_window(sequence: &[u32], inputs: &mut [u32], targets: &mut [u32]) {
 }
 
 /// The position (index in the train sequence) of the target in slot `slot`
-/// of [`fill_window`]'s window over a sequence of `len` items: train item
-/// `len − max_len + slot`, when the slot holds one.
+/// of [`fill_window`]'s window over the first `len` items of a sequence:
+/// train item `len − max_len + slot`, when the slot holds one.
 pub fn target_position(len: usize, max_len: usize, slot: usize) -> Option<usize> {
     let position = (len + slot).checked_sub(max_len)?;
     (position >= 1 && position < len).then_some(position)
+}
+
+/// The ends (exclusive) of the windows an epoch trains on over a train
+/// sequence of `len` items: the most recent `max_len` targets, and with
+/// [`Windows::All`] every earlier `max_len` before them, so an epoch
+/// predicts every train item after the first once.
+pub fn window_ends(len: usize, max_len: usize, windows: Windows) -> Vec<usize> {
+    match windows {
+        Windows::Last => vec![len],
+        Windows::All => (0..)
+            .map(|w| len.saturating_sub(w * max_len))
+            .take_while(|&end| end >= 2)
+            .collect(),
+    }
 }
 
 /// Trains `model` on `dataset`'s train split on the CPU, early-stopping on
@@ -106,21 +123,33 @@ pub fn fit_with(
         sequence_of[*user] = s;
     }
     let mut rng = StdRng::seed_from_u64(settings.seed);
-    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    // Every window of the epoch: (train sequence, end).
+    let mut order: Vec<(usize, usize)> = sequences
+        .iter()
+        .enumerate()
+        .flat_map(|(s, (_, sequence))| {
+            window_ends(sequence.len(), c.max_len, settings.windows)
+                .into_iter()
+                .map(move |end| (s, end))
+        })
+        .collect();
     let b = settings.batch_size;
     let mut inputs = vec![PAD; b * c.max_len];
     let mut targets = vec![PAD; b * c.max_len];
     let k = labels.as_ref().map_or(0, |l| l.info().k);
     let distilling = labels.is_some();
     let mut soft = vec![NO_LABEL; if distilling { b * c.max_len } else { 0 }];
-    let mut turns: Vec<Turn> = Vec::with_capacity(b);
+    // A window to train on: its sequence, soft labels and end.
+    let mut turns: Vec<(usize, Option<Rc<SoftRows>>, usize)> = Vec::with_capacity(b);
+    // Windows of a user drawn from the shuffle buffer, not yet in a batch.
+    let mut pending: Vec<(usize, Option<Rc<SoftRows>>, usize)> = Vec::new();
     let mut stopping = EarlyStopping::new(
         &settings.label,
         settings.patience,
         dataset,
         settings.valid_users,
     );
-    let steps = sequences.len().div_ceil(b);
+    let steps = order.len().div_ceil(b);
     let mut step_count = 0u64;
     for epoch in 1..=settings.epochs {
         let mut buffer = match labels.as_deref_mut() {
@@ -136,6 +165,7 @@ pub fn fit_with(
             }
         };
         let mut in_order = order.iter();
+        pending.clear();
         let progress = crate::progress::bar(
             steps as u64,
             &format!(
@@ -149,13 +179,27 @@ pub fn fit_with(
         loop {
             turns.clear();
             while turns.len() < b {
-                let turn = match &mut buffer {
-                    Some(buffer) => buffer.next(&mut rng)?,
-                    None => in_order.next().map(|&s| (s, None)),
-                };
-                match turn {
-                    Some(turn) => turns.push(turn),
-                    None => break,
+                if let Some(window) = pending.pop() {
+                    turns.push(window);
+                    continue;
+                }
+                match &mut buffer {
+                    Some(buffer) => {
+                        let Some((s, rows)): Option<Turn> = buffer.next(&mut rng)? else {
+                            break;
+                        };
+                        let rows = rows.map(Rc::new);
+                        let len = sequences[s].1.len();
+                        pending.extend(
+                            window_ends(len, c.max_len, settings.windows)
+                                .into_iter()
+                                .map(|end| (s, rows.clone(), end)),
+                        );
+                    }
+                    None => match in_order.next() {
+                        Some(&(s, end)) => turns.push((s, None, end)),
+                        None => break,
+                    },
                 }
             }
             if turns.is_empty() {
@@ -163,11 +207,11 @@ pub fn fit_with(
             }
             let n = turns.len() * c.max_len;
             let mut batch_labels = SoftRows::new(k);
-            for (slot, (s, rows)) in turns.iter().enumerate() {
+            for (slot, (s, rows, end)) in turns.iter().enumerate() {
                 let (user, sequence) = &sequences[*s];
                 let span = slot * c.max_len..(slot + 1) * c.max_len;
                 fill_window(
-                    sequence,
+                    &sequence[..*end],
                     &mut inputs[span.clone()],
                     &mut targets[span.clone()],
                 );
@@ -177,10 +221,10 @@ pub fn fit_with(
                 for i in 0..c.max_len {
                     let at = slot * c.max_len + i;
                     let row = rows
-                        .as_ref()
+                        .as_deref()
                         .filter(|_| targets[at] != PAD)
                         .and_then(|rows| {
-                            target_position(sequence.len(), c.max_len, i)
+                            target_position(*end, c.max_len, i)
                                 .and_then(|p| rows.row(0, p))
                                 .map(|r| (rows, r))
                         });
@@ -280,6 +324,34 @@ mod tests {
         fill_window(&[], &mut inputs, &mut targets);
         assert_eq!(inputs, [PAD; 4]);
         assert_eq!(targets, [PAD; 4]);
+    }
+
+    #[test]
+    fn all_windows_make_every_train_item_after_the_first_a_target_once() {
+        for len in 0..40 {
+            for max_len in 1..8 {
+                let sequence: Vec<u32> = (0..len as u32).collect();
+                let mut targeted = Vec::new();
+                for end in window_ends(len, max_len, Windows::All) {
+                    let (mut inputs, mut targets) = (vec![0; max_len], vec![0; max_len]);
+                    fill_window(&sequence[..end], &mut inputs, &mut targets);
+                    for (slot, &t) in targets.iter().enumerate() {
+                        match target_position(end, max_len, slot) {
+                            Some(p) => {
+                                assert_eq!(t, sequence[p]);
+                                targeted.push(p);
+                            }
+                            None => assert_eq!(t, PAD),
+                        }
+                    }
+                }
+                targeted.sort_unstable();
+                let want: Vec<usize> = (1..len).collect();
+                assert_eq!(targeted, want, "len {len}, max_len {max_len}");
+                let last = window_ends(len, max_len, Windows::Last);
+                assert_eq!(last, vec![len]);
+            }
+        }
     }
 
     #[test]

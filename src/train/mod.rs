@@ -8,6 +8,7 @@
 //!  │                    both draw sampled-softmax negatives from sampler
 //!  ├──► stopping (validation, early stopping) ──► history (training/<model>.parquet)
 //!  └──► distillation (soft labels streamed through a shuffle buffer) ──► losses
+//!        from a file, or made per epoch by a neighbour baseline (neighbor_labels)
 //! meanpool: the baseline's own candle loop, with the same early stopping
 //! ```
 
@@ -18,6 +19,7 @@ pub mod fit;
 pub mod history;
 pub mod losses;
 pub mod meanpool;
+pub mod neighbor_labels;
 pub mod pool;
 pub mod sampler;
 pub mod steps;
@@ -29,6 +31,7 @@ pub use distillation::{
 pub use fit::{
     fill_window, fit, fit_distilled, fit_on_device, fit_with, target_position, train_sequences,
 };
+pub use neighbor_labels::NeighborLabels;
 pub use pool::thread_pool;
 pub use steps::{SlotLabels, Steps, TrainSettings};
 pub use stopping::{EarlyStopping, EpochLog, best_epoch};

@@ -4,7 +4,7 @@
 //! such as the compress stage's constrained recovery.
 
 use super::distillation::SoftRows;
-use crate::config::{DistillSpec, LinkSpec, Sampling, Softmax, TeacherSpec};
+use crate::config::{DistillSpec, LinkSpec, Sampling, Softmax, TeacherSpec, Windows};
 use crate::error::Result;
 use crate::model::sasrec::SasRec;
 
@@ -33,6 +33,8 @@ pub struct TrainSettings {
     pub sampling: Sampling,
     /// Sampled softmax: the batch's other targets are negatives too.
     pub in_batch: bool,
+    /// The windows of each train sequence an epoch trains on.
+    pub windows: Windows,
     /// Distillation: rows of soft labels the shuffle buffer holds.
     pub label_buffer: usize,
     /// Users early stopping validates on (0: all; `evaluation.valid_users`).
@@ -58,6 +60,7 @@ impl TrainSettings {
             negatives: spec.negatives,
             sampling: spec.sampling,
             in_batch: spec.in_batch,
+            windows: spec.windows,
             label_buffer: 0,
             valid_users: 0,
             seed,
@@ -85,6 +88,7 @@ impl TrainSettings {
             negatives: distill.negatives,
             sampling: distill.sampling,
             in_batch: false,
+            windows: link.windows,
             label_buffer: distill.shuffle_buffer,
             valid_users: 0,
             seed,
@@ -110,6 +114,7 @@ impl TrainSettings {
             negatives,
             sampling,
             in_batch: true,
+            windows: Windows::Last,
             label_buffer: 64,
             valid_users: 0,
             seed: 7,

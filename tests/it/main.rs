@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod ballista;
+mod baselines;
 mod common;
 mod compress;
 mod crash;

@@ -103,13 +103,13 @@ fn run_writes_every_output_and_a_manifest_that_lists_them() {
     let rows = evaluation_values(&run);
     assert_eq!(
         rows.len(),
-        19 * (3 * 3 + 1) + 18,
-        "12 models and 7 compressed variants × (3 metrics × 3 cut-offs + pareto), and the teacher overlap of all but the teacher"
+        21 * (3 * 3 + 1) + 20,
+        "14 models and 7 compressed variants × (3 metrics × 3 cut-offs + pareto), and the teacher overlap of all but the teacher"
     );
     let timings = all_evaluation_values(&run).len() - rows.len();
     assert_eq!(
         timings,
-        19 * 3,
+        21 * 3,
         "latency p50, p99 and users/s of every model"
     );
     let (learned, popular) = (

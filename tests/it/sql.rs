@@ -42,11 +42,13 @@ fn queries_inputs_features_and_results_and_refuses_writes() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // Baselines, teachers, the assistant, 7 students and 7 compressed variants.
-    assert_eq!(rows.len(), 19);
+    // Four baselines, teachers, the assistant, 7 students and 7 compressed variants.
+    assert_eq!(rows.len(), 21);
     assert_eq!(rows[0]["model"], "assistant");
-    assert_eq!(rows[1]["model"], "meanpool");
-    assert_eq!(rows[18]["model"], "teacher-content");
+    assert_eq!(rows[1]["model"], "cooccurrence");
+    assert_eq!(rows[2]["model"], "meanpool");
+    assert_eq!(rows[19]["model"], "teacher-content");
+    assert_eq!(rows[20]["model"], "transitions");
 
     let out = ok(&mut sql(
         &lake,

@@ -13,6 +13,7 @@ use results::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::artifacts::ceiling::{Ceiling, CeilingMeans, CeilingSums};
 use crate::artifacts::evaluation::scores_at_10;
 use crate::artifacts::recommendations::{recommendation_batch, recommendations_schema};
 use crate::config::Job;
@@ -30,8 +31,20 @@ use crate::run::{commit, publish};
 pub struct Evaluation {
     /// Per model.
     pub results: Vec<ModelResult>,
+    /// The log's Bayes ceiling on the same targets, per cut-off of the job
+    /// (expected HR, NDCG, MRR), when the log has one for every target.
+    pub ceiling: Option<CeilingMeans>,
     /// Files written (recommendations, evaluation).
     pub written: Vec<WrittenObject>,
+}
+
+/// What one share of an evaluation (the whole, or one shard) counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EvaluationShare {
+    /// Per model, in evaluation order.
+    models: Vec<ModelShare>,
+    /// The ceiling of the share's targets, when the log has a ceiling table.
+    ceiling: Option<CeilingSums>,
 }
 
 /// One model's share of an evaluation: exact counts, so the shares of a
@@ -60,17 +73,19 @@ struct ModelShare {
 /// recommendation files.
 const SHARE_PATH: &str = "evaluation/share.json";
 
-/// Evaluates every model on the test targets and writes the results.
+/// Evaluates every model on the test targets and writes the results, with
+/// the log's `ceiling` beside them where it has one.
 pub async fn evaluate_models(
     job: &Job,
     run: &RunFolder,
     run_id: &str,
     dataset: Arc<Dataset>,
     models: &[ModelArtifact],
+    ceiling: Option<&Ceiling>,
 ) -> Result<Evaluation> {
-    let (shares, written) =
-        evaluate_share(job, run, dataset, models, None, &|rel| rel.into()).await?;
-    finish(job, run, run_id, vec![shares], written).await
+    let (share, written) =
+        evaluate_share(job, run, dataset, models, ceiling, None, &|rel| rel.into()).await?;
+    finish(job, run, run_id, vec![share], written).await
 }
 
 /// Evaluates every model on the test targets of `shard` and writes its
@@ -81,13 +96,14 @@ pub async fn evaluate_shard(
     run: &RunFolder,
     dataset: Arc<Dataset>,
     models: &[ModelArtifact],
+    ceiling: Option<&Ceiling>,
     shard: Shard,
     folder: &str,
 ) -> Result<Vec<WrittenObject>> {
     let place = |rel: &str| format!("{folder}/{rel}");
-    let (shares, mut written) =
-        evaluate_share(job, run, dataset, models, Some(shard), &place).await?;
-    let bytes = serde_json::to_vec_pretty(&shares).map_err(|e| Error::internal(e.to_string()))?;
+    let (share, mut written) =
+        evaluate_share(job, run, dataset, models, ceiling, Some(shard), &place).await?;
+    let bytes = serde_json::to_vec_pretty(&share).map_err(|e| Error::internal(e.to_string()))?;
     written.push(
         run.put(&place(SHARE_PATH), bytes::Bytes::from(bytes))
             .await?,
@@ -111,7 +127,7 @@ pub async fn gather_evaluation(
         if rel == SHARE_PATH {
             for source in sources {
                 let bytes = run.get(source).await?;
-                let share: Vec<ModelShare> = serde_json::from_slice(&bytes).map_err(|e| {
+                let share: EvaluationShare = serde_json::from_slice(&bytes).map_err(|e| {
                     Error::data(
                         run.url_of(source),
                         format!("unreadable evaluation share: {e}"),
@@ -139,15 +155,17 @@ pub async fn gather_evaluation(
 }
 
 /// Ranks the targets of `shard` (all without one) with every model,
-/// writing each model's recommendation lists to `place(rel)`.
+/// writing each model's recommendation lists to `place(rel)`, and sums the
+/// ceiling of those targets.
 async fn evaluate_share(
     job: &Job,
     run: &RunFolder,
     dataset: Arc<Dataset>,
     models: &[ModelArtifact],
+    ceiling: Option<&Ceiling>,
     shard: Option<Shard>,
     place: &(dyn Fn(&str) -> String + Sync),
-) -> Result<(Vec<ModelShare>, Vec<WrittenObject>)> {
+) -> Result<(EvaluationShare, Vec<WrittenObject>)> {
     let targets = dataset.targets(Split::Test);
     if targets.is_empty() {
         return Err(Error::data(
@@ -173,6 +191,7 @@ async fn evaluate_share(
             targets[(batches.start * batch).min(end)..end].to_vec()
         }
     };
+    let ceiling = ceiling.map(|c| c.sums(&dataset, &mine));
     let mine = Arc::new(mine);
     let groups = if shard.is_some() {
         RowGroups::PER_BATCH
@@ -241,7 +260,13 @@ async fn evaluate_share(
             }
         }
     }
-    Ok((shares, written))
+    Ok((
+        EvaluationShare {
+            models: shares,
+            ceiling,
+        },
+        written,
+    ))
 }
 
 /// Adds up the shares (one per shard, in order), then writes the
@@ -250,14 +275,23 @@ async fn finish(
     job: &Job,
     run: &RunFolder,
     run_id: &str,
-    shares: Vec<Vec<ModelShare>>,
+    shares: Vec<EvaluationShare>,
     mut written: Vec<WrittenObject>,
 ) -> Result<Evaluation> {
     let mut shares = shares.into_iter();
-    let mut total = shares
+    let first = shares
         .next()
         .ok_or_else(|| Error::internal("an evaluation of no shares"))?;
+    let (mut total, mut ceiling) = (first.models, first.ceiling);
     for share in shares {
+        ceiling = match (ceiling, share.ceiling) {
+            (Some(mut a), Some(b)) => {
+                a.merge(&b)?;
+                Some(a)
+            }
+            _ => None,
+        };
+        let share = share.models;
         let names = |s: &[ModelShare]| s.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
         if names(&share) != names(&total) {
             return Err(Error::data(
@@ -296,7 +330,18 @@ async fn finish(
         })
         .collect();
     mark_pareto(&mut results);
-    let batch = evaluation_rows(job, run, run_id, &results)?;
+    let ceiling = ceiling.and_then(|sums| {
+        let means = sums.means();
+        if means.is_none() {
+            tracing::warn!(
+                matched = sums.matched,
+                targets = sums.targets,
+                "the ceiling table does not describe every test target of this run (another run date, filter or protocol): no fraction of the ceiling"
+            );
+        }
+        means
+    });
+    let batch = evaluation_rows(job, run, run_id, &results, ceiling.as_deref())?;
     written.push(
         run.write_batches(
             "evaluation/evaluation.parquet",
@@ -307,9 +352,20 @@ async fn finish(
         .await?,
     );
     let history = report_history(job, run).await?;
-    let html = report::html(&job.spec.name, run.run_date(), run_id, &results, &history);
+    let html = report::html(
+        &job.spec.name,
+        run.run_date(),
+        run_id,
+        &results,
+        ceiling.as_deref(),
+        &history,
+    );
     written.push(run.put("report.html", bytes::Bytes::from(html)).await?);
-    Ok(Evaluation { results, written })
+    Ok(Evaluation {
+        results,
+        ceiling,
+        written,
+    })
 }
 
 /// Runs of the history chart, at most this many (the latest).

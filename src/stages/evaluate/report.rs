@@ -304,12 +304,13 @@ pub fn html(
     run_date: chrono::NaiveDate,
     run_id: &str,
     results: &[ModelResult],
+    ceiling: Option<&[Option<[f64; 3]>]>,
     history: &History,
 ) -> String {
-    let k = results
-        .iter()
-        .find_map(|r| headline_k(&r.metrics))
-        .map_or(10, |(_, k)| k);
+    let headline = results.iter().find_map(|r| headline_k(&r.metrics));
+    let k = headline.map_or(10, |(_, k)| k);
+    // The log's Bayes ceiling at the headline cut-off: (HR, NDCG, MRR).
+    let bound = headline.and_then(|(i, _)| ceiling?.get(i).copied().flatten());
     let points: Vec<(&ModelResult, u64, f64)> = results
         .iter()
         .filter_map(|r| {
@@ -330,13 +331,25 @@ size is the bytes of each model's artifact as stored. Bold rows and the line mar
         job = escape(job),
         run_id = escape(run_id),
     );
+    if let Some([hr, ndcg, _]) = bound {
+        let _ = writeln!(
+            page,
+            "<p>The log's Bayes ceiling on the same test targets (the generator's own next-item probabilities, ranked as the evaluation ranks): \
+NDCG@{k} {ndcg:.4}, HR@{k} {hr:.4}. <em>of ceiling</em> is each model's NDCG@{k} as a fraction of it.</p>"
+        );
+    }
     page.push_str(&chart(&points, k));
     page.push_str(
         "<table><tr><th>model</th><th>role</th><th>variant</th><th>size</th><th>params</th>",
     );
     let _ = writeln!(
         page,
-        "<th>NDCG@{k}</th><th>HR@{k}</th><th>p50 ms</th><th>p99 ms</th><th>users/s</th><th>frontier</th></tr>"
+        "<th>NDCG@{k}</th>{}<th>HR@{k}</th><th>p50 ms</th><th>p99 ms</th><th>users/s</th><th>frontier</th></tr>",
+        if bound.is_some() {
+            "<th>of ceiling</th>"
+        } else {
+            ""
+        }
     );
     let mut rows: Vec<&ModelResult> = results.iter().collect();
     rows.sort_by_key(|r| r.size_bytes);
@@ -349,9 +362,16 @@ size is the bytes of each model's artifact as stored. Bold rows and the line mar
                 .as_ref()
                 .map_or("–".to_string(), |s| format!("{:.*}", digits, f(s)))
         };
+        let fraction = match (bound, headline_k(&r.metrics)) {
+            (Some([_, ndcg, _]), Some((i, _))) if ndcg > 0.0 => {
+                format!("<td>{:.3}</td>", r.metrics.ndcg[i] / ndcg)
+            }
+            (Some(_), _) => "<td>–</td>".to_string(),
+            (None, _) => String::new(),
+        };
         let _ = writeln!(
             page,
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if r.pareto { " class=\"front\"" } else { "" },
             escape(&r.name),
             escape(&r.role),
@@ -359,6 +379,7 @@ size is the bytes of each model's artifact as stored. Bold rows and the line mar
             human_bytes(r.size_bytes),
             r.params,
             at(&r.metrics.ndcg),
+            fraction,
             at(&r.metrics.hr),
             speed(|s| s.latency_ms_p50, 3),
             speed(|s| s.latency_ms_p99, 3),

@@ -70,6 +70,8 @@ pub fn evaluation_schema() -> SchemaRef {
         Field::new("protocol", DataType::Utf8, false),
         Field::new("users", DataType::Int64, false),
         Field::new("warm_started_from", DataType::Date32, true),
+        Field::new("ceiling", DataType::Float64, true),
+        Field::new("ceiling_fraction", DataType::Float64, true),
     ]))
 }
 
@@ -125,35 +127,44 @@ pub fn overlap_share((shared, rows): (u64, u64)) -> f64 {
     shared as f64 / (rows * OVERLAP_K as u64) as f64
 }
 
-/// The tidy evaluation rows of all models.
+/// The tidy evaluation rows of all models; `ceiling` (per cut-off of the
+/// job: the log's Bayes ceiling on the same targets) fills the accuracy
+/// rows' `ceiling` and `ceiling_fraction`.
 pub fn evaluation_rows(
     job: &Job,
     run: &RunFolder,
     run_id: &str,
     results: &[ModelResult],
+    ceiling: Option<&[Option<[f64; 3]>]>,
 ) -> Result<RecordBatch> {
     let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch");
     let days = (run.run_date() - epoch).num_days() as i32;
     let protocol = job.spec.split.protocol.as_str();
-    // One (model, metric, k, value) per row.
-    let mut cells: Vec<(&ModelResult, &'static str, u32, f64)> = Vec::new();
+    // One (model, metric, k, value, ceiling) per row.
+    let mut cells: Vec<(&ModelResult, &'static str, u32, f64, Option<f64>)> = Vec::new();
     for r in results {
         let m = &r.metrics;
-        for (name, values) in [("hr", &m.hr), ("ndcg", &m.ndcg), ("mrr", &m.mrr)] {
-            for (&cut, &v) in m.ks.iter().zip(values.iter()) {
-                cells.push((r, name, cut, v));
+        for (metric, (name, values)) in [("hr", &m.hr), ("ndcg", &m.ndcg), ("mrr", &m.mrr)]
+            .into_iter()
+            .enumerate()
+        {
+            for (i, (&cut, &v)) in m.ks.iter().zip(values.iter()).enumerate() {
+                let bound = ceiling
+                    .and_then(|c| c.get(i).copied().flatten())
+                    .map(|c| c[metric]);
+                cells.push((r, name, cut, v, bound));
             }
         }
         if let Some(v) = r.teacher_overlap_10 {
-            cells.push((r, "teacher_overlap", OVERLAP_K as u32, v));
+            cells.push((r, "teacher_overlap", OVERLAP_K as u32, v, None));
         }
         if let Some((_, k)) = headline_k(m) {
-            cells.push((r, "pareto", k, if r.pareto { 1.0 } else { 0.0 }));
+            cells.push((r, "pareto", k, if r.pareto { 1.0 } else { 0.0 }, None));
         }
         if let Some(s) = r.speed {
-            cells.push((r, "latency_ms_p50", 0, s.latency_ms_p50));
-            cells.push((r, "latency_ms_p99", 0, s.latency_ms_p99));
-            cells.push((r, "users_per_s", 0, s.users_per_s));
+            cells.push((r, "latency_ms_p50", 0, s.latency_ms_p50, None));
+            cells.push((r, "latency_ms_p99", 0, s.latency_ms_p99, None));
+            cells.push((r, "users_per_s", 0, s.users_per_s, None));
         }
     }
     let text =
@@ -201,6 +212,15 @@ pub fn evaluation_rows(
         Arc::new(StringArray::from(vec![protocol; rows])),
         Arc::new(Int64Array::from(users)),
         Arc::new(Date32Array::from(warm_from)),
+        Arc::new(Float64Array::from(
+            cells.iter().map(|c| c.4).collect::<Vec<_>>(),
+        )),
+        Arc::new(Float64Array::from(
+            cells
+                .iter()
+                .map(|c| c.4.filter(|&b| b > 0.0).map(|b| c.3 / b))
+                .collect::<Vec<_>>(),
+        )),
     ];
     RecordBatch::try_new(evaluation_schema(), columns).map_err(|e| Error::internal(e.to_string()))
 }

@@ -24,8 +24,11 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::artifacts::ceiling::{CEILING_KS, CeilingRow, ceiling_batch, ceiling_schema};
 use crate::error::{Error, Result};
 use crate::lake::{Lake, WrittenObject};
+
+mod ceiling;
 
 /// Shape of the sample.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,6 +53,9 @@ impl Default for SampleSpec {
 
 /// Probability of following the ring rather than jumping.
 const FOLLOW: f64 = 0.8;
+/// Steps along the ring when following it, and how often each is taken.
+const SAMPLE_STEPS: [usize; 3] = [1, 2, 3];
+const SAMPLE_STEP_SHARE: [f64; 3] = [0.6, 0.25, 0.15];
 /// 2025-01-01T00:00:00Z in microseconds.
 const START_MICROS: i64 = 1_735_689_600_000_000;
 const GENRES: [&str; 6] = [
@@ -98,12 +104,18 @@ struct Event {
     rating: f32,
 }
 
+/// The sample's Zipf-like popularity: weight 1/(rank+1), items shuffled
+/// into ranks by index.
+fn sample_weights(items: usize) -> Vec<f64> {
+    let n = items as i64;
+    (0..n).map(|i| 1.0 / ((i * 7919 % n) + 1) as f64).collect()
+}
+
 /// Generates the events, sorted by (day, user, time, item).
 fn events(spec: &SampleSpec) -> Vec<Event> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let n = spec.items as i64;
-    // Zipf-like popularity: weight 1/(rank+1), items shuffled into ranks by index.
-    let weights: Vec<f64> = (0..n).map(|i| 1.0 / ((i * 7919 % n) + 1) as f64).collect();
+    let weights = sample_weights(spec.items);
     let total: f64 = weights.iter().sum();
     let mut cumulative = Vec::with_capacity(weights.len());
     let mut acc = 0.0;
@@ -123,16 +135,16 @@ fn events(spec: &SampleSpec) -> Vec<Event> {
         for _ in 0..length {
             out.push(Event {
                 user: u + 1,
-                item: item + 1001,
+                item: item + ITEM_ID_BASE,
                 micros: t,
                 rating: rng.random_range(1..=5) as f32,
             });
             item = if rng.random_bool(FOLLOW) {
                 let step = match rng.random_range(0..100) {
-                    0..60 => 1,
-                    60..85 => 2,
-                    _ => 3,
-                };
+                    0..60 => SAMPLE_STEPS[0],
+                    60..85 => SAMPLE_STEPS[1],
+                    _ => SAMPLE_STEPS[2],
+                } as i64;
                 (item + step) % n
             } else {
                 draw(&mut rng)
@@ -201,10 +213,10 @@ pub fn items_batch(spec: &SampleSpec) -> Result<RecordBatch> {
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(Int64Array::from_iter_values(
-            (0..n as i64).map(|i| i + 1001),
+            (0..n as i64).map(|i| i + ITEM_ID_BASE),
         )),
         Arc::new(StringArray::from_iter_values(
-            (0..n).map(|i| format!("Item {}", i + 1001)),
+            (0..n as i64).map(|i| format!("Item {}", i + ITEM_ID_BASE)),
         )),
         Arc::new(Int32Array::from_iter_values(
             (0..n as i32).map(|i| 1990 + i % 35),
@@ -236,7 +248,33 @@ pub async fn write_sample(lake: &Lake, spec: &SampleSpec) -> Result<Vec<WrittenO
         .await?;
     written.push(items);
     lake.delete_others("items", &written).await?;
+    written.push(write_ceiling(lake, &sample_ceiling(spec)).await?);
     Ok(written)
+}
+
+/// The sample's ceiling rows, in user order.
+fn sample_ceiling(spec: &SampleSpec) -> Vec<CeilingRow> {
+    let ranked = ceiling::sample_ranked(spec.items);
+    let mut events = events(spec);
+    events.sort_by_key(|e| (e.user, e.micros, e.item));
+    events
+        .chunk_by(|a, b| a.user == b.user)
+        .filter_map(|user| {
+            let items = split_order(
+                user.iter()
+                    .map(|e| (e.micros, (e.item - ITEM_ID_BASE) as u32)),
+            )?;
+            let (target, history) = items.split_last()?;
+            let next = ceiling::sample_next(&ranked, history[history.len() - 1]);
+            Some(ceiling::ceiling_row(
+                &next,
+                history,
+                *target,
+                user[0].user,
+                ITEM_ID_BASE,
+            ))
+        })
+        .collect()
 }
 
 /// Shape of a synthetic log of any size.
@@ -288,6 +326,8 @@ impl LogSpec {
 /// else an item of the user's own clusters, else any item (by popularity).
 const LOG_SUCCESSION: f64 = 0.5;
 const LOG_OWN_CLUSTER: f64 = 0.3;
+/// Of the draws from the user's own clusters, the share from the home one.
+const LOG_HOME: f64 = 0.7;
 /// Offsets, on the cluster's ring, of an item's three successors, and how
 /// often each is taken.
 const SUCCESSOR_STEPS: [usize; 3] = [1, 2, 7];
@@ -295,6 +335,8 @@ const SUCCESSOR_SHARE: [f64; 3] = [0.6, 0.25, 0.15];
 
 /// Popularity and cluster tables of a log's catalogue.
 struct Catalogue {
+    /// Popularity weight of every item (Zipf: 1 / (rank + 1)).
+    weight: Vec<f64>,
     /// Cumulative popularity over all items.
     cumulative: Vec<f64>,
     /// Per cluster: its items (ascending) and their cumulative popularity.
@@ -313,22 +355,23 @@ impl Catalogue {
         for i in (1..n).rev() {
             rank.swap(i, rng.random_range(0..=i));
         }
-        let weight = |item: usize| 1.0 / (rank[item] as f64 + 1.0);
+        let weight: Vec<f64> = rank.iter().map(|&r| 1.0 / (r as f64 + 1.0)).collect();
         let mut cumulative = Vec::with_capacity(n);
         let mut acc = 0.0;
-        for item in 0..n {
-            acc += weight(item);
+        for w in &weight {
+            acc += w;
             cumulative.push(acc);
         }
         let mut members = vec![Vec::new(); clusters];
         let mut member_cumulative = vec![Vec::new(); clusters];
-        for item in 0..n {
+        for (item, w) in weight.iter().enumerate() {
             let c = item % clusters;
             let last = member_cumulative[c].last().copied().unwrap_or(0.0);
             members[c].push(item as u32);
-            member_cumulative[c].push(last + weight(item));
+            member_cumulative[c].push(last + w);
         }
         Catalogue {
+            weight,
             cumulative,
             members,
             member_cumulative,
@@ -345,20 +388,40 @@ impl Catalogue {
     }
 
     fn successor(&self, item: u32, rng: &mut StdRng) -> u32 {
-        let c = item as usize % self.clusters;
-        let ring = &self.members[c];
-        let position = item as usize / self.clusters;
         let x: f64 = rng.random();
-        let mut step = SUCCESSOR_STEPS[2];
+        let mut step = SUCCESSOR_STEPS.len() - 1;
         let mut acc = 0.0;
-        for (s, share) in SUCCESSOR_STEPS.iter().zip(SUCCESSOR_SHARE) {
+        for (s, share) in SUCCESSOR_SHARE.iter().enumerate() {
             acc += share;
             if x < acc {
-                step = *s;
+                step = s;
                 break;
             }
         }
-        ring[(position + step) % ring.len()]
+        self.successors(item)[step].0
+    }
+
+    /// The successors of `item` (the items [`SUCCESSOR_STEPS`] ahead on its
+    /// cluster's ring), each with its share of the successions.
+    fn successors(&self, item: u32) -> [(u32, f64); SUCCESSOR_STEPS.len()] {
+        let ring = &self.members[item as usize % self.clusters];
+        let position = item as usize / self.clusters;
+        std::array::from_fn(|s| {
+            (
+                ring[(position + SUCCESSOR_STEPS[s]) % ring.len()],
+                SUCCESSOR_SHARE[s],
+            )
+        })
+    }
+
+    /// Sum of every item's weight.
+    fn total_weight(&self) -> f64 {
+        self.cumulative.last().copied().unwrap_or(0.0)
+    }
+
+    /// Sum of the weights of cluster `c`'s items.
+    fn cluster_weight(&self, c: usize) -> f64 {
+        self.member_cumulative[c].last().copied().unwrap_or(0.0)
     }
 }
 
@@ -412,7 +475,11 @@ fn log_user(spec: &LogSpec, catalogue: &Catalogue, user: u32, out: &mut Vec<LogE
         item = if x < LOG_SUCCESSION {
             catalogue.successor(item, &mut rng)
         } else if x < LOG_SUCCESSION + LOG_OWN_CLUSTER {
-            let cluster = if rng.random_bool(0.7) { home } else { second };
+            let cluster = if rng.random_bool(LOG_HOME) {
+                home
+            } else {
+                second
+            };
             catalogue.draw_in(cluster, &mut rng)
         } else {
             catalogue.draw_any(&mut rng)
@@ -420,32 +487,74 @@ fn log_user(spec: &LogSpec, catalogue: &Catalogue, user: u32, out: &mut Vec<LogE
     }
 }
 
-/// The log's events bucketed by day, each day sorted by (user, time).
-fn log_days(spec: &LogSpec) -> Vec<Vec<LogEvent>> {
+/// The log's events bucketed by day, each day sorted by (user, time), and,
+/// with `ceiling`, every user's ceiling row, in user order.
+fn generate_log(spec: &LogSpec, with_ceiling: bool) -> (Vec<Vec<LogEvent>>, Vec<CeilingRow>) {
     use rayon::prelude::*;
     let catalogue = Catalogue::new(spec);
+    let ranked = with_ceiling.then(|| ceiling::log_ranked(&catalogue));
     let chunk = 4096;
-    let chunks: Vec<Vec<LogEvent>> = (0..spec.users.div_ceil(chunk))
+    let chunks: Vec<(Vec<LogEvent>, Vec<CeilingRow>)> = (0..spec.users.div_ceil(chunk))
         .into_par_iter()
         .map(|c| {
             let mut out = Vec::new();
+            let mut rows = Vec::new();
             for user in c * chunk..((c + 1) * chunk).min(spec.users) {
+                let start = out.len();
                 log_user(spec, &catalogue, user as u32, &mut out);
+                if let Some(ranked) = &ranked
+                    && let Some(row) = log_ceiling_row(&catalogue, ranked, &out[start..])
+                {
+                    rows.push(row);
+                }
             }
-            out
+            (out, rows)
         })
         .collect();
     let mut days = vec![Vec::new(); spec.days];
-    for events in chunks {
+    let mut ceiling = Vec::new();
+    for (events, rows) in chunks {
         for e in events {
             let day = ((e.micros - START_MICROS) / DAY_MICROS) as usize;
             days[day.min(spec.days - 1)].push(e);
         }
+        ceiling.extend(rows);
     }
-    days
+    (days, ceiling)
 }
 
-/// External ids: items from 1001, users from 1.
+/// The ceiling row of one log user's events (in time order), or `None`
+/// when the user has no leave-one-out test target (fewer than 3 events).
+fn log_ceiling_row(
+    catalogue: &Catalogue,
+    ranked: &ceiling::Ranked,
+    events: &[LogEvent],
+) -> Option<CeilingRow> {
+    let items = split_order(events.iter().map(|e| (e.micros, e.item)))?;
+    let (target, history) = items.split_last()?;
+    let next = ceiling::log_next(catalogue, ranked, history);
+    let user_id = i64::from(events[0].user) + 1;
+    Some(ceiling::ceiling_row(
+        &next,
+        history,
+        *target,
+        user_id,
+        ITEM_ID_BASE,
+    ))
+}
+
+/// One user's items in the leave-one-out split's order (time, then item
+/// id), or `None` when the split gives the user no test target.
+fn split_order(events: impl Iterator<Item = (i64, u32)>) -> Option<Vec<u32>> {
+    let mut events: Vec<(i64, u32)> = events.collect();
+    if events.len() < 3 {
+        return None;
+    }
+    events.sort_unstable();
+    Some(events.into_iter().map(|(_, item)| item).collect())
+}
+
+/// External ids, in the sample and in the logs: items from 1001, users from 1.
 const ITEM_ID_BASE: i64 = 1001;
 
 fn log_batch(events: &[LogEvent]) -> Result<RecordBatch> {
@@ -502,16 +611,52 @@ fn log_items_batch(spec: &LogSpec) -> Result<RecordBatch> {
 pub struct LogSummary {
     /// Events written.
     pub events: usize,
-    /// Objects written (interaction files, then the items file).
+    /// Objects written (interaction files, then the items file, then the
+    /// ceiling table).
     pub written: Vec<WrittenObject>,
+    /// The Bayes ceiling's mean expected (HR, NDCG, MRR) at each of
+    /// [`CEILING_KS`] over the users with a test target.
+    pub ceiling: Vec<(u32, [f64; 3])>,
 }
+
+/// The mean expected (HR, NDCG, MRR) at each of [`CEILING_KS`].
+fn ceiling_means(rows: &[CeilingRow]) -> Vec<(u32, [f64; 3])> {
+    let n = rows.len().max(1) as f64;
+    CEILING_KS
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| {
+            let sum = |m: usize| rows.iter().map(|r| r.expected[i][m]).sum::<f64>() / n;
+            (k, [sum(0), sum(1), sum(2)])
+        })
+        .collect()
+}
+
+/// Writes the ceiling table `ceiling/part-00000.parquet`, replacing what
+/// the folder held.
+async fn write_ceiling(lake: &Lake, rows: &[CeilingRow]) -> Result<WrittenObject> {
+    let object = lake
+        .write_batches(
+            CEILING_FILE,
+            ceiling_schema(),
+            vec![ceiling_batch(rows)?],
+            vec![],
+        )
+        .await?;
+    lake.delete_others("ceiling", std::slice::from_ref(&object))
+        .await?;
+    Ok(object)
+}
+
+/// Where a sample writes its ceiling table, relative to the lake root.
+pub const CEILING_FILE: &str = "ceiling/part-00000.parquet";
 
 /// Writes a synthetic log as `interactions/dt=YYYY-MM-DD/part-0000N.parquet`
 /// (`files_per_day` files a day, rows in (user, time) order) and
 /// `items/part-00000.parquet`, replacing what those folders held.
 pub async fn write_log(lake: &Lake, spec: &LogSpec) -> Result<LogSummary> {
     spec.validate()?;
-    let days = log_days(spec);
+    let (days, ceiling) = generate_log(spec, true);
     let mut written = Vec::new();
     let mut events = 0;
     for (d, day) in days.iter().enumerate() {
@@ -545,7 +690,12 @@ pub async fn write_log(lake: &Lake, spec: &LogSpec) -> Result<LogSummary> {
         .await?;
     written.push(items);
     lake.delete_others("items", &written).await?;
-    Ok(LogSummary { events, written })
+    written.push(write_ceiling(lake, &ceiling).await?);
+    Ok(LogSummary {
+        events,
+        written,
+        ceiling: ceiling_means(&ceiling),
+    })
 }
 
 #[cfg(test)]
@@ -566,11 +716,11 @@ mod tests {
     #[test]
     fn a_log_is_deterministic_sized_and_dated_as_asked() {
         let spec = log_spec();
-        let a = log_days(&spec);
+        let a = generate_log(&spec, false).0;
         // The same on a single thread as on the pool.
         let b = crate::train::thread_pool(1)
             .unwrap()
-            .install(|| log_days(&spec));
+            .install(|| generate_log(&spec, false).0);
         assert_eq!(a, b);
         let total: usize = a.iter().map(Vec::len).sum();
         let expected = spec.users as f64 * spec.mean_events;
@@ -593,7 +743,7 @@ mod tests {
                     .all(|e| (e.item as usize) < spec.items && (e.user as usize) < spec.users)
             );
         }
-        let other = log_days(&LogSpec { seed: 8, ..spec });
+        let other = generate_log(&LogSpec { seed: 8, ..spec }, false).0;
         assert_ne!(a, other);
     }
 
@@ -659,8 +809,10 @@ mod tests {
                 .as_ref()
                 .ends_with("dt=2025-01-03/part-00001.parquet")
         }));
-        assert_eq!(summary.written.len(), 7);
-        let rows: usize = log_days(&spec).iter().map(Vec::len).sum();
+        // Six interaction files, the items file, the ceiling table.
+        assert_eq!(summary.written.len(), 8);
+        assert_eq!(lake.list("ceiling").await.unwrap().len(), 1);
+        let rows: usize = generate_log(&spec, false).0.iter().map(Vec::len).sum();
         assert_eq!(summary.events, rows);
         assert!(
             LogSpec {
@@ -671,6 +823,219 @@ mod tests {
             .is_err()
                 && LogSpec { days: 0, ..spec }.validate().is_err()
         );
+    }
+
+    /// The ceiling's next-item distribution of a log user equals the one
+    /// summed by brute force over every (home, second) cluster pair, weighed
+    /// by the pair's likelihood of the user's history.
+    #[test]
+    fn a_log_users_next_item_distribution_is_the_posterior_mixture() {
+        let spec = LogSpec {
+            users: 60,
+            items: 40,
+            mean_events: 12.0,
+            days: 3,
+            files_per_day: 1,
+            seed: 11,
+        };
+        let catalogue = Catalogue::new(&spec);
+        let ranked = ceiling::log_ranked(&catalogue);
+        let clusters = catalogue.clusters;
+        let total = catalogue.total_weight();
+        // P(item | previous item, home, second), as log_user draws it.
+        let step = |prev: u32, item: u32, home: usize, second: usize| -> f64 {
+            let c = item as usize % clusters;
+            let own = |cluster: usize| {
+                if c == cluster {
+                    catalogue.weight[item as usize] / catalogue.cluster_weight(cluster)
+                } else {
+                    0.0
+                }
+            };
+            let succession: f64 = catalogue
+                .successors(prev)
+                .iter()
+                .filter(|(s, _)| *s == item)
+                .map(|(_, share)| share)
+                .sum();
+            LOG_SUCCESSION * succession
+                + LOG_OWN_CLUSTER * (LOG_HOME * own(home) + (1.0 - LOG_HOME) * own(second))
+                + (1.0 - LOG_SUCCESSION - LOG_OWN_CLUSTER) * catalogue.weight[item as usize] / total
+        };
+        let mut checked = 0;
+        for user in 0..spec.users as u32 {
+            let mut events = Vec::new();
+            log_user(&spec, &catalogue, user, &mut events);
+            let history: Vec<u32> = events[..events.len() - 1].iter().map(|e| e.item).collect();
+            let next = ceiling::log_next(&catalogue, &ranked, &history);
+            let mut want = vec![0.0f64; spec.items];
+            let mut evidence = 0.0;
+            for home in 0..clusters {
+                for second in 0..clusters {
+                    let first = history[0] as usize;
+                    let mut likelihood = if first % clusters == home {
+                        catalogue.weight[first] / catalogue.cluster_weight(home)
+                    } else {
+                        0.0
+                    };
+                    for w in history.windows(2) {
+                        likelihood *= step(w[0], w[1], home, second);
+                    }
+                    evidence += likelihood;
+                    let last = history[history.len() - 1];
+                    for (item, p) in want.iter_mut().enumerate() {
+                        *p += likelihood * step(last, item as u32, home, second);
+                    }
+                }
+            }
+            let mut sum = 0.0;
+            for (item, p) in want.iter().enumerate() {
+                let got = next.probability(item as u32);
+                sum += got;
+                assert!(
+                    (got - p / evidence).abs() < 1e-9 * (1.0 + got),
+                    "user {user} item {item}: {got} against {}",
+                    p / evidence
+                );
+            }
+            assert!(
+                (sum - 1.0).abs() < 1e-9,
+                "user {user}: probabilities sum to {sum}"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, spec.users);
+    }
+
+    /// Over many users, a ceiling's expected metrics agree with what its
+    /// ranking scored on the targets that were drawn; and ranking every
+    /// item by the generator's probabilities through the evaluation's own
+    /// ranking gives the targets the ranks the table records.
+    #[test]
+    fn the_ceiling_is_what_its_ranking_scores_in_the_evaluation() {
+        use crate::artifacts::ceiling::CEILING_DEPTH;
+        use crate::dataset::{Dataset, Split};
+        use crate::model::Scorer;
+
+        let spec = LogSpec {
+            users: 4000,
+            items: 2000,
+            mean_events: 20.0,
+            days: 5,
+            files_per_day: 1,
+            seed: 5,
+        };
+        let (days, rows) = generate_log(&spec, true);
+        assert_eq!(rows.len(), spec.users);
+        let at_10 = CEILING_KS.iter().position(|&k| k == 10).unwrap();
+        let n = rows.len() as f64;
+        let expected_hr: f64 = rows.iter().map(|r| r.expected[at_10][0]).sum::<f64>() / n;
+        let expected_ndcg: f64 = rows.iter().map(|r| r.expected[at_10][1]).sum::<f64>() / n;
+        let hits = |r: &CeilingRow| r.target_rank.is_some_and(|k| k <= 10);
+        let realized_hr = rows.iter().filter(|r| hits(r)).count() as f64 / n;
+        let realized_ndcg = rows
+            .iter()
+            .filter(|r| hits(r))
+            .map(|r| 1.0 / (r.target_rank.unwrap() as f64 + 1.0).log2())
+            .sum::<f64>()
+            / n;
+        // Four standard errors of a mean of 4,000 values in [0, 1].
+        assert!(
+            (expected_hr - realized_hr).abs() < 0.032,
+            "{expected_hr} {realized_hr}"
+        );
+        assert!(
+            (expected_ndcg - realized_ndcg).abs() < 0.032,
+            "{expected_ndcg} {realized_ndcg}"
+        );
+        assert!(expected_hr > 0.4 && expected_hr < 0.9, "{expected_hr}");
+
+        // The same users as a dataset (ids = indices + 1, 1001 + index),
+        // leave-one-out, scored by the generator's probabilities.
+        let mut by_user: Vec<Vec<(i64, u32)>> = vec![Vec::new(); spec.users];
+        for e in days.iter().flatten() {
+            by_user[e.user as usize].push((e.micros, e.item));
+        }
+        let mut offsets = vec![0];
+        let (mut items, mut splits) = (Vec::new(), Vec::new());
+        for events in &mut by_user {
+            events.sort_unstable();
+            let len = events.len();
+            for (i, &(_, item)) in events.iter().enumerate() {
+                items.push(item);
+                splits.push(match len - i {
+                    1 => Split::Test,
+                    2 => Split::Valid,
+                    _ => Split::Train,
+                });
+            }
+            offsets.push(items.len());
+        }
+        let dataset = Dataset {
+            user_ids: Arc::new(Int64Array::from_iter_values(1..=spec.users as i64)),
+            item_ids: Arc::new(Int64Array::from_iter_values(
+                (0..spec.items as i64).map(|i| i + ITEM_ID_BASE),
+            )),
+            offsets,
+            items,
+            splits,
+            train_counts: vec![0; spec.items],
+        };
+        struct Bayes {
+            catalogue: Catalogue,
+            ranked: ceiling::Ranked,
+        }
+        impl Scorer for Bayes {
+            fn n_items(&self) -> usize {
+                self.catalogue.weight.len()
+            }
+            fn score(&self, histories: &[&[u32]], out: &mut Vec<f32>) -> Result<()> {
+                out.clear();
+                for history in histories {
+                    let next = ceiling::log_next(&self.catalogue, &self.ranked, history);
+                    out.extend((0..self.n_items() as u32).map(|i| next.probability(i) as f32));
+                }
+                Ok(())
+            }
+        }
+        let catalogue = Catalogue::new(&spec);
+        let ranked = ceiling::log_ranked(&catalogue);
+        let bayes = Bayes { catalogue, ranked };
+        let targets = dataset.targets(Split::Test);
+        assert_eq!(targets.len(), spec.users);
+        let mut same = 0;
+        crate::model::score::rank_targets(&bayes, &dataset, &targets, 256, 0, |ranked| {
+            for r in ranked {
+                let row = &rows[r.target.user as usize];
+                assert_eq!(row.history_len, r.target.position as i64);
+                assert_eq!(row.item_id, i64::from(r.target.item) + ITEM_ID_BASE);
+                let rank = r.rank.filter(|&k| k <= CEILING_DEPTH).map(|k| k as u32);
+                if rank == row.target_rank {
+                    same += 1;
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        // Scores rounded to f32 may swap two items whose probabilities
+        // differ in the eighth digit; nothing else may differ.
+        assert!(same as f64 >= 0.995 * n, "{same} of {n} ranks agree");
+    }
+
+    #[test]
+    fn the_samples_ceiling_follows_the_ring() {
+        let spec = SampleSpec::default();
+        let rows = sample_ceiling(&spec);
+        assert_eq!(rows.len(), spec.users);
+        let at_10 = CEILING_KS.iter().position(|&k| k == 10).unwrap();
+        for r in &rows {
+            let hr = r.expected[at_10][0];
+            assert!(hr > 0.0 && hr <= 1.0 + 1e-12, "{r:?}");
+            assert!(r.expected.windows(2).all(|w| w[0][0] <= w[1][0] + 1e-15));
+        }
+        // The three ring steps hold 0.8 of the mass, and are mostly unseen.
+        let mean = ceiling_means(&rows)[at_10].1[0];
+        assert!(mean > 0.7, "{mean}");
     }
 
     #[test]
