@@ -25,7 +25,10 @@ pub struct CompressSpec {
     /// Variants: `int8`, `int4`, `prune-unstructured-<sparsity>`,
     /// `prune-structured-<fraction>`, `lowrank-<rank>` (or a fraction of
     /// d_model, `lowrank-0.5`, or the spectral energy kept, `lowrank-e0.9`),
-    /// or several joined with `+` (`lowrank-0.5+int8`).
+    /// `pq-<subspaces>` (the item table product-quantized: each row cut into
+    /// that many sub-vectors, each stored as a byte naming one of its
+    /// subspace's 256 centroids; `pq-16+int8` quantizes the other matrices
+    /// to int8), or several joined with `+` (`lowrank-0.5+int8`).
     pub variants: Vec<String>,
     /// Unstructured pruning: `layer` (each matrix to the sparsity) or
     /// `global` (one magnitude threshold over all matrices).
@@ -128,6 +131,8 @@ pub struct Variant {
     pub structured: Option<f32>,
     /// Low-rank item table.
     pub lowrank: Option<RankChoice>,
+    /// Product-quantized item table: sub-vectors per row.
+    pub pq: Option<usize>,
     /// Fraction of matrix weights zeroed (and not stored).
     pub unstructured: Option<f32>,
     /// Integer storage.
@@ -176,6 +181,20 @@ impl FromStr for Variant {
                 {
                     return Err(twice("prune-structured"));
                 }
+            } else if let Some(x) = token.strip_prefix("pq-") {
+                let m: usize = x.parse().map_err(|_| {
+                    Error::config(format!(
+                        "{token:?}: sub-vectors {x:?} is not a whole number"
+                    ))
+                })?;
+                if m == 0 {
+                    return Err(Error::config(format!(
+                        "{token:?}: at least one sub-vector per row"
+                    )));
+                }
+                if v.pq.replace(m).is_some() {
+                    return Err(twice("pq"));
+                }
             } else if let Some(x) = token.strip_prefix("lowrank-") {
                 let choice = if let Some(e) = x.strip_prefix('e') {
                     let e: f32 = e
@@ -203,13 +222,18 @@ impl FromStr for Variant {
                 }
             } else {
                 return Err(Error::config(format!(
-                    "{s:?}: unknown step {token:?} (int8, int4, prune-unstructured-<sparsity>, prune-structured-<fraction>, lowrank-<rank|ratio|e<energy>>)"
+                    "{s:?}: unknown step {token:?} (int8, int4, prune-unstructured-<sparsity>, prune-structured-<fraction>, lowrank-<rank|ratio|e<energy>>, pq-<sub-vectors>)"
                 )));
             }
         }
         if v.lowrank.is_some() && v.unstructured.is_some() {
             return Err(Error::config(format!(
                 "{s:?}: low-rank factors are stored dense or quantized, not sparse; pick one of lowrank and prune-unstructured"
+            )));
+        }
+        if v.pq.is_some() && (v.lowrank.is_some() || v.unstructured.is_some()) {
+            return Err(Error::config(format!(
+                "{s:?}: a product-quantized item table is neither low-rank nor sparse; pq combines with int8, int4 and prune-structured"
             )));
         }
         if v.unstructured.is_some() && v.quantization == Some(Quantization::Int4) {
@@ -224,7 +248,10 @@ impl FromStr for Variant {
 impl Variant {
     /// Whether a step changes the weights so that recovery can help.
     pub fn recovers(&self) -> bool {
-        self.structured.is_some() || self.lowrank.is_some() || self.unstructured.is_some()
+        self.structured.is_some()
+            || self.lowrank.is_some()
+            || self.unstructured.is_some()
+            || self.pq.is_some()
     }
 
     /// The variant's name, with the rank the low-rank step chose.
@@ -240,6 +267,9 @@ impl Variant {
                 (None, RankChoice::Ratio(x)) => format!("lowrank-{x}"),
                 (None, RankChoice::Energy(e)) => format!("lowrank-e{e}"),
             });
+        }
+        if let Some(m) = self.pq {
+            parts.push(format!("pq-{m}"));
         }
         if let Some(s) = self.unstructured {
             parts.push(format!("prune-unstructured-{s}"));
@@ -275,6 +305,10 @@ mod tests {
             "lowrank-e0.9".parse::<Variant>().unwrap().lowrank,
             Some(RankChoice::Energy(0.9))
         );
+        let v: Variant = "int8+pq-16".parse().unwrap();
+        assert_eq!((v.pq, v.quantization), (Some(16), Some(Quantization::Int8)));
+        assert_eq!(v.to_string(), "pq-16+int8");
+        assert!(v.recovers());
         assert_eq!(
             "lowrank-8".parse::<Variant>().unwrap().lowrank,
             Some(RankChoice::Fixed(8))
@@ -288,6 +322,11 @@ mod tests {
             "lowrank-0.5+prune-unstructured-0.5",
             "prune-unstructured-0.5+int4",
             "int8+int8",
+            "pq-0",
+            "pq-x",
+            "pq-8+pq-16",
+            "pq-16+lowrank-8",
+            "pq-16+prune-unstructured-0.5",
             "",
         ] {
             assert!(bad.parse::<Variant>().is_err(), "{bad}");

@@ -1,7 +1,8 @@
 //! The compress stage: turns a trained SASRec model (a distilled student)
 //! into smaller variants that are stored and scored as they are —
 //! `int8`/`int4` integers with scales, sparse rows, low-rank factors,
-//! fewer feed-forward units — each its own model `<name>@<variant>`.
+//! product-quantized item tables, fewer feed-forward units — each its own
+//! model `<name>@<variant>`.
 //!
 //! A variant is made in a fixed order: its shape steps
 //! ([`shrink::shrink`]: structured pruning of feed-forward units, low-rank
@@ -179,8 +180,9 @@ fn make_variant(
         rank,
         basis,
         masks,
+        pq,
         mut steps,
-    } = shrink::shrink(source, variant, &plan.spec.prune_scope);
+    } = shrink::shrink(source, variant, &plan.spec.prune_scope)?;
     let mut log = None;
     if variant.recovers()
         && plan.spec.recovery_epochs > 0
@@ -220,6 +222,7 @@ fn make_variant(
             trainer,
             basis: basis.as_deref(),
             masks: masks.as_deref(),
+            pq: pq.as_ref(),
         };
         let (recovered, epochs) = thread_pool(plan.threads)?.install(|| {
             fit_with(
@@ -234,7 +237,7 @@ fn make_variant(
         log = Some(epochs);
     }
     Ok(Made {
-        model: shrink::encode(&model, variant, rank, plan.spec.int4_group),
+        model: shrink::encode(&model, variant, rank, pq.as_ref(), plan.spec.int4_group),
         rank,
         steps,
         log,
@@ -242,11 +245,13 @@ fn make_variant(
 }
 
 /// Recovery steps: the trainer's step, then the compression constraints
-/// put back (pruned weights to zero, the item table onto its subspace).
+/// put back (pruned weights to zero, the item table onto its subspace or
+/// its product quantization's codes).
 struct Constrained<'a> {
     trainer: Trainer,
     basis: Option<&'a [f32]>,
     masks: Option<&'a [Vec<bool>]>,
+    pq: Option<&'a shrink::PqCodes>,
 }
 
 impl Steps for Constrained<'_> {
@@ -262,7 +267,7 @@ impl Steps for Constrained<'_> {
         let loss = self
             .trainer
             .step(model, inputs, targets, soft, batch, step_seed)?;
-        shrink::constrain(model, self.basis, self.masks);
+        shrink::constrain(model, self.basis, self.masks, self.pq);
         Ok(loss)
     }
 }

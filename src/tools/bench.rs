@@ -526,7 +526,10 @@ pub fn compressed_scoring(
         let model = SasRec::new(config, Vec::new(), job.spec.seed)?;
         let mut models = vec![("fp32".to_string(), StoredSasRec::from_dense(&model))];
         for v in &parsed {
-            models.push((v.to_string(), encode_variant(&model, v, &job.spec.compress)));
+            models.push((
+                v.to_string(),
+                encode_variant(&model, v, &job.spec.compress)?,
+            ));
         }
         let mut base = None;
         for (name, stored) in &models {

@@ -723,6 +723,8 @@ mod tests {
             u: Box::new(Matrix::quantize_int8(r, 3, &d[..r * 3])),
             v: Box::new(Matrix::dense(3, c, d[..3 * c].to_vec())),
         };
+        let (r, c, d) = dense(&stored.layers[1].wo);
+        stored.layers[1].wo = Matrix::quantize_pq(r, c, 4, &d, 1);
         let (r, c, d) = dense(&stored.pos);
         stored.pos = Matrix::quantize_int8(r, c, &d);
         let card = m

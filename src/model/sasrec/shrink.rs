@@ -1,20 +1,51 @@
 //! Shrinking a trained SASRec model into a compressed variant: the
 //! content projection folded into the item table, feed-forward units
 //! pruned (structured), the item table projected onto its top singular
-//! subspace (low rank), small weights zeroed (unstructured), and the result
-//! encoded as stored matrices (factors, sparse rows, int8/int4).
+//! subspace (low rank) or product-quantized (each row one of 256 centroids
+//! per sub-vector), small weights zeroed (unstructured), and the result
+//! encoded as stored matrices (factors, sparse rows, codes, int8/int4).
 //!
-//! The steps run in a fixed order: [`shrink`] (structured, low rank,
-//! unstructured), an optional recovery fine-tune done by the compress stage
-//! (with [`constrain`] after every optimizer step, so the recovered model
-//! still compresses exactly), then [`encode`].
+//! The steps run in a fixed order: [`shrink`] (structured, low rank or
+//! product quantization, unstructured), an optional recovery fine-tune done
+//! by the compress stage (with [`constrain`] after every optimizer step, so
+//! the recovered model still compresses exactly), then [`encode`].
 
 use nalgebra::DMatrix;
 
 use super::infer::StoredSasRec;
 use super::{SasRec, SasRecConfig, Weights};
 use crate::config::{CompressSpec, Quantization, RankChoice, Variant};
-use crate::model::stored::Matrix;
+use crate::error::{Error, Result};
+use crate::model::stored::{Matrix, pq};
+
+/// The k-means seed of product quantization (a variant is the same for
+/// the same model).
+const PQ_SEED: u64 = 0x005e_ed0f_c0de;
+
+/// A product-quantized item table's codes: which centroid stands for each
+/// sub-vector of each row. The centroids themselves follow from the rows
+/// ([`pq::refit`]), so recovery may move them while the codes stay.
+#[derive(Debug, Clone)]
+pub struct PqCodes {
+    /// Sub-vectors per row.
+    pub subspaces: usize,
+    /// `n_items × subspaces`.
+    pub codes: Vec<u8>,
+}
+
+impl PqCodes {
+    /// Puts `table` (`n × d`) onto the tables these codes store: the
+    /// codebooks refitted to its rows, then each row rebuilt from them.
+    /// Returns the codebooks.
+    fn project(&self, table: &mut [f32], d: usize) -> Vec<f32> {
+        let mut codebook = vec![0.0f32; self.subspaces * pq::CENTROIDS * (d / self.subspaces)];
+        pq::refit(table, d, self.subspaces, &self.codes, &mut codebook);
+        for (j, row) in table.chunks_exact_mut(d).enumerate() {
+            pq::row_into(&self.codes, &codebook, self.subspaces, j, row);
+        }
+        codebook
+    }
+}
 
 /// A variant's model after its shape steps, before encoding.
 #[derive(Debug, Clone)]
@@ -27,14 +58,19 @@ pub struct Shrunk {
     pub basis: Option<Vec<f32>>,
     /// Unstructured pruning: per pruned matrix, which weights are kept.
     pub masks: Option<Vec<Vec<bool>>>,
+    /// Product quantization: the item table's codes.
+    pub pq: Option<PqCodes>,
     /// What each step did, for the artifact's provenance.
     pub steps: Vec<String>,
 }
 
 /// The shape steps of `variant` on `source` (content already folded):
 /// structured pruning of feed-forward units, low-rank projection of the
-/// item table, then unstructured magnitude pruning in `prune_scope`.
-pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Shrunk {
+/// item table (or its product quantization: k-means codes, the table
+/// replaced by what they store), then unstructured magnitude pruning in
+/// `prune_scope`. A sub-vector count that does not divide `d_model` is a
+/// configuration error.
+pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Result<Shrunk> {
     let mut model = source.clone();
     let mut steps = Vec::new();
     let d = model.config.d_model;
@@ -61,6 +97,36 @@ pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Shrunk {
             d.min(model.config.n_items)
         ));
     }
+    let mut pq_codes = None;
+    if let Some(m) = variant.pq {
+        if m > d || !d.is_multiple_of(m) {
+            return Err(Error::config(format!(
+                "compress.variants {:?}: {m} sub-vectors do not divide d_model {d}",
+                variant.to_string()
+            )));
+        }
+        let n = model.config.n_items;
+        let before = model.weights.item.clone();
+        let (codes, _) = pq::fit(&before, n, d, m, PQ_SEED);
+        let codes = PqCodes {
+            subspaces: m,
+            codes,
+        };
+        codes.project(&mut model.weights.item, d);
+        let total: f64 = before.iter().map(|v| f64::from(v * v)).sum();
+        let error: f64 = before
+            .iter()
+            .zip(&model.weights.item)
+            .map(|(a, b)| f64::from((a - b) * (a - b)))
+            .sum();
+        steps.push(format!(
+            "item table product-quantized: {m} sub-vectors of {} values per row, {} centroids each (k-means), relative squared error {:.4}",
+            d / m,
+            pq::CENTROIDS,
+            error / total.max(f64::MIN_POSITIVE)
+        ));
+        pq_codes = Some(codes);
+    }
     let mut masks = None;
     if let Some(s) = variant.unstructured {
         let m = prune_magnitude(&mut model.weights, s, prune_scope);
@@ -73,20 +139,30 @@ pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Shrunk {
         ));
         masks = Some(m);
     }
-    Shrunk {
+    Ok(Shrunk {
         model,
         rank,
         basis,
         masks,
+        pq: pq_codes,
         steps,
-    }
+    })
 }
 
 /// Puts the compression constraints back after an optimizer step: the
-/// item table onto its subspace (`basis`), pruned weights to zero (`masks`).
-pub fn constrain(model: &mut SasRec, basis: Option<&[f32]>, masks: Option<&[Vec<bool>]>) {
+/// item table onto its subspace (`basis`) or onto what its product
+/// quantization's codes store (`pq`), pruned weights to zero (`masks`).
+pub fn constrain(
+    model: &mut SasRec,
+    basis: Option<&[f32]>,
+    masks: Option<&[Vec<bool>]>,
+    pq: Option<&PqCodes>,
+) {
     if let Some(p) = basis {
         project_rows(&mut model.weights.item, p, model.config.d_model);
+    }
+    if let Some(codes) = pq {
+        codes.project(&mut model.weights.item, model.config.d_model);
     }
     if let Some(masks) = masks {
         for (t, mask) in matrices_mut(&mut model.weights).into_iter().zip(masks) {
@@ -100,12 +176,14 @@ pub fn constrain(model: &mut SasRec, basis: Option<&[f32]>, masks: Option<&[Vec<
 }
 
 /// Encodes a shrunk (and possibly recovered) model as `variant` stores it:
-/// the item table as rank-`rank` factors, pruned matrices as sparse rows,
-/// every matrix quantized (`int4` in groups of `int4_group`).
+/// the item table as rank-`rank` factors or as its product quantization's
+/// codes and codebooks, pruned matrices as sparse rows, every other matrix
+/// quantized (`int4` in groups of `int4_group`).
 pub fn encode(
     model: &SasRec,
     variant: &Variant,
     rank: Option<usize>,
+    pq: Option<&PqCodes>,
     int4_group: usize,
 ) -> StoredSasRec {
     let d = model.config.d_model;
@@ -125,14 +203,35 @@ pub fn encode(
             *m = quantize(m, q, int4_group);
         }
     }
+    if let Some(codes) = pq {
+        let (n, mut table) = (model.config.n_items, model.weights.item.clone());
+        let codebook = codes.project(&mut table, d);
+        stored.item = Matrix::Pq {
+            rows: n,
+            cols: d,
+            subspaces: codes.subspaces,
+            codes: codes.codes.clone(),
+            codebook,
+        };
+    }
     stored
 }
 
 /// `variant` of `source` without recovery (benchmarks; the compress stage
 /// recovers pruned and low-rank variants between the two steps).
-pub fn encode_variant(source: &SasRec, variant: &Variant, spec: &CompressSpec) -> StoredSasRec {
-    let shrunk = shrink(&fold_content(source), variant, &spec.prune_scope);
-    encode(&shrunk.model, variant, shrunk.rank, spec.int4_group)
+pub fn encode_variant(
+    source: &SasRec,
+    variant: &Variant,
+    spec: &CompressSpec,
+) -> Result<StoredSasRec> {
+    let shrunk = shrink(&fold_content(source), variant, &spec.prune_scope)?;
+    Ok(encode(
+        &shrunk.model,
+        variant,
+        shrunk.rank,
+        shrunk.pq.as_ref(),
+        spec.int4_group,
+    ))
 }
 
 /// The model with its content projection folded into the id table (the
@@ -393,6 +492,49 @@ mod tests {
         assert_eq!(svd.rank_for(RankChoice::Fixed(99), cols), 12);
         let r = svd.rank_for(RankChoice::Energy(0.9), cols);
         assert!(svd.energy(r) >= 0.9 && svd.energy(r - 1) < 0.9);
+    }
+
+    #[test]
+    fn product_quantization_stores_what_recovery_trains_and_scores_like_it() {
+        let m = random_model(2, 0);
+        let (n, d) = (m.config.n_items, m.config.d_model);
+        let variant: Variant = "pq-4+int8".parse().unwrap();
+        let shrunk = shrink(&m, &variant, "layer").unwrap();
+        let codes = shrunk.pq.clone().unwrap();
+        assert_eq!((codes.subspaces, codes.codes.len()), (4, n * 4));
+        // 13 items, 256 centroids: every sub-vector is its own centroid.
+        for (a, b) in shrunk.model.weights.item.iter().zip(&m.weights.item) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        // Recovery's projection: rows sharing every code become their mean.
+        let mut moved = m.clone();
+        let shared = PqCodes {
+            subspaces: 4,
+            codes: (0..n * 4).map(|i| ((i / 4) % 3) as u8).collect(),
+        };
+        constrain(&mut moved, None, None, Some(&shared));
+        let item = &moved.weights.item;
+        for j in 0..n {
+            let group: Vec<usize> = (0..n).filter(|k| k % 3 == j % 3).collect();
+            for t in 0..d {
+                let mean = group
+                    .iter()
+                    .map(|&k| m.weights.item[k * d + t])
+                    .sum::<f32>()
+                    / group.len() as f32;
+                assert!((item[j * d + t] - mean).abs() < 1e-5, "row {j} value {t}");
+            }
+        }
+        // Encoded, the item table is its codes and scores as the projected model.
+        let stored = encode(&moved, &variant, None, Some(&shared), 32);
+        assert_eq!(stored.item.layout().scheme(), "pq-4x256");
+        let mut dense = StoredSasRec::from_dense(&moved);
+        dense.item = Matrix::dense(n, d, moved.weights.item.clone());
+        assert_eq!(stored.item.to_dense(), dense.item.to_dense());
+        // Sub-vectors that do not divide d_model are refused by name.
+        let bad: Variant = "pq-3".parse().unwrap();
+        let err = shrink(&m, &bad, "layer").unwrap_err().to_string();
+        assert!(err.contains("pq-3") && err.contains("d_model 8"), "{err}");
     }
 
     #[test]

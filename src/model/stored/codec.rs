@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use half::f16;
 use safetensors::Dtype;
 
-use super::{Encoded, Layout, Matrix, Panels, SparseValues, clamp_i8};
+use super::{Encoded, Layout, Matrix, Panels, SparseValues, clamp_i8, pq};
 
 impl Matrix {
     /// Writes the matrix as tensors named `prefix`, `prefix.q`, ….
@@ -91,6 +91,26 @@ impl Matrix {
                 }
                 out
             }
+            Matrix::Pq {
+                rows,
+                cols,
+                subspaces,
+                codes,
+                codebook,
+            } => vec![
+                (
+                    name(".codes"),
+                    Dtype::U8,
+                    vec![*rows, *subspaces],
+                    codes.clone(),
+                ),
+                (
+                    name(".codebook"),
+                    Dtype::F32,
+                    vec![*subspaces, pq::CENTROIDS, cols / subspaces],
+                    f32_bytes(codebook),
+                ),
+            ],
             Matrix::LowRank { u, v } => {
                 let mut out = u.encode(&name(".u"));
                 out.extend(v.encode(&name(".v")));
@@ -237,10 +257,37 @@ impl Matrix {
                     values,
                 }
             }
+            Layout::Pq { subspaces, .. } => {
+                if *subspaces == 0 || !cols.is_multiple_of(*subspaces) {
+                    return Err(format!(
+                        "{prefix}: {subspaces} subspaces do not divide its {cols} columns"
+                    ));
+                }
+                let codes = take(".codes", Dtype::U8, vec![rows, *subspaces])?.to_vec();
+                let codebook = read_f32(take(
+                    ".codebook",
+                    Dtype::F32,
+                    vec![*subspaces, pq::CENTROIDS, cols / subspaces],
+                )?);
+                if codebook.iter().any(|v| !v.is_finite()) {
+                    return Err(format!("{prefix}.codebook: non-finite centroid"));
+                }
+                Matrix::Pq {
+                    rows,
+                    cols,
+                    subspaces: *subspaces,
+                    codes,
+                    codebook,
+                }
+            }
             Layout::LowRank { rank, u, v, .. } => {
-                if matches!(**u, Layout::LowRank { .. } | Layout::Sparse { .. })
-                    || matches!(**v, Layout::LowRank { .. } | Layout::Sparse { .. })
-                {
+                if matches!(
+                    **u,
+                    Layout::LowRank { .. } | Layout::Sparse { .. } | Layout::Pq { .. }
+                ) || matches!(
+                    **v,
+                    Layout::LowRank { .. } | Layout::Sparse { .. } | Layout::Pq { .. }
+                ) {
                     return Err(format!(
                         "{prefix}: low-rank factors must be dense or quantized"
                     ));

@@ -3,7 +3,8 @@
 //! row, sparse rows (CSR with 16-bit column indices, `f32` or `int8`
 //! values), and low-rank factor pairs — each scheme composable with the
 //! others where it makes sense (`lowrank` factors may be quantized, sparse
-//! values may be `int8`).
+//! values may be `int8`), and product-quantized rows (one byte per
+//! sub-vector, a code into its subspace's 256 centroids).
 //!
 //! Every matrix is output-major, as `torch.nn.Linear` stores it: row `j`
 //! holds the weights of output `j`, so the product is always
@@ -28,6 +29,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 pub mod codec;
+pub mod pq;
 pub mod simd;
 
 pub use codec::read_f32;
@@ -46,6 +48,9 @@ const ROUNDER: f32 = 12_582_912.0;
 const INT4_TILE_ROWS: usize = 256;
 /// Products below this many multiply–adds run on the calling thread.
 const PARALLEL_WORK: usize = 1 << 17;
+/// Rows of a product-quantized matrix decoded to `f32` at a time for the
+/// product (128 KiB at 64 columns).
+const PQ_TILE_ROWS: usize = 512;
 
 /// How a matrix is stored: the scheme and its sizes, recursively for
 /// low-rank factors. Kept in the artifact's metadata.
@@ -86,6 +91,16 @@ pub enum Layout {
         /// `f32` values, or `int8` with one scale per row.
         int8: bool,
     },
+    /// Product-quantized rows: each row's `subspaces` sub-vectors stored
+    /// as a byte each, a code into that subspace's 256 `f32` centroids.
+    Pq {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Sub-vectors per row (a divisor of `cols`).
+        subspaces: usize,
+    },
     /// `M ≈ U · V` with `U` rows × rank and `V` rank × cols.
     LowRank {
         /// Outputs.
@@ -109,6 +124,7 @@ impl Layout {
             | Layout::Int8 { rows, cols }
             | Layout::Int4 { rows, cols, .. }
             | Layout::Sparse { rows, cols, .. }
+            | Layout::Pq { rows, cols, .. }
             | Layout::LowRank { rows, cols, .. } => (rows, cols),
         }
     }
@@ -121,6 +137,7 @@ impl Layout {
             Layout::Int4 { group, .. } => format!("int4-g{group}"),
             Layout::Sparse { int8: false, .. } => "sparse-f32".into(),
             Layout::Sparse { int8: true, .. } => "sparse-int8".into(),
+            Layout::Pq { subspaces, .. } => format!("pq-{subspaces}x256"),
             Layout::LowRank { rank, u, v, .. } => {
                 format!("lowrank-r{rank}({}·{})", u.scheme(), v.scheme())
             }
@@ -196,6 +213,20 @@ pub enum Matrix {
         indices: Vec<u16>,
         /// The kept values.
         values: SparseValues,
+    },
+    /// Product-quantized rows: row `j`'s sub-vector `s` is centroid
+    /// `codes[j · subspaces + s]` of subspace `s`.
+    Pq {
+        /// Outputs.
+        rows: usize,
+        /// Inputs.
+        cols: usize,
+        /// Sub-vectors per row (a divisor of `cols`).
+        subspaces: usize,
+        /// `rows × subspaces` codes.
+        codes: Vec<u8>,
+        /// `subspaces × 256 × cols / subspaces` centroid values.
+        codebook: Vec<f32>,
     },
     /// `U · V`.
     LowRank {
@@ -388,6 +419,26 @@ impl Matrix {
         }
     }
 
+    /// Product quantization of a dense row-major table with `subspaces`
+    /// sub-vectors per row (a divisor of `cols`), the codebooks fitted by
+    /// k-means from `seed` ([`pq::fit`]).
+    pub fn quantize_pq(
+        rows: usize,
+        cols: usize,
+        subspaces: usize,
+        data: &[f32],
+        seed: u64,
+    ) -> Matrix {
+        let (codes, codebook) = pq::fit(data, rows, cols, subspaces, seed);
+        Matrix::Pq {
+            rows,
+            cols,
+            subspaces,
+            codes,
+            codebook,
+        }
+    }
+
     /// Whether a matrix with `cols` columns can be stored sparsely.
     pub fn sparse_fits(cols: usize) -> bool {
         cols <= u16::MAX as usize + 1
@@ -399,6 +450,7 @@ impl Matrix {
             Matrix::F32 { rows, .. }
             | Matrix::Int8 { rows, .. }
             | Matrix::Int4 { rows, .. }
+            | Matrix::Pq { rows, .. }
             | Matrix::Sparse { rows, .. } => *rows,
             Matrix::LowRank { u, .. } => u.rows(),
         }
@@ -410,6 +462,7 @@ impl Matrix {
             Matrix::F32 { cols, .. }
             | Matrix::Int8 { cols, .. }
             | Matrix::Int4 { cols, .. }
+            | Matrix::Pq { cols, .. }
             | Matrix::Sparse { cols, .. } => *cols,
             Matrix::LowRank { v, .. } => v.cols(),
         }
@@ -422,6 +475,9 @@ impl Matrix {
             Matrix::Int8 { q, .. } => q.len() as u64,
             Matrix::Int4 { rows, cols, .. } => (rows * cols) as u64,
             Matrix::Sparse { indices, .. } => indices.len() as u64,
+            Matrix::Pq {
+                codes, codebook, ..
+            } => (codes.len() + codebook.len()) as u64,
             Matrix::LowRank { u, v } => u.params() + v.params(),
         }
     }
@@ -460,6 +516,16 @@ impl Matrix {
                 cols: *cols,
                 nnz: indices.len(),
                 int8: matches!(values, SparseValues::Int8 { .. }),
+            },
+            Matrix::Pq {
+                rows,
+                cols,
+                subspaces,
+                ..
+            } => Layout::Pq {
+                rows: *rows,
+                cols: *cols,
+                subspaces: *subspaces,
             },
             Matrix::LowRank { u, v } => {
                 let (rows, rank) = u.layout().shape();
@@ -532,6 +598,13 @@ impl Matrix {
                     }
                 }
             }
+            Matrix::Pq {
+                cols,
+                subspaces,
+                codes,
+                codebook,
+                ..
+            } => pq::row_into(codes, codebook, *subspaces, j, &mut out[..*cols]),
             Matrix::LowRank { u, v } => {
                 // Row j of U·V = Σ_t U[j, t] · V[t, :], without allocating.
                 out.fill(0.0);
@@ -557,7 +630,7 @@ impl Matrix {
                 scale,
                 ..
             } => int4_at(*cols, *group, packed, scale, j, k),
-            Matrix::Sparse { .. } | Matrix::LowRank { .. } => {
+            Matrix::Sparse { .. } | Matrix::Pq { .. } | Matrix::LowRank { .. } => {
                 let mut row = vec![0.0; self.cols()];
                 self.row_into(j, &mut row);
                 row[k]
@@ -592,7 +665,10 @@ impl Matrix {
     /// Does [`Matrix::apply`] read the stored values as they are, with no
     /// per-call packing of the whole matrix (the integer kernels)?
     pub fn streams_as_stored(&self) -> bool {
-        matches!(self, Matrix::Int8 { .. } | Matrix::Int4 { .. })
+        matches!(
+            self,
+            Matrix::Int8 { .. } | Matrix::Int4 { .. } | Matrix::Pq { .. }
+        )
     }
 
     /// Can the product be computed a range of stored rows at a time
@@ -757,6 +833,30 @@ impl Matrix {
                                 }
                             };
                         }
+                    }
+                });
+            }
+            Matrix::Pq { .. } => {
+                // A tile of rows decoded to f32 at a time, then one dense
+                // product per tile: the table is never expanded whole.
+                for_user_blocks(out, ldo, n, work, |first, count, o| {
+                    let x = View::rm(&x[first * cols..(first + count) * cols], count, cols);
+                    let mut tile = vec![0.0f32; PQ_TILE_ROWS.min(rows) * cols];
+                    for j0 in (0..rows).step_by(PQ_TILE_ROWS) {
+                        let r = PQ_TILE_ROWS.min(rows - j0);
+                        let tile = &mut tile[..r * cols];
+                        for (k, row) in tile.chunks_exact_mut(cols).enumerate() {
+                            self.row_into(j0 + k, row);
+                        }
+                        matmul(
+                            &mut o[j0..],
+                            ldo,
+                            x,
+                            View::rm(tile, r, cols).t(),
+                            false,
+                            1.0,
+                            gemm::Parallelism::None,
+                        );
                     }
                 });
             }
@@ -1041,7 +1141,7 @@ mod tests {
     #[test]
     fn products_on_stored_values_equal_dequantized_products() {
         // Column counts exercising the 32-wide steps, the 16-wide step and the scalar tail.
-        for cols in [70, 48, 16, 5] {
+        for (cols, subspaces) in [(70, 5), (48, 12), (16, 4), (5, 5)] {
             let n = 5;
             let x = random(n * cols, 3);
             let w = random(33 * cols, 4);
@@ -1059,6 +1159,7 @@ mod tests {
                 Matrix::quantize_int4(33, cols, 32, &w),
                 Matrix::sparsify(33, cols, &sparse_w, false),
                 Matrix::sparsify(33, cols, &sparse_w, true),
+                Matrix::quantize_pq(33, cols, subspaces, &w, 9),
                 Matrix::LowRank {
                     u: Box::new(Matrix::dense(33, 6, u.clone())),
                     v: Box::new(Matrix::dense(6, cols, v.clone())),
@@ -1090,6 +1191,47 @@ mod tests {
                 assert_eq!(round_trip(&m), m);
             }
         }
+    }
+
+    #[test]
+    fn product_quantized_tables_store_a_byte_per_sub_vector_and_decode_checked() {
+        // 600 rows of 64 values in 16 sub-vectors: 16 code bytes per row
+        // plus 16 × 256 × 4 f32 centroids, whatever the row count.
+        let (rows, cols, m) = (600, 64, 16);
+        let w = random(rows * cols, 11);
+        let q = Matrix::quantize_pq(rows, cols, m, &w, 1);
+        assert_eq!(q.stored_bytes(), (rows * m + m * 256 * 4 * 4) as u64);
+        assert_eq!(q.layout().scheme(), "pq-16x256");
+        assert_eq!(round_trip(&q), q);
+        // Rows wider than the tile, scored whole: the same as the decoded table.
+        let x = random(3 * cols, 12);
+        let mut got = vec![0.0; 3 * rows];
+        q.apply(&x, 3, &mut got, rows);
+        let want = dense_apply(&q.to_dense(), rows, cols, &x, 3);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        let encoded = q.encode("w");
+        let decode = |e: &[Encoded], layout: &Layout| {
+            let mut view: HashMap<String, (Dtype, Vec<usize>, &[u8])> = e
+                .iter()
+                .map(|(n, d, s, b)| (n.clone(), (*d, s.clone(), b.as_slice())))
+                .collect();
+            Matrix::decode("w", layout, &mut view)
+        };
+        let uneven = Layout::Pq {
+            rows,
+            cols: 60,
+            subspaces: m,
+        };
+        assert!(decode(&encoded, &uneven).unwrap_err().contains("divide"));
+        let mut bad = encoded.clone();
+        let book = bad.iter_mut().find(|t| t.0 == "w.codebook").unwrap();
+        book.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(decode(&bad, &q.layout()).unwrap_err().contains("codebook"));
+        let mut short = encoded.clone();
+        short.retain(|t| t.0 != "w.codes");
+        assert!(decode(&short, &q.layout()).unwrap_err().contains("w.codes"));
     }
 
     #[test]
