@@ -49,8 +49,10 @@ const INT4_TILE_ROWS: usize = 256;
 /// Products below this many multiply–adds run on the calling thread.
 const PARALLEL_WORK: usize = 1 << 17;
 /// Rows of a product-quantized matrix decoded to `f32` at a time for the
-/// product (128 KiB at 64 columns).
-const PQ_TILE_ROWS: usize = 512;
+/// product (512 KiB at 64 columns).
+const PQ_TILE_ROWS: usize = 2048;
+/// Rows of a tile one thread decodes at a time.
+const PQ_DECODE_ROWS: usize = 256;
 
 /// How a matrix is stored: the scheme and its sizes, recursively for
 /// low-rank factors. Kept in the artifact's metadata.
@@ -837,28 +839,46 @@ impl Matrix {
                 });
             }
             Matrix::Pq { .. } => {
-                // A tile of rows decoded to f32 at a time, then one dense
-                // product per tile: the table is never expanded whole.
-                for_user_blocks(out, ldo, n, work, |first, count, o| {
-                    let x = View::rm(&x[first * cols..(first + count) * cols], count, cols);
-                    let mut tile = vec![0.0f32; PQ_TILE_ROWS.min(rows) * cols];
-                    for j0 in (0..rows).step_by(PQ_TILE_ROWS) {
-                        let r = PQ_TILE_ROWS.min(rows - j0);
-                        let tile = &mut tile[..r * cols];
-                        for (k, row) in tile.chunks_exact_mut(cols).enumerate() {
-                            self.row_into(j0 + k, row);
+                // A tile of rows decoded to f32 at a time (once for all the
+                // users, its rows split between threads), then one dense
+                // product of every user with the tile: the table is never
+                // expanded whole.
+                // One user runs on the calling thread, as in `for_user_blocks`.
+                let par = work >= PARALLEL_WORK && n > 1;
+                let x = View::rm(&x[..n * cols], n, cols);
+                let mut tile = vec![0.0f32; PQ_TILE_ROWS.min(rows) * cols];
+                for j0 in (0..rows).step_by(PQ_TILE_ROWS) {
+                    let r = PQ_TILE_ROWS.min(rows - j0);
+                    let tile = &mut tile[..r * cols];
+                    let decode = |(b, rows_of): (usize, &mut [f32])| {
+                        let first = j0 + b * PQ_DECODE_ROWS;
+                        for (k, row) in rows_of.chunks_exact_mut(cols).enumerate() {
+                            self.row_into(first + k, row);
                         }
-                        matmul(
-                            &mut o[j0..],
-                            ldo,
-                            x,
-                            View::rm(tile, r, cols).t(),
-                            false,
-                            1.0,
-                            gemm::Parallelism::None,
-                        );
+                    };
+                    if par {
+                        tile.par_chunks_mut(PQ_DECODE_ROWS * cols)
+                            .enumerate()
+                            .for_each(decode);
+                    } else {
+                        tile.chunks_mut(PQ_DECODE_ROWS * cols)
+                            .enumerate()
+                            .for_each(decode);
                     }
-                });
+                    matmul(
+                        &mut out[j0..],
+                        ldo,
+                        x,
+                        View::rm(tile, r, cols).t(),
+                        false,
+                        1.0,
+                        if par {
+                            super::kernels::par_all()
+                        } else {
+                            gemm::Parallelism::None
+                        },
+                    );
+                }
             }
             Matrix::LowRank { u, v } => {
                 let rank = v.rows();
@@ -1195,15 +1215,17 @@ mod tests {
 
     #[test]
     fn product_quantized_tables_store_a_byte_per_sub_vector_and_decode_checked() {
-        // 600 rows of 64 values in 16 sub-vectors: 16 code bytes per row
+        // 2,500 rows of 64 values in 16 sub-vectors: 16 code bytes per row
         // plus 16 × 256 × 4 f32 centroids, whatever the row count.
-        let (rows, cols, m) = (600, 64, 16);
+        let (rows, cols, m) = (2500, 64, 16);
         let w = random(rows * cols, 11);
         let q = Matrix::quantize_pq(rows, cols, m, &w, 1);
         assert_eq!(q.stored_bytes(), (rows * m + m * 256 * 4 * 4) as u64);
         assert_eq!(q.layout().scheme(), "pq-16x256");
         assert_eq!(round_trip(&q), q);
-        // Rows wider than the tile, scored whole: the same as the decoded table.
+        // More rows than a tile (and a last tile that is not a whole number
+        // of decoded blocks), enough work to run in parallel, scored whole:
+        // the same as the decoded table.
         let x = random(3 * cols, 12);
         let mut got = vec![0.0; 3 * rows];
         q.apply(&x, 3, &mut got, rows);

@@ -93,7 +93,11 @@ pub fn row_into(codes: &[u8], codebook: &[f32], subspaces: usize, j: usize, out:
     for (s, span) in out.chunks_exact_mut(sub).enumerate() {
         let c = codes[j * subspaces + s] as usize;
         let at = (s * CENTROIDS + c) * sub;
-        span.copy_from_slice(&codebook[at..at + sub]);
+        // An element loop, not `copy_from_slice`: a call to `memcpy` per
+        // few-value sub-vector costs more than the copy.
+        for (o, &v) in span.iter_mut().zip(&codebook[at..at + sub]) {
+            *o = v;
+        }
     }
 }
 
