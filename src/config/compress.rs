@@ -28,7 +28,9 @@ pub struct CompressSpec {
     /// `pq-<subspaces>` (the item table product-quantized: each row cut into
     /// that many sub-vectors, each stored as a byte naming one of its
     /// subspace's 256 centroids; `pq-16+int8` quantizes the other matrices
-    /// to int8), or several joined with `+` (`lowrank-0.5+int8`).
+    /// to int8; `pq-16+head-4000+int8` keeps the rows of the 4,000 items
+    /// with the most training events whole, in int8), or several joined
+    /// with `+` (`lowrank-0.5+int8`).
     pub variants: Vec<String>,
     /// Unstructured pruning: `layer` (each matrix to the sparsity) or
     /// `global` (one magnitude threshold over all matrices).
@@ -42,6 +44,11 @@ pub struct CompressSpec {
     pub recovery_patience: usize,
     /// Recovery learning rate; 0 for the student's.
     pub recovery_lr: f64,
+    /// Product quantization weighs each item's row in its k-means (and in
+    /// recovery's codebook refits) by `(training events + 1)^pq_weighting`:
+    /// frequent items, which are most of the targets and of the rivals
+    /// they are ranked against, get the closer codes. 0 weighs all alike.
+    pub pq_weighting: f64,
 }
 
 impl Default for CompressSpec {
@@ -65,6 +72,7 @@ impl Default for CompressSpec {
             recovery_epochs: 10,
             recovery_patience: 3,
             recovery_lr: 0.0,
+            pq_weighting: 0.0,
         }
     }
 }
@@ -100,6 +108,9 @@ impl CompressSpec {
         if !(self.recovery_lr.is_finite() && self.recovery_lr >= 0.0) {
             return Err("compress.recovery_lr must be ≥ 0".into());
         }
+        if !(self.pq_weighting.is_finite() && (0.0..=4.0).contains(&self.pq_weighting)) {
+            return Err("compress.pq_weighting must be in 0..=4".into());
+        }
         Ok(())
     }
 }
@@ -133,6 +144,9 @@ pub struct Variant {
     pub lowrank: Option<RankChoice>,
     /// Product-quantized item table: sub-vectors per row.
     pub pq: Option<usize>,
+    /// With `pq`: the rows of this many most frequent items stored whole
+    /// (quantized like the other matrices) instead of as codes.
+    pub pq_head: Option<usize>,
     /// Fraction of matrix weights zeroed (and not stored).
     pub unstructured: Option<f32>,
     /// Integer storage.
@@ -195,6 +209,18 @@ impl FromStr for Variant {
                 if v.pq.replace(m).is_some() {
                     return Err(twice("pq"));
                 }
+            } else if let Some(x) = token.strip_prefix("head-") {
+                let h: usize = x.parse().map_err(|_| {
+                    Error::config(format!("{token:?}: rows {x:?} is not a whole number"))
+                })?;
+                if h == 0 {
+                    return Err(Error::config(format!(
+                        "{token:?}: at least one row (leave head out for none)"
+                    )));
+                }
+                if v.pq_head.replace(h).is_some() {
+                    return Err(twice("head"));
+                }
             } else if let Some(x) = token.strip_prefix("lowrank-") {
                 let choice = if let Some(e) = x.strip_prefix('e') {
                     let e: f32 = e
@@ -222,7 +248,7 @@ impl FromStr for Variant {
                 }
             } else {
                 return Err(Error::config(format!(
-                    "{s:?}: unknown step {token:?} (int8, int4, prune-unstructured-<sparsity>, prune-structured-<fraction>, lowrank-<rank|ratio|e<energy>>, pq-<sub-vectors>)"
+                    "{s:?}: unknown step {token:?} (int8, int4, prune-unstructured-<sparsity>, prune-structured-<fraction>, lowrank-<rank|ratio|e<energy>>, pq-<sub-vectors>, head-<rows>)"
                 )));
             }
         }
@@ -234,6 +260,11 @@ impl FromStr for Variant {
         if v.pq.is_some() && (v.lowrank.is_some() || v.unstructured.is_some()) {
             return Err(Error::config(format!(
                 "{s:?}: a product-quantized item table is neither low-rank nor sparse; pq combines with int8, int4 and prune-structured"
+            )));
+        }
+        if v.pq_head.is_some() && v.pq.is_none() {
+            return Err(Error::config(format!(
+                "{s:?}: head-<rows> keeps rows of a product-quantized item table whole; add pq-<sub-vectors>"
             )));
         }
         if v.unstructured.is_some() && v.quantization == Some(Quantization::Int4) {
@@ -270,6 +301,9 @@ impl Variant {
         }
         if let Some(m) = self.pq {
             parts.push(format!("pq-{m}"));
+        }
+        if let Some(h) = self.pq_head {
+            parts.push(format!("head-{h}"));
         }
         if let Some(s) = self.unstructured {
             parts.push(format!("prune-unstructured-{s}"));
@@ -309,6 +343,9 @@ mod tests {
         assert_eq!((v.pq, v.quantization), (Some(16), Some(Quantization::Int8)));
         assert_eq!(v.to_string(), "pq-16+int8");
         assert!(v.recovers());
+        let v: Variant = "int8+head-4000+pq-16".parse().unwrap();
+        assert_eq!((v.pq, v.pq_head), (Some(16), Some(4000)));
+        assert_eq!(v.to_string(), "pq-16+head-4000+int8");
         assert_eq!(
             "lowrank-8".parse::<Variant>().unwrap().lowrank,
             Some(RankChoice::Fixed(8))
@@ -327,9 +364,34 @@ mod tests {
             "pq-8+pq-16",
             "pq-16+lowrank-8",
             "pq-16+prune-unstructured-0.5",
+            "head-100",
+            "head-100+int8",
+            "pq-16+head-0",
+            "pq-16+head-x",
+            "pq-16+head-5+head-6",
             "",
         ] {
             assert!(bad.parse::<Variant>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pq_weighting_outside_zero_to_four_is_refused() {
+        assert!(CompressSpec::default().validate().is_ok());
+        for good in [0.0, 1.0, 4.0] {
+            let spec = CompressSpec {
+                pq_weighting: good,
+                ..CompressSpec::default()
+            };
+            assert!(spec.validate().is_ok(), "{good}");
+        }
+        for bad in [-0.5, 4.5, f64::NAN, f64::INFINITY] {
+            let spec = CompressSpec {
+                pq_weighting: bad,
+                ..CompressSpec::default()
+            };
+            let err = spec.validate().unwrap_err();
+            assert!(err.contains("compress.pq_weighting"), "{bad}: {err}");
         }
     }
 }

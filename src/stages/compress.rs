@@ -182,7 +182,13 @@ fn make_variant(
         masks,
         pq,
         mut steps,
-    } = shrink::shrink(source, variant, &plan.spec.prune_scope)?;
+    } = shrink::shrink(
+        source,
+        variant,
+        &plan.spec.prune_scope,
+        Some(&dataset.train_counts),
+        plan.spec.pq_weighting,
+    )?;
     let mut log = None;
     if variant.recovers()
         && plan.spec.recovery_epochs > 0

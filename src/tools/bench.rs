@@ -528,7 +528,7 @@ pub fn compressed_scoring(
         for v in &parsed {
             models.push((
                 v.to_string(),
-                encode_variant(&model, v, &job.spec.compress)?,
+                encode_variant(&model, v, &job.spec.compress, Some(&data.train_counts))?,
             ));
         }
         let mut base = None;

@@ -724,7 +724,32 @@ mod tests {
             v: Box::new(Matrix::dense(3, c, d[..3 * c].to_vec())),
         };
         let (r, c, d) = dense(&stored.layers[1].wo);
-        stored.layers[1].wo = Matrix::quantize_pq(r, c, 4, &d, 1);
+        // Product-quantized, rows 1 and 5 kept whole (int4).
+        let Matrix::Pq {
+            codes, codebook, ..
+        } = Matrix::quantize_pq(r, c, 4, &d, 1)
+        else {
+            unreachable!()
+        };
+        let kept: Vec<f32> = [1, 5]
+            .iter()
+            .flat_map(|&j| d[j * c..(j + 1) * c].to_vec())
+            .collect();
+        stored.layers[1].wo = Matrix::Pq {
+            rows: r,
+            cols: c,
+            subspaces: 4,
+            codes,
+            codebook,
+            head: Some(
+                crate::model::stored::PqHead::new(
+                    vec![1, 5],
+                    Matrix::quantize_int4(2, c, 4, &kept),
+                    r,
+                )
+                .unwrap(),
+            ),
+        };
         let (r, c, d) = dense(&stored.pos);
         stored.pos = Matrix::quantize_int8(r, c, &d);
         let card = m

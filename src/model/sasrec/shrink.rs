@@ -16,7 +16,7 @@ use super::infer::StoredSasRec;
 use super::{SasRec, SasRecConfig, Weights};
 use crate::config::{CompressSpec, Quantization, RankChoice, Variant};
 use crate::error::{Error, Result};
-use crate::model::stored::{Matrix, pq};
+use crate::model::stored::{Matrix, PqHead, pq};
 
 /// The k-means seed of product quantization (a variant is the same for
 /// the same model).
@@ -31,17 +31,46 @@ pub struct PqCodes {
     pub subspaces: usize,
     /// `n_items × subspaces`.
     pub codes: Vec<u8>,
+    /// Each row's weight in the codebooks' least squares (`None`: alike;
+    /// 0 for the head's rows, which the codebooks need not store).
+    pub weights: Option<Vec<f32>>,
+    /// The rows kept whole, increasing: never rebuilt from codes.
+    pub head: Vec<u32>,
 }
 
 impl PqCodes {
     /// Puts `table` (`n × d`) onto the tables these codes store: the
-    /// codebooks refitted to its rows, then each row rebuilt from them.
-    /// Returns the codebooks.
+    /// codebooks refitted to its rows, then each row not in the head
+    /// rebuilt from them. Returns the codebooks.
     fn project(&self, table: &mut [f32], d: usize) -> Vec<f32> {
         let mut codebook = vec![0.0f32; self.subspaces * pq::CENTROIDS * (d / self.subspaces)];
-        pq::refit(table, d, self.subspaces, &self.codes, &mut codebook);
+        // The head's rows never weigh in the codebooks, weights given or not.
+        let head_only;
+        let weights = match &self.weights {
+            Some(w) => Some(w.as_slice()),
+            None if self.head.is_empty() => None,
+            None => {
+                let mut w = vec![1.0f32; self.codes.len() / self.subspaces];
+                for &h in &self.head {
+                    w[h as usize] = 0.0;
+                }
+                head_only = w;
+                Some(head_only.as_slice())
+            }
+        };
+        pq::refit(
+            table,
+            d,
+            self.subspaces,
+            &self.codes,
+            weights,
+            &mut codebook,
+        );
+        let mut head = self.head.iter().peekable();
         for (j, row) in table.chunks_exact_mut(d).enumerate() {
-            pq::row_into(&self.codes, &codebook, self.subspaces, j, row);
+            if head.next_if(|&&h| h as usize == j).is_none() {
+                pq::row_into(&self.codes, &codebook, self.subspaces, j, row);
+            }
         }
         codebook
     }
@@ -69,8 +98,17 @@ pub struct Shrunk {
 /// item table (or its product quantization: k-means codes, the table
 /// replaced by what they store), then unstructured magnitude pruning in
 /// `prune_scope`. A sub-vector count that does not divide `d_model` is a
-/// configuration error.
-pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Result<Shrunk> {
+/// configuration error. `item_counts` (training events per item) order the
+/// items for the variant's head (the rows kept whole) and, at
+/// `pq_weighting` > 0, weigh each row in the k-means by
+/// `(events + 1)^pq_weighting`, so frequent items are stored closer.
+pub fn shrink(
+    source: &SasRec,
+    variant: &Variant,
+    prune_scope: &str,
+    item_counts: Option<&[u64]>,
+    pq_weighting: f64,
+) -> Result<Shrunk> {
     let mut model = source.clone();
     let mut steps = Vec::new();
     let d = model.config.d_model;
@@ -107,10 +145,20 @@ pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Result<S
         }
         let n = model.config.n_items;
         let before = model.weights.item.clone();
-        let (codes, _) = pq::fit(&before, n, d, m, PQ_SEED);
+        let name = variant.to_string();
+        if item_counts.is_some_and(|c| c.len() != n) {
+            return Err(Error::config(format!(
+                "compress.variants {name:?}: item counts must be one per item ({n})"
+            )));
+        }
+        let (head, weights) = pq_rows(item_counts, variant.pq_head, pq_weighting, n)
+            .map_err(|e| Error::config(format!("compress.variants {name:?}: {e}")))?;
+        let (codes, _) = pq::fit(&before, n, d, m, weights.as_deref(), PQ_SEED);
         let codes = PqCodes {
             subspaces: m,
             codes,
+            weights,
+            head,
         };
         codes.project(&mut model.weights.item, d);
         let total: f64 = before.iter().map(|v| f64::from(v * v)).sum();
@@ -120,9 +168,15 @@ pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Result<S
             .map(|(a, b)| f64::from((a - b) * (a - b)))
             .sum();
         steps.push(format!(
-            "item table product-quantized: {m} sub-vectors of {} values per row, {} centroids each (k-means), relative squared error {:.4}",
+            "item table product-quantized: {m} sub-vectors of {} values per row, {} centroids each (k-means{}), {} rows of the most frequent items kept whole, relative squared error {:.4}",
             d / m,
             pq::CENTROIDS,
+            if pq_weighting > 0.0 {
+                format!(", rows weighted by (events + 1)^{pq_weighting}")
+            } else {
+                String::new()
+            },
+            codes.head.len(),
             error / total.max(f64::MIN_POSITIVE)
         ));
         pq_codes = Some(codes);
@@ -147,6 +201,55 @@ pub fn shrink(source: &SasRec, variant: &Variant, prune_scope: &str) -> Result<S
         pq: pq_codes,
         steps,
     })
+}
+
+/// The head (the `head` items with the most training events, ties to the
+/// lower index, increasing) and the k-means row weights: `(events + 1)^power`
+/// at `power` > 0, else 1, and 0 for the head's rows. `None` for weights
+/// when every row weighs alike.
+fn pq_rows(
+    counts: Option<&[u64]>,
+    head: Option<usize>,
+    power: f64,
+    n: usize,
+) -> std::result::Result<(Vec<u32>, Option<Vec<f32>>), String> {
+    let need = head.is_some() || power > 0.0;
+    let counts = match counts {
+        Some(c) => c,
+        None if need => {
+            return Err("a head or weighted rows need the items' training events".into());
+        }
+        None => return Ok((Vec::new(), None)),
+    };
+    let mut rows = Vec::new();
+    if let Some(h) = head {
+        if h >= n {
+            return Err(format!(
+                "head-{h} keeps at least every one of the {n} items' rows; use a smaller head or int8"
+            ));
+        }
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
+        rows = order[..h].to_vec();
+        rows.sort_unstable();
+    }
+    if !need {
+        return Ok((rows, None));
+    }
+    let mut weights: Vec<f32> = counts
+        .iter()
+        .map(|&c| {
+            if power > 0.0 {
+                (c as f64 + 1.0).powf(power) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    for &r in &rows {
+        weights[r as usize] = 0.0;
+    }
+    Ok((rows, Some(weights)))
 }
 
 /// Puts the compression constraints back after an optimizer step: the
@@ -206,12 +309,27 @@ pub fn encode(
     if let Some(codes) = pq {
         let (n, mut table) = (model.config.n_items, model.weights.item.clone());
         let codebook = codes.project(&mut table, d);
+        let head = (!codes.head.is_empty()).then(|| {
+            let rows: Vec<f32> = codes
+                .head
+                .iter()
+                .flat_map(|&r| table[r as usize * d..(r as usize + 1) * d].iter().copied())
+                .collect();
+            let dense = Matrix::dense(codes.head.len(), d, rows);
+            let values = match variant.quantization {
+                Some(q) => quantize(&dense, q, int4_group),
+                None => dense,
+            };
+            PqHead::new(codes.head.clone(), values, n)
+                .expect("the head's rows are increasing item indices")
+        });
         stored.item = Matrix::Pq {
             rows: n,
             cols: d,
             subspaces: codes.subspaces,
             codes: codes.codes.clone(),
             codebook,
+            head,
         };
     }
     stored
@@ -223,8 +341,15 @@ pub fn encode_variant(
     source: &SasRec,
     variant: &Variant,
     spec: &CompressSpec,
+    item_counts: Option<&[u64]>,
 ) -> Result<StoredSasRec> {
-    let shrunk = shrink(&fold_content(source), variant, &spec.prune_scope)?;
+    let shrunk = shrink(
+        &fold_content(source),
+        variant,
+        &spec.prune_scope,
+        item_counts,
+        spec.pq_weighting,
+    )?;
     Ok(encode(
         &shrunk.model,
         variant,
@@ -499,7 +624,7 @@ mod tests {
         let m = random_model(2, 0);
         let (n, d) = (m.config.n_items, m.config.d_model);
         let variant: Variant = "pq-4+int8".parse().unwrap();
-        let shrunk = shrink(&m, &variant, "layer").unwrap();
+        let shrunk = shrink(&m, &variant, "layer", None, 0.0).unwrap();
         let codes = shrunk.pq.clone().unwrap();
         assert_eq!((codes.subspaces, codes.codes.len()), (4, n * 4));
         // 13 items, 256 centroids: every sub-vector is its own centroid.
@@ -511,6 +636,8 @@ mod tests {
         let shared = PqCodes {
             subspaces: 4,
             codes: (0..n * 4).map(|i| ((i / 4) % 3) as u8).collect(),
+            weights: None,
+            head: Vec::new(),
         };
         constrain(&mut moved, None, None, Some(&shared));
         let item = &moved.weights.item;
@@ -531,9 +658,98 @@ mod tests {
         let mut dense = StoredSasRec::from_dense(&moved);
         dense.item = Matrix::dense(n, d, moved.weights.item.clone());
         assert_eq!(stored.item.to_dense(), dense.item.to_dense());
+        // Weighted codes: rows sharing every code become their weighted mean.
+        let weights: Vec<f32> = (0..n).map(|j| 1.0 + j as f32).collect();
+        let mut weighted = m.clone();
+        let heavy = PqCodes {
+            weights: Some(weights.clone()),
+            ..shared.clone()
+        };
+        constrain(&mut weighted, None, None, Some(&heavy));
+        for j in 0..n {
+            let group: Vec<usize> = (0..n).filter(|k| k % 3 == j % 3).collect();
+            let mass: f32 = group.iter().map(|&k| weights[k]).sum();
+            for t in 0..d {
+                let mean = group
+                    .iter()
+                    .map(|&k| weights[k] * m.weights.item[k * d + t])
+                    .sum::<f32>()
+                    / mass;
+                let got = weighted.weights.item[j * d + t];
+                assert!((got - mean).abs() < 1e-5, "weighted row {j} value {t}");
+            }
+        }
+        // Weighted by training events, the head's rows kept whole: the three
+        // most frequent items (ties to the lower index), weight 0 in k-means.
+        let counts: Vec<u64> = (0..n as u64).map(|j| (j * 7) % 5).collect();
+        let with_head: Variant = "pq-4+head-3+int8".parse().unwrap();
+        let fitted = shrink(&m, &with_head, "layer", Some(&counts), 1.0).unwrap();
+        let fitted_codes = fitted.pq.clone().unwrap();
+        let mut top: Vec<u32> = (0..n as u32).collect();
+        top.sort_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
+        let mut expect_head = top[..3].to_vec();
+        expect_head.sort_unstable();
+        assert_eq!(fitted_codes.head, expect_head);
+        let w = fitted_codes.weights.as_deref().unwrap();
+        for j in 0..n {
+            let expected = if expect_head.contains(&(j as u32)) {
+                0.0
+            } else {
+                (counts[j] as f32 + 1.0).powf(1.0)
+            };
+            assert_eq!(w[j], expected, "weight of row {j}");
+        }
+        // Recovery never rebuilds the head's rows from codes; encoding stores
+        // them whole (int8) and the rest as codes.
+        let mut free = m.clone();
+        for v in free.weights.item.iter_mut() {
+            *v += 0.25;
+        }
+        let before_constrain = free.weights.item.clone();
+        let grouped = PqCodes {
+            head: expect_head.clone(),
+            ..shared.clone()
+        };
+        constrain(&mut free, None, None, Some(&grouped));
+        for &h in &expect_head {
+            let r = h as usize * d..(h as usize + 1) * d;
+            assert_eq!(
+                free.weights.item[r.clone()],
+                before_constrain[r],
+                "head row {h}"
+            );
+        }
+        let stored = encode(&free, &with_head, None, Some(&grouped), 32);
+        assert_eq!(stored.item.layout().scheme(), "pq-4x256+head-3(int8-row)");
+        let decoded = stored.item.to_dense();
+        for j in 0..n {
+            let (got, want) = (
+                &decoded[j * d..(j + 1) * d],
+                &free.weights.item[j * d..(j + 1) * d],
+            );
+            let tolerance = if expect_head.contains(&(j as u32)) {
+                0.02
+            } else {
+                1e-6
+            };
+            for (a, b) in got.iter().zip(want) {
+                assert!((a - b).abs() <= tolerance, "row {j}: {a} vs {b}");
+            }
+        }
+        // Counts that do not match the items, a head of every row, or a head
+        // without counts are refused by the variant's name.
+        let err = shrink(&m, &with_head, "layer", Some(&counts[1..]), 0.0).unwrap_err();
+        assert!(err.to_string().contains("one per item"), "{err}");
+        let all: Variant = format!("pq-4+head-{n}").parse().unwrap();
+        let err = shrink(&m, &all, "layer", Some(&counts), 0.0).unwrap_err();
+        assert!(err.to_string().contains(&format!("head-{n}")), "{err}");
+        let err = shrink(&m, &with_head, "layer", None, 0.0).unwrap_err();
+        assert!(err.to_string().contains("training events"), "{err}");
         // Sub-vectors that do not divide d_model are refused by name.
         let bad: Variant = "pq-3".parse().unwrap();
-        let err = shrink(&m, &bad, "layer").unwrap_err().to_string();
+        let err = shrink(&m, &bad, "layer", None, 0.0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pq-3") && err.contains("d_model 8"), "{err}");
     }
 

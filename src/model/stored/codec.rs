@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use half::f16;
 use safetensors::Dtype;
 
-use super::{Encoded, Layout, Matrix, Panels, SparseValues, clamp_i8, pq};
+use super::{Encoded, Layout, Matrix, Panels, PqHead, SparseValues, clamp_i8, pq};
 
 impl Matrix {
     /// Writes the matrix as tensors named `prefix`, `prefix.q`, ….
@@ -97,20 +97,33 @@ impl Matrix {
                 subspaces,
                 codes,
                 codebook,
-            } => vec![
-                (
-                    name(".codes"),
-                    Dtype::U8,
-                    vec![*rows, *subspaces],
-                    codes.clone(),
-                ),
-                (
-                    name(".codebook"),
-                    Dtype::F32,
-                    vec![*subspaces, pq::CENTROIDS, cols / subspaces],
-                    f32_bytes(codebook),
-                ),
-            ],
+                head,
+            } => {
+                let mut out = vec![
+                    (
+                        name(".codes"),
+                        Dtype::U8,
+                        vec![*rows, *subspaces],
+                        codes.clone(),
+                    ),
+                    (
+                        name(".codebook"),
+                        Dtype::F32,
+                        vec![*subspaces, pq::CENTROIDS, cols / subspaces],
+                        f32_bytes(codebook),
+                    ),
+                ];
+                if let Some(head) = head {
+                    out.push((
+                        name(".head_rows"),
+                        Dtype::U32,
+                        vec![head.rows().len()],
+                        head.rows().iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    ));
+                    out.extend(head.values().encode(&name(".head")));
+                }
+                out
+            }
             Matrix::LowRank { u, v } => {
                 let mut out = u.encode(&name(".u"));
                 out.extend(v.encode(&name(".v")));
@@ -257,7 +270,9 @@ impl Matrix {
                     values,
                 }
             }
-            Layout::Pq { subspaces, .. } => {
+            Layout::Pq {
+                subspaces, head, ..
+            } => {
                 if *subspaces == 0 || !cols.is_multiple_of(*subspaces) {
                     return Err(format!(
                         "{prefix}: {subspaces} subspaces do not divide its {cols} columns"
@@ -272,12 +287,41 @@ impl Matrix {
                 if codebook.iter().any(|v| !v.is_finite()) {
                     return Err(format!("{prefix}.codebook: non-finite centroid"));
                 }
+                let head = match head {
+                    None => None,
+                    Some(layout) => {
+                        if !matches!(
+                            **layout,
+                            Layout::F32 { .. } | Layout::Int8 { .. } | Layout::Int4 { .. }
+                        ) {
+                            return Err(format!(
+                                "{prefix}.head: rows stored whole must be dense or quantized"
+                            ));
+                        }
+                        let (h, head_cols) = layout.shape();
+                        if head_cols != cols || h == 0 || h > rows {
+                            return Err(format!(
+                                "{prefix}.head: {h} × {head_cols} rows kept whole in a {rows} × {cols} matrix"
+                            ));
+                        }
+                        let head_rows: Vec<u32> = take(".head_rows", Dtype::U32, vec![h])?
+                            .chunks_exact(4)
+                            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect();
+                        let values = Matrix::decode(&format!("{prefix}.head"), layout, tensors)?;
+                        Some(
+                            PqHead::new(head_rows, values, rows)
+                                .map_err(|e| format!("{prefix}.head_rows: {e}"))?,
+                        )
+                    }
+                };
                 Matrix::Pq {
                     rows,
                     cols,
                     subspaces: *subspaces,
                     codes,
                     codebook,
+                    head,
                 }
             }
             Layout::LowRank { rank, u, v, .. } => {

@@ -102,6 +102,10 @@ pub enum Layout {
         cols: usize,
         /// Sub-vectors per row (a divisor of `cols`).
         subspaces: usize,
+        /// The rows stored whole (`.head_rows`, then the matrix `.head` of
+        /// these rows in this layout: dense or quantized); none without.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        head: Option<Box<Layout>>,
     },
     /// `M ≈ U · V` with `U` rows × rank and `V` rank × cols.
     LowRank {
@@ -139,7 +143,20 @@ impl Layout {
             Layout::Int4 { group, .. } => format!("int4-g{group}"),
             Layout::Sparse { int8: false, .. } => "sparse-f32".into(),
             Layout::Sparse { int8: true, .. } => "sparse-int8".into(),
-            Layout::Pq { subspaces, .. } => format!("pq-{subspaces}x256"),
+            Layout::Pq {
+                subspaces,
+                head: None,
+                ..
+            } => format!("pq-{subspaces}x256"),
+            Layout::Pq {
+                subspaces,
+                head: Some(head),
+                ..
+            } => format!(
+                "pq-{subspaces}x256+head-{}({})",
+                head.shape().0,
+                head.scheme()
+            ),
             Layout::LowRank { rank, u, v, .. } => {
                 format!("lowrank-r{rank}({}·{})", u.scheme(), v.scheme())
             }
@@ -159,6 +176,65 @@ pub enum SparseValues {
         /// Per row.
         scale: Vec<f32>,
     },
+}
+
+/// The rows of a product-quantized matrix stored whole: which rows, their
+/// values (dense or quantized), and each row's place among them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PqHead {
+    rows: Vec<u32>,
+    values: Box<Matrix>,
+    /// Per row of the whole matrix: its row in `values`, or `u32::MAX`.
+    slot: Vec<u32>,
+}
+
+impl PqHead {
+    /// `rows` (strictly increasing, below `of_rows`) stored as `values`
+    /// (`rows.len() × cols`, dense or quantized). The error says what is
+    /// wrong.
+    pub fn new(
+        rows: Vec<u32>,
+        values: Matrix,
+        of_rows: usize,
+    ) -> std::result::Result<PqHead, String> {
+        if rows.is_empty() || rows.len() != values.rows() {
+            return Err(format!(
+                "{} head rows for {} stored rows",
+                rows.len(),
+                values.rows()
+            ));
+        }
+        if !matches!(
+            values,
+            Matrix::F32 { .. } | Matrix::Int8 { .. } | Matrix::Int4 { .. }
+        ) {
+            return Err("head rows must be stored dense or quantized".into());
+        }
+        if rows.windows(2).any(|w| w[0] >= w[1])
+            || rows.last().is_some_and(|&r| r as usize >= of_rows)
+        {
+            return Err(format!("head rows must be increasing and below {of_rows}"));
+        }
+        let mut slot = vec![u32::MAX; of_rows];
+        for (k, &r) in rows.iter().enumerate() {
+            slot[r as usize] = k as u32;
+        }
+        Ok(PqHead {
+            rows,
+            values: Box::new(values),
+            slot,
+        })
+    }
+
+    /// The rows stored whole, increasing.
+    pub fn rows(&self) -> &[u32] {
+        &self.rows
+    }
+
+    /// Their values.
+    pub fn values(&self) -> &Matrix {
+        &self.values
+    }
 }
 
 /// An output-major weight matrix in one of the stored schemes.
@@ -229,6 +305,8 @@ pub enum Matrix {
         codes: Vec<u8>,
         /// `subspaces × 256 × cols / subspaces` centroid values.
         codebook: Vec<f32>,
+        /// Rows stored whole instead of by their codes.
+        head: Option<PqHead>,
     },
     /// `U · V`.
     LowRank {
@@ -431,13 +509,14 @@ impl Matrix {
         data: &[f32],
         seed: u64,
     ) -> Matrix {
-        let (codes, codebook) = pq::fit(data, rows, cols, subspaces, seed);
+        let (codes, codebook) = pq::fit(data, rows, cols, subspaces, None, seed);
         Matrix::Pq {
             rows,
             cols,
             subspaces,
             codes,
             codebook,
+            head: None,
         }
     }
 
@@ -478,8 +557,14 @@ impl Matrix {
             Matrix::Int4 { rows, cols, .. } => (rows * cols) as u64,
             Matrix::Sparse { indices, .. } => indices.len() as u64,
             Matrix::Pq {
-                codes, codebook, ..
-            } => (codes.len() + codebook.len()) as u64,
+                codes,
+                codebook,
+                head,
+                ..
+            } => {
+                (codes.len() + codebook.len()) as u64
+                    + head.as_ref().map_or(0, |h| h.values.params())
+            }
             Matrix::LowRank { u, v } => u.params() + v.params(),
         }
     }
@@ -523,11 +608,13 @@ impl Matrix {
                 rows,
                 cols,
                 subspaces,
+                head,
                 ..
             } => Layout::Pq {
                 rows: *rows,
                 cols: *cols,
                 subspaces: *subspaces,
+                head: head.as_ref().map(|h| Box::new(h.values.layout())),
             },
             Matrix::LowRank { u, v } => {
                 let (rows, rank) = u.layout().shape();
@@ -605,8 +692,16 @@ impl Matrix {
                 subspaces,
                 codes,
                 codebook,
+                head,
                 ..
-            } => pq::row_into(codes, codebook, *subspaces, j, &mut out[..*cols]),
+            } => match head.as_ref().map(|h| h.slot[j]) {
+                Some(k) if k != u32::MAX => head
+                    .as_ref()
+                    .unwrap()
+                    .values
+                    .row_into(k as usize, &mut out[..*cols]),
+                _ => pq::row_into(codes, codebook, *subspaces, j, &mut out[..*cols]),
+            },
             Matrix::LowRank { u, v } => {
                 // Row j of U·V = Σ_t U[j, t] · V[t, :], without allocating.
                 out.fill(0.0);
@@ -1245,6 +1340,7 @@ mod tests {
             rows,
             cols: 60,
             subspaces: m,
+            head: None,
         };
         assert!(decode(&encoded, &uneven).unwrap_err().contains("divide"));
         let mut bad = encoded.clone();
@@ -1254,6 +1350,94 @@ mod tests {
         let mut short = encoded.clone();
         short.retain(|t| t.0 != "w.codes");
         assert!(decode(&short, &q.layout()).unwrap_err().contains("w.codes"));
+    }
+
+    #[test]
+    fn product_quantized_tables_keep_head_rows_whole_and_check_them() {
+        // 2,500 rows, rows 3, 700, 2,048 and 2,499 (in different tiles) kept
+        // whole in int8: those rows decode from the head, the others from
+        // their codes, and the product is the decoded table's.
+        let (rows, cols, m) = (2500, 64, 16);
+        let w = random(rows * cols, 21);
+        let Matrix::Pq {
+            codes, codebook, ..
+        } = Matrix::quantize_pq(rows, cols, m, &w, 1)
+        else {
+            unreachable!()
+        };
+        let head_rows = vec![3u32, 700, 2048, 2499];
+        let kept: Vec<f32> = head_rows
+            .iter()
+            .flat_map(|&r| {
+                w[r as usize * cols..(r as usize + 1) * cols]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let values = Matrix::quantize_int8(head_rows.len(), cols, &kept);
+        let q = Matrix::Pq {
+            rows,
+            cols,
+            subspaces: m,
+            codes: codes.clone(),
+            codebook: codebook.clone(),
+            head: Some(PqHead::new(head_rows.clone(), values.clone(), rows).unwrap()),
+        };
+        assert_eq!(q.layout().scheme(), "pq-16x256+head-4(int8-row)");
+        // Codes and codebook, then 4 row indices and 4 int8 rows with f16 scales.
+        assert_eq!(
+            q.stored_bytes(),
+            (rows * m + m * 256 * 4 * 4 + 4 * 4 + 4 * cols + 4 * 2) as u64
+        );
+        assert_eq!(round_trip(&q), q);
+        let decoded = q.to_dense();
+        let mut row = vec![0.0; cols];
+        for j in [0usize, 3, 4, 700, 2047, 2048, 2499] {
+            let slot = head_rows.iter().position(|&r| r as usize == j);
+            match slot {
+                Some(k) => values.row_into(k, &mut row),
+                None => pq::row_into(&codes, &codebook, m, j, &mut row),
+            }
+            assert_eq!(decoded[j * cols..(j + 1) * cols], row[..], "row {j}");
+        }
+        let x = random(3 * cols, 22);
+        let mut got = vec![0.0; 3 * rows];
+        q.apply(&x, 3, &mut got, rows);
+        let want = dense_apply(&decoded, rows, cols, &x, 3);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        // Damaged head rows are refused by name: out of order, past the
+        // table, a count that does not match the stored rows, or missing.
+        let encoded = q.encode("w");
+        let decode = |e: &[Encoded]| {
+            let mut view: HashMap<String, (Dtype, Vec<usize>, &[u8])> = e
+                .iter()
+                .map(|(n, d, s, b)| (n.clone(), (*d, s.clone(), b.as_slice())))
+                .collect();
+            Matrix::decode("w", &q.layout(), &mut view)
+        };
+        for bad_rows in [[700u32, 3, 2048, 2499], [3, 700, 2048, 2500]] {
+            let mut bad = encoded.clone();
+            let t = bad.iter_mut().find(|t| t.0 == "w.head_rows").unwrap();
+            t.3 = bad_rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let err = decode(&bad).unwrap_err();
+            assert!(
+                err.contains("w.head_rows") && err.contains("increasing"),
+                "{err}"
+            );
+        }
+        let mut missing = encoded.clone();
+        missing.retain(|t| t.0 != "w.head_rows");
+        assert!(decode(&missing).unwrap_err().contains("w.head_rows"));
+        let mut short = encoded.clone();
+        short.retain(|t| t.0 != "w.head.q");
+        assert!(decode(&short).unwrap_err().contains("w.head.q"));
+        assert!(
+            PqHead::new(vec![1, 2], values, rows)
+                .unwrap_err()
+                .contains("2 head rows for 4")
+        );
     }
 
     #[test]
