@@ -694,12 +694,10 @@ impl Matrix {
                 codebook,
                 head,
                 ..
-            } => match head.as_ref().map(|h| h.slot[j]) {
-                Some(k) if k != u32::MAX => head
-                    .as_ref()
-                    .unwrap()
-                    .values
-                    .row_into(k as usize, &mut out[..*cols]),
+            } => match head {
+                Some(h) if h.slot[j] != u32::MAX => {
+                    h.values.row_into(h.slot[j] as usize, &mut out[..*cols])
+                }
                 _ => pq::row_into(codes, codebook, *subspaces, j, &mut out[..*cols]),
             },
             Matrix::LowRank { u, v } => {

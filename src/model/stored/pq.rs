@@ -189,6 +189,32 @@ fn update_means(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ops::Range;
+
+    /// The (weighted) squared error of rows `rows_of` of `data` as the
+    /// codes and codebooks store them.
+    fn squared_error(
+        data: &[f32],
+        cols: usize,
+        m: usize,
+        codes: &[u8],
+        book: &[f32],
+        rows_of: Range<usize>,
+        weights: Option<&[f32]>,
+    ) -> f64 {
+        let mut row = vec![0.0; cols];
+        rows_of
+            .map(|r| {
+                row_into(codes, book, m, r, &mut row);
+                let e: f64 = row
+                    .iter()
+                    .zip(&data[r * cols..(r + 1) * cols])
+                    .map(|(a, b)| f64::from((a - b) * (a - b)))
+                    .sum();
+                e * weights.map_or(1.0, |w| f64::from(w[r]))
+            })
+            .sum()
+    }
 
     #[test]
     fn a_table_with_few_distinct_sub_vectors_is_stored_exactly() {
@@ -226,18 +252,8 @@ mod tests {
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
         let (codes, book) = fit(&data, rows, cols, m, None, 1);
-        let error = |codes: &[u8], book: &[f32]| {
-            let mut row = vec![0.0; cols];
-            (0..rows)
-                .map(|r| {
-                    row_into(codes, book, m, r, &mut row);
-                    row.iter()
-                        .zip(&data[r * cols..(r + 1) * cols])
-                        .map(|(a, b)| f64::from((a - b) * (a - b)))
-                        .sum::<f64>()
-                })
-                .sum::<f64>()
-        };
+        let error =
+            |codes: &[u8], book: &[f32]| squared_error(&data, cols, m, codes, book, 0..rows, None);
         // Each row's code is its nearest centroid: no other code does better.
         let mut row = vec![0.0; cols];
         for r in (0..rows).step_by(97) {
@@ -282,21 +298,9 @@ mod tests {
         let weights: Vec<f32> = (0..rows)
             .map(|r| if r < 200 { 100.0 } else { 1.0 })
             .collect();
-        let error_of =
-            |codes: &[u8], book: &[f32], rows_of: std::ops::Range<usize>, w: Option<&[f32]>| {
-                let mut row = vec![0.0; cols];
-                rows_of
-                    .map(|r| {
-                        row_into(codes, book, m, r, &mut row);
-                        let e: f64 = row
-                            .iter()
-                            .zip(&data[r * cols..(r + 1) * cols])
-                            .map(|(a, b)| f64::from((a - b) * (a - b)))
-                            .sum();
-                        e * w.map_or(1.0, |w| f64::from(w[r]))
-                    })
-                    .sum::<f64>()
-            };
+        let error_of = |codes: &[u8], book: &[f32], rows_of: Range<usize>, w: Option<&[f32]>| {
+            squared_error(&data, cols, m, codes, book, rows_of, w)
+        };
         let (plain_codes, plain_book) = fit(&data, rows, cols, m, None, 1);
         let (codes, book) = fit(&data, rows, cols, m, Some(&weights), 1);
         let heavy_plain = error_of(&plain_codes, &plain_book, 0..200, None);
