@@ -276,21 +276,24 @@ pub struct ItemContent {
 /// Widest content vector accepted.
 const MAX_CONTENT_DIM: usize = 65_536;
 
-/// Reads the `item_content` table registered in `ctx` (named `location` in
-/// messages) into vectors by `item_map` index. Every vector must have the
+/// Reads the content table `table` registered in `ctx` (`item_content`, or
+/// `item_text_embeddings`; named `location` in messages) into vectors by `item_map` index. Every vector must have the
 /// same length, no nulls, finite values, one row per item; ids that are not
 /// in the catalogue are ignored.
 pub async fn load_item_content(
     ctx: &SessionContext,
     n_items: usize,
+    table: &str,
     location: &str,
 ) -> Result<ItemContent> {
     use arrow::datatypes::{Field, Float32Type};
     let what = format!("reading item content {location}");
     let df = plan_sql(
         ctx,
-        "SELECT m.item_index, c.item_id, c.embedding \
-         FROM item_content c JOIN item_map m ON c.item_id = m.item_id",
+        &format!(
+            "SELECT m.item_index, c.item_id, c.embedding \
+             FROM {table} c JOIN item_map m ON c.item_id = m.item_id"
+        ),
         &[],
         &what,
     )

@@ -236,11 +236,7 @@ impl DistillSpec {
             );
         }
         let t = &models.teacher;
-        let teachers: Vec<&str> = [("teacher", t.ids), ("teacher-content", t.content)]
-            .iter()
-            .filter(|(_, on)| *on)
-            .map(|(name, _)| *name)
-            .collect();
+        let teachers = t.names();
         if !teachers.contains(&self.source.as_str()) {
             return Err(format!(
                 "distill.source {:?} is not a teacher this job trains ({})",

@@ -15,6 +15,7 @@ pub mod features;
 pub mod lake;
 pub mod models;
 pub mod publish;
+pub mod text;
 pub mod warm_start;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub use models::{
     TransitionsSpec, Windows,
 };
 pub use publish::PublishSpec;
+pub use text::TextSpec;
 pub use warm_start::WarmStartSpec;
 
 use crate::error::{Error, Result};
@@ -71,6 +73,8 @@ pub struct JobSpec {
     pub compress: CompressSpec,
     /// Learned models begin from an earlier run's.
     pub warm_start: WarmStartSpec,
+    /// Item text through a language model (features stage).
+    pub text: TextSpec,
     /// The model a committed run offers to serve, and its gate.
     pub publish: PublishSpec,
 }
@@ -91,6 +95,7 @@ impl Default for JobSpec {
             distill: DistillSpec::default(),
             compress: CompressSpec::default(),
             warm_start: WarmStartSpec::default(),
+            text: TextSpec::default(),
             publish: PublishSpec::default(),
         }
     }
@@ -374,10 +379,8 @@ impl JobSpec {
             // The teachers can be compressed too, to put their own int8 and
             // int4 variants on the frontier beside the students.
             let t = &self.models.teacher;
-            for (on, name) in [(t.ids, "teacher"), (t.content, "teacher-content")] {
-                if t.enabled && on {
-                    trained.push(name.to_string());
-                }
+            if t.enabled {
+                trained.extend(t.names().iter().map(|n| n.to_string()));
             }
             if let Some(missing) = self.compress.models.iter().find(|m| !trained.contains(m)) {
                 return Err(at(format!(
@@ -385,6 +388,12 @@ impl JobSpec {
                     trained.join(", ")
                 )));
             }
+        }
+        self.text.validate().map_err(at)?;
+        if self.models.teacher.enabled && self.models.teacher.text && !self.text.enabled {
+            return Err(at(
+                "models.teacher.text = true trains teacher-text on the items' text vectors: set [text] enabled = true".into(),
+            ));
         }
         if !self.models.any_enabled() {
             return Err(at("no model is enabled under [models]".into()));

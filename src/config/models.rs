@@ -74,6 +74,9 @@ pub struct TeacherSpec {
     pub ids: bool,
     /// Also train `teacher-content`, fed the item content table.
     pub content: bool,
+    /// Also train `teacher-text`, fed the items' text vectors (`[text]`)
+    /// through a learned projection.
+    pub text: bool,
     /// A neighbour baseline (`transitions` or `cooccurrence`) whose soft
     /// labels the teachers learn from beside the hard labels; `""` for none.
     pub baseline: String,
@@ -85,6 +88,28 @@ pub struct TeacherSpec {
     /// Loss family against `baseline`'s soft labels (`kl`, `mse`, `rank`
     /// or a `+` join), at temperature 1.
     pub baseline_loss: String,
+}
+
+/// Model name of the id-only teacher.
+pub const TEACHER: &str = "teacher";
+/// Model name of the teacher fed the item content table.
+pub const TEACHER_CONTENT: &str = "teacher-content";
+/// Model name of the teacher fed the items' text vectors.
+pub const TEACHER_TEXT: &str = "teacher-text";
+
+impl TeacherSpec {
+    /// The teachers it trains, in training order (whether or not the
+    /// teacher stage is enabled).
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (TEACHER, self.ids),
+            (TEACHER_CONTENT, self.content),
+            (TEACHER_TEXT, self.text),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
+    }
 }
 
 impl Default for TeacherSpec {
@@ -111,6 +136,7 @@ impl Default for TeacherSpec {
             in_batch: false,
             ids: true,
             content: false,
+            text: false,
             baseline: String::new(),
             baseline_alpha: 0.5,
             baseline_k: 20,
@@ -289,9 +315,9 @@ impl ModelsSpec {
             if t.softmax == Softmax::Sampled && t.negatives == 0 {
                 return Err("models.teacher: sampled softmax needs negatives ≥ 1".into());
             }
-            if !t.ids && !t.content {
+            if !t.ids && !t.content && !t.text {
                 return Err(
-                    "models.teacher: ids = false and content = false train no teacher; set enabled = false instead".into(),
+                    "models.teacher: ids, content and text all false train no teacher; set enabled = false instead".into(),
                 );
             }
             match t.baseline.as_str() {

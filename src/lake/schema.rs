@@ -75,6 +75,10 @@ pub const CONTRACT_FILES: &[(&str, &str)] = &[
         include_str!("../../schemas/cooccurrence.json"),
     ),
     (
+        "item_text_embeddings",
+        include_str!("../../schemas/item_text_embeddings.json"),
+    ),
+    (
         "recommendations",
         include_str!("../../schemas/recommendations.json"),
     ),

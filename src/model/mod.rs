@@ -16,6 +16,7 @@ pub mod popularity;
 pub mod sasrec;
 pub mod score;
 pub mod stored;
+pub mod text;
 pub mod warm;
 
 use std::collections::HashMap;

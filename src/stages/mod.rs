@@ -367,13 +367,22 @@ async fn execute(
         }
         Stage::Teacher => {
             let content = load_content(rc, &dataset).await?;
+            let text = load_text_content(rc, &dataset).await?;
             let warm = produced.warm(rc).await?;
             let baselines = if job.spec.models.teacher.baseline.is_empty() {
                 Vec::new()
             } else {
                 produced.models_of(rc, &[Stage::Baselines]).await?
             };
-            teacher::train_teachers(job, run, dataset, content, &baselines, warm.as_deref()).await?
+            teacher::train_teachers(
+                job,
+                run,
+                dataset,
+                teacher::Inputs { content, text },
+                &baselines,
+                warm.as_deref(),
+            )
+            .await?
         }
         Stage::SoftLabels => {
             let teachers = produced.models_of(rc, &[Stage::Teacher]).await?;
@@ -438,12 +447,36 @@ async fn load_content(rc: &RunContext, dataset: &Dataset) -> Result<Option<Arc<I
         "features/{}.parquet",
         features::ITEM_CONTENT_TABLE
     ));
-    let content = dataset::load_item_content(&rc.ctx, dataset.n_items(), &location).await?;
+    let content = dataset::load_item_content(
+        &rc.ctx,
+        dataset.n_items(),
+        features::ITEM_CONTENT_TABLE,
+        &location,
+    )
+    .await?;
     tracing::info!(
         dim = content.dim,
         covered = content.covered,
         items = dataset.n_items(),
         "item content loaded"
+    );
+    Ok(Some(Arc::new(content)))
+}
+
+/// The items' text vectors, when the job trains `teacher-text`.
+async fn load_text_content(rc: &RunContext, dataset: &Dataset) -> Result<Option<Arc<ItemContent>>> {
+    let teacher = &rc.job.spec.models.teacher;
+    if !(teacher.enabled && teacher.text) {
+        return Ok(None);
+    }
+    let table = features::text::ITEM_TEXT_EMBEDDINGS_TABLE;
+    let location = rc.run.url_of(&format!("features/{table}.parquet"));
+    let content = dataset::load_item_content(&rc.ctx, dataset.n_items(), table, &location).await?;
+    tracing::info!(
+        dim = content.dim,
+        covered = content.covered,
+        items = dataset.n_items(),
+        "item text vectors loaded"
     );
     Ok(Some(Arc::new(content)))
 }

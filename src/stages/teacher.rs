@@ -1,5 +1,7 @@
 //! The teacher stage: trains the SASRec teacher — and, when the job feeds it
-//! item content, `teacher-content` — on the train split, early-stopped on
+//! item content, `teacher-content`, and the items' text vectors,
+//! `teacher-text` (the same content path: a learned projection of the
+//! vector added to the id embedding) — on the train split, early-stopped on
 //! the valid split. Each is saved as `models/<name>/model.safetensors`
 //! (config in the metadata) with its per-epoch history in
 //! `training/<name>.parquet`. With `warm_start`, each starts from the
@@ -21,10 +23,16 @@ use crate::model::{Lineage, ModelArtifact};
 use crate::run::RunFolder;
 use crate::train::{self, Distillation, LabelSource, NeighborLabels, TrainSettings};
 
-/// Model name of the id-only teacher.
-pub const TEACHER: &str = "teacher";
-/// Model name of the teacher fed item content.
-pub const TEACHER_CONTENT: &str = "teacher-content";
+pub use crate::config::models::{TEACHER, TEACHER_CONTENT, TEACHER_TEXT};
+
+/// The vectors the content-fed teachers read.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// The item content table's (`teacher-content`).
+    pub content: Option<Arc<ItemContent>>,
+    /// The items' text vectors (`teacher-text`).
+    pub text: Option<Arc<ItemContent>>,
+}
 
 /// The temperature of a baseline's soft labels.
 const BASELINE_TEMPERATURE: f32 = 1.0;
@@ -36,7 +44,7 @@ pub async fn train_teachers(
     job: &Job,
     run: &RunFolder,
     dataset: Arc<Dataset>,
-    content: Option<Arc<ItemContent>>,
+    inputs: Inputs,
     baselines: &[ModelArtifact],
     warm: Option<&WarmSource>,
 ) -> Result<StageOutput> {
@@ -50,10 +58,16 @@ pub async fn train_teachers(
         variants.push((TEACHER, None));
     }
     if spec.content {
-        let content = content.ok_or_else(|| {
+        let content = inputs.content.ok_or_else(|| {
             Error::config("models.teacher.content = true, but the run has no item content table")
         })?;
         variants.push((TEACHER_CONTENT, Some(content)));
+    }
+    if spec.text {
+        let text = inputs.text.ok_or_else(|| {
+            Error::config("models.teacher.text = true, but the run has no item text vectors")
+        })?;
+        variants.push((TEACHER_TEXT, Some(text)));
     }
     let baseline = match spec.baseline.as_str() {
         "" => None,

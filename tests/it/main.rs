@@ -17,3 +17,4 @@ mod s3server;
 mod shards;
 mod sql;
 mod teacher;
+mod text;

@@ -1,7 +1,10 @@
 //! The features stage: runs the `sql/` files in order with the job's values as
 //! parameters, writes each table to the run's `features/` folder as it
 //! streams out of DataFusion, and registers the written file under the
-//! table's name for the queries after it.
+//! table's name for the queries after it. With `[text]`, its [`text`] step
+//! then encodes each item's text into `features/item_text_embeddings.parquet`.
+
+pub mod text;
 
 use std::path::PathBuf;
 
@@ -21,31 +24,35 @@ use crate::run::RunFolder;
 
 /// The SQL files built into the binary (the repository's `sql/` folder).
 const EMBEDDED_SQL: &[(&str, &str)] = &[
-    ("events.sql", include_str!("../../sql/events.sql")),
-    ("item_map.sql", include_str!("../../sql/item_map.sql")),
-    ("user_map.sql", include_str!("../../sql/user_map.sql")),
+    ("events.sql", include_str!("../../../sql/events.sql")),
+    ("item_map.sql", include_str!("../../../sql/item_map.sql")),
+    ("user_map.sql", include_str!("../../../sql/user_map.sql")),
     (
         "split_leave_one_out.sql",
-        include_str!("../../sql/split_leave_one_out.sql"),
+        include_str!("../../../sql/split_leave_one_out.sql"),
     ),
     (
         "split_temporal.sql",
-        include_str!("../../sql/split_temporal.sql"),
+        include_str!("../../../sql/split_temporal.sql"),
     ),
     (
         "item_popularity.sql",
-        include_str!("../../sql/item_popularity.sql"),
+        include_str!("../../../sql/item_popularity.sql"),
     ),
-    ("stats.sql", include_str!("../../sql/stats.sql")),
+    ("stats.sql", include_str!("../../../sql/stats.sql")),
     (
         "item_content.sql",
-        include_str!("../../sql/item_content.sql"),
+        include_str!("../../../sql/item_content.sql"),
     ),
-    ("transitions.sql", include_str!("../../sql/transitions.sql")),
+    (
+        "transitions.sql",
+        include_str!("../../../sql/transitions.sql"),
+    ),
     (
         "cooccurrence.sql",
-        include_str!("../../sql/cooccurrence.sql"),
+        include_str!("../../../sql/cooccurrence.sql"),
     ),
+    ("item_text.sql", include_str!("../../../sql/item_text.sql")),
 ];
 
 /// The optional content table, written as `features/item_content.parquet`
@@ -245,6 +252,11 @@ pub async fn build_features(
         register_run_table(ctx, run, &query.table, &rel).await?;
         written.push(object);
     }
+    if job.spec.text.enabled {
+        let (file, sql) = load_sql(job, &job.spec.text.sql)?;
+        let (object, _) = text::encode_item_text(job, run, ctx, (&file, &sql), &params).await?;
+        written.push(object);
+    }
     Ok(StageOutput {
         models: Vec::new(),
         written,
@@ -281,11 +293,17 @@ pub async fn register_run_table(
 /// Registers the feature tables an earlier `features` stage wrote.
 pub async fn register_features(ctx: &SessionContext, run: &RunFolder, job: &Job) -> Result<()> {
     let content = has_item_content(job).then_some(ITEM_CONTENT_TABLE);
+    let text = job
+        .spec
+        .text
+        .enabled
+        .then_some(text::ITEM_TEXT_EMBEDDINGS_TABLE);
     let tables = FEATURE_TABLES
         .iter()
         .copied()
         .chain(neighbor_tables(job))
-        .chain(content);
+        .chain(content)
+        .chain(text);
     for table in tables {
         let rel = format!("features/{table}.parquet");
         if run.lake().head(&run.rel(&rel)).await?.is_none() {
