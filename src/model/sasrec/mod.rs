@@ -501,6 +501,16 @@ impl SasRec {
             config.d_model,
             rows,
         );
+        if config.content_dim > 0 {
+            // A new item of a content-fed model (teacher-content,
+            // teacher-text) starts as the learned projection of its content
+            // vector alone, its text or genres placing it among the items
+            // like it, instead of as a random draw.
+            let d = config.d_model;
+            for (i, _) in rows.iter().enumerate().filter(|(_, r)| r.is_none()) {
+                model.weights.item[i * d..(i + 1) * d].fill(0.0);
+            }
+        }
         Ok(Ok(model))
     }
 }
@@ -549,6 +559,41 @@ mod tests {
     }
 
     const HISTORIES: [&[u32]; 3] = [&[3], &[1, 2, 3, 4, 5, 6, 7, 8], &[12, 0]];
+
+    #[test]
+    fn a_new_item_of_a_content_model_starts_as_its_projected_content() {
+        let previous = model(3);
+        // Today: yesterday's 13 items, then two new ones.
+        let rows: Vec<Option<usize>> = (0..15).map(|i| (i < 13).then_some(i)).collect();
+        let config = SasRecConfig {
+            n_items: 15,
+            ..previous.config
+        };
+        let mut content = previous.content.clone();
+        content.extend([1.0, 0.0, 2.0, 0.0, 3.0, 1.0]);
+        let warm = SasRec::warm_started(config, content.clone(), 5, &previous, &rows)
+            .unwrap()
+            .unwrap();
+        let d = config.d_model;
+        let table = warm.item_table();
+        for i in [13usize, 14] {
+            let c = &content[i * 3..(i + 1) * 3];
+            let want: Vec<f32> = (0..d)
+                .map(|k| {
+                    warm.weights.content_b[k]
+                        + (0..3)
+                            .map(|j| c[j] * warm.weights.content_w[j * d + k])
+                            .sum::<f32>()
+                })
+                .collect();
+            for (g, w) in table[i * d..(i + 1) * d].iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "new item {i}: {g} vs {w}");
+            }
+        }
+        // The projection is the earlier model's, and kept items keep their rows.
+        assert_eq!(warm.weights.content_w, previous.weights.content_w);
+        assert_eq!(warm.weights.item[..13 * d], previous.weights.item[..13 * d]);
+    }
 
     #[test]
     fn a_warm_start_carries_every_tensor_and_each_kept_items_row() {
