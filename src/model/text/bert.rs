@@ -11,10 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{
-    Encoded, TextEncoder, damaged, failed, file_sha256, mean_pool_normalized, pad_batch,
-    weights_file,
-};
+use super::{Encoded, TextEncoder, damaged, encode_texts, failed, file_sha256, weights_file};
 use crate::error::{Error, Result};
 
 pub use crate::config::text::MINILM_L6;
@@ -105,56 +102,28 @@ impl TextEncoder for BertEncoder {
     }
 
     fn encode(&self, texts: &[&str]) -> Result<Encoded> {
-        let dim = self.dim();
-        let mut out = Encoded {
-            vectors: vec![0.0; texts.len() * dim],
-            truncated: 0,
-            empty: 0,
-            tokens: 0,
-        };
-        let mut rows = Vec::new();
-        let mut ids = Vec::new();
-        for (row, text) in texts.iter().enumerate() {
-            if text.trim().is_empty() {
-                out.empty += 1;
-                continue;
-            }
+        let vocab = self.config.vocab_size;
+        let tokenize = |text: &str| {
             let encoding = self
                 .tokenizer
-                .encode(*text, true)
+                .encode(text, true)
                 .map_err(|e| failed("tokenizing item text", e))?;
-            if !encoding.get_overflowing().is_empty() {
-                out.truncated += 1;
-            }
             let tokens = encoding.get_ids().to_vec();
-            if let Some(bad) = tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
+            if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
                 return Err(Error::config(format!(
-                    "the {MINILM_L6} tokenizer produced token {bad}, past the model's {} tokens",
-                    self.config.vocab_size
+                    "the {MINILM_L6} tokenizer produced token {bad}, past the model's {vocab} tokens"
                 )));
             }
-            out.tokens += tokens.len();
-            rows.push(row);
-            ids.push(tokens);
-        }
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let pooled = (|| {
-            let (input, mask) = pad_batch(&ids, self.config.pad_token_id as u32, &self.device)?;
-            let types = input.zeros_like()?;
-            let hidden = self.model.forward(&input, &types, Some(&mask))?;
-            mean_pool_normalized(&hidden, &mask)
-        })()
-        .map_err(|e| failed("encoding item text", e))?;
-        for (i, row) in rows.into_iter().enumerate() {
-            out.vectors[row * dim..(row + 1) * dim]
-                .copy_from_slice(&pooled[i * dim..(i + 1) * dim]);
-        }
-        Ok(out)
+            Ok(Some((tokens, !encoding.get_overflowing().is_empty())))
+        };
+        encode_texts(
+            texts,
+            self.dim(),
+            tokenize,
+            self.config.pad_token_id as u32,
+            &self.device,
+            |input, mask| self.model.forward(input, &input.zeros_like()?, Some(mask)),
+        )
     }
 }
 

@@ -22,10 +22,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use tokenizers::Tokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
-use super::{
-    Encoded, TextEncoder, damaged, failed, file_sha256, mean_pool_normalized, pad_batch,
-    weights_file,
-};
+use super::{Encoded, TextEncoder, damaged, encode_texts, failed, file_sha256, weights_file};
 use crate::error::{Error, Result};
 
 pub use crate::config::text::SMOLLM2_135M;
@@ -357,51 +354,22 @@ impl TextEncoder for LlamaEncoder {
     }
 
     fn encode(&self, texts: &[&str]) -> Result<Encoded> {
-        let dim = self.dim();
-        let mut out = Encoded {
-            vectors: vec![0.0; texts.len() * dim],
-            truncated: 0,
-            empty: 0,
-            tokens: 0,
-        };
-        let mut rows = Vec::new();
-        let mut ids = Vec::new();
-        for (row, text) in texts.iter().enumerate() {
-            if text.trim().is_empty() {
-                out.empty += 1;
-                continue;
-            }
+        let tokenize = |text: &str| {
             let encoding = self
                 .tokenizer
-                .encode(*text, true)
+                .encode(text, true)
                 .map_err(|e| failed("tokenizing item text", e))?;
             let mut tokens = encoding.get_ids().to_vec();
             if tokens.is_empty() {
-                out.empty += 1;
-                continue;
+                return Ok(None);
             }
-            if tokens.len() > self.window {
-                tokens.truncate(self.window);
-                out.truncated += 1;
-            }
-            out.tokens += tokens.len();
-            rows.push(row);
-            ids.push(tokens);
-        }
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let pooled = (|| {
-            let (input, mask) = pad_batch(&ids, 0, &self.device)?;
-            let hidden = self.model.hidden(&input, self.layer)?;
-            mean_pool_normalized(&hidden, &mask)
-        })()
-        .map_err(|e| failed("encoding item text", e))?;
-        for (i, row) in rows.into_iter().enumerate() {
-            out.vectors[row * dim..(row + 1) * dim]
-                .copy_from_slice(&pooled[i * dim..(i + 1) * dim]);
-        }
-        Ok(out)
+            let cut = tokens.len() > self.window;
+            tokens.truncate(self.window);
+            Ok(Some((tokens, cut)))
+        };
+        encode_texts(texts, self.dim(), tokenize, 0, &self.device, |input, _| {
+            self.model.hidden(input, self.layer)
+        })
     }
 }
 

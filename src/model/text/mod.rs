@@ -134,6 +134,57 @@ pub(crate) fn failed(what: &str, err: impl std::fmt::Display) -> Error {
     Error::internal(format!("{what}: {err}"))
 }
 
+/// Encodes `texts` into `dim`-wide vectors, the part both encoders share:
+/// an empty text gets the zero vector and is counted; `tokenize` gives a
+/// text's token ids already cut to the window and whether they were cut
+/// (`None`: no token at all, counted as empty); the tokens of the other
+/// texts are padded on the right with `pad`, masked, run through `hidden`
+/// (ids, mask → `[texts, positions, dim]`) and mean-pooled to unit length.
+pub(crate) fn encode_texts(
+    texts: &[&str],
+    dim: usize,
+    mut tokenize: impl FnMut(&str) -> Result<Option<(Vec<u32>, bool)>>,
+    pad: u32,
+    device: &Device,
+    hidden: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Encoded> {
+    let mut out = Encoded {
+        vectors: vec![0.0; texts.len() * dim],
+        truncated: 0,
+        empty: 0,
+        tokens: 0,
+    };
+    let mut rows = Vec::new();
+    let mut ids = Vec::new();
+    for (row, text) in texts.iter().enumerate() {
+        let tokens = if text.trim().is_empty() {
+            None
+        } else {
+            tokenize(text)?
+        };
+        let Some((tokens, cut)) = tokens else {
+            out.empty += 1;
+            continue;
+        };
+        out.truncated += usize::from(cut);
+        out.tokens += tokens.len();
+        rows.push(row);
+        ids.push(tokens);
+    }
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let pooled = (|| {
+        let (input, mask) = pad_batch(&ids, pad, device)?;
+        mean_pool_normalized(&hidden(&input, &mask)?, &mask)
+    })()
+    .map_err(|e| failed("encoding item text", e))?;
+    for (i, row) in rows.into_iter().enumerate() {
+        out.vectors[row * dim..(row + 1) * dim].copy_from_slice(&pooled[i * dim..(i + 1) * dim]);
+    }
+    Ok(out)
+}
+
 /// Token ids of a batch padded on the right with `pad`, and the mask
 /// (1 for a token, 0 for padding), both `[texts, longest]`.
 pub(crate) fn pad_batch(

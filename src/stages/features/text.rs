@@ -11,7 +11,7 @@
 //! rest is encoded. An encoder changed between runs re-encodes every item
 //! and says so.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -115,9 +115,9 @@ pub async fn encode_item_text(
     if ids.null_count() > 0 {
         return Err(Error::data(&what, "column item_id has a null"));
     }
-    let mut seen = HashMap::with_capacity(keys.len());
+    let mut seen = HashSet::with_capacity(keys.len());
     for key in &keys {
-        if seen.insert(key.as_str(), ()).is_some() {
+        if !seen.insert(key.as_str()) {
             return Err(Error::data(
                 &what,
                 format!("column item_id has {key} twice: one text per item"),
@@ -140,11 +140,7 @@ pub async fn encode_item_text(
         job.dir.as_deref(),
         std::env::var(TEXT_MODELS_ENV).ok().as_deref(),
     );
-    let device = match crate::config::device_ordinal(&job.spec.device)? {
-        None => candle_core::Device::Cpu,
-        Some(ordinal) => candle_core::Device::new_cuda(ordinal)
-            .map_err(|e| Error::config(format!("cannot open device {:?}: {e}", job.spec.device)))?,
-    };
+    let device = crate::train::candle::device(&job.spec.device)?;
     let (encoder_name, layer, window) = (spec.encoder.clone(), spec.layer, spec.max_tokens);
     let encoder = tokio::task::spawn_blocking(move || {
         load_encoder(&encoder_name, &weights, layer, window, &device)
@@ -155,12 +151,12 @@ pub async fn encode_item_text(
     let dim = encoder.dim();
 
     let rel = format!("features/{ITEM_TEXT_EMBEDDINGS_TABLE}.parquet");
-    let (cached, other_encoder) = earlier_vectors(job, run, &rel, &identity, dim).await?;
+    let (mut cached, other_encoder) = earlier_vectors(job, run, &rel, &identity, dim).await?;
     let mut vectors: Vec<Option<Vec<f32>>> = vec![None; keys.len()];
     let mut todo = Vec::new();
     for (i, key) in keys.iter().enumerate() {
-        match cached.get(key) {
-            Some((sha, vector)) if *sha == shas[i] => vectors[i] = Some(vector.clone()),
+        match cached.remove(key) {
+            Some((sha, vector)) if sha == shas[i] => vectors[i] = Some(vector),
             _ => todo.push(i),
         }
     }
@@ -351,19 +347,19 @@ async fn earlier_vectors(
         sources.push((run.url_of(rel), run.get(rel).await?));
     }
     let mut cached = Cached::new();
-    let mut other = HashMap::new();
+    let mut other = HashSet::new();
     for (location, bytes) in sources {
         match read_vectors(bytes, identity, dim) {
             Ok((vectors, others)) => {
                 cached.extend(vectors);
-                other.extend(others.into_iter().map(|k| (k, ())));
+                other.extend(others);
             }
             Err(err) => {
                 tracing::warn!(table = %location, %err, "an earlier item text table is unreadable; its items are encoded again");
             }
         }
     }
-    other.retain(|k, _| !cached.contains_key(k));
+    other.retain(|k| !cached.contains_key(k));
     Ok((cached, other.len()))
 }
 
@@ -475,7 +471,19 @@ mod tests {
         .unwrap()
     }
 
-    async fn step(job: &Job, run: &RunFolder, first_title: &str) -> (TextSummary, Vec<Vec<f32>>) {
+    /// A run folder in a fresh memory lake.
+    fn memory_run() -> RunFolder {
+        let lake = crate::lake::Lake::open(&crate::config::LakeSpec {
+            url: format!("memory://text-{}", rand::random::<u32>()),
+            ..Default::default()
+        })
+        .unwrap();
+        let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+        RunFolder::new(lake, "out", "t", date)
+    }
+
+    /// A session with `run`'s lake and the three items as `items`.
+    fn with_items(run: &RunFolder, first_title: &str) -> SessionContext {
         let ctx = SessionContext::new();
         run.lake().register(&ctx);
         let batch = items(first_title);
@@ -484,6 +492,11 @@ mod tests {
             Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
         )
         .unwrap();
+        ctx
+    }
+
+    async fn step(job: &Job, run: &RunFolder, first_title: &str) -> (TextSummary, Vec<Vec<f32>>) {
+        let ctx = with_items(run, first_title);
         let sql = include_str!("../../../sql/item_text.sql");
         let (_, summary) = encode_item_text(job, run, &ctx, ("item_text.sql", sql), &Vec::new())
             .await
@@ -526,13 +539,7 @@ mod tests {
             )
             .unwrap()
         };
-        let lake = crate::lake::Lake::open(&crate::config::LakeSpec {
-            url: format!("memory://text-{}", rand::random::<u32>()),
-            ..Default::default()
-        })
-        .unwrap();
-        let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
-        let run = RunFolder::new(lake, "out", "t", date);
+        let run = memory_run();
 
         let (first, vectors) = step(&job(32), &run, "Toy Story").await;
         assert_eq!((first.items, first.encoded, first.reused), (3, 3, 0));
@@ -581,20 +588,8 @@ mod tests {
             &[],
         )
         .unwrap();
-        let lake = crate::lake::Lake::open(&crate::config::LakeSpec {
-            url: format!("memory://text-{}", rand::random::<u32>()),
-            ..Default::default()
-        })
-        .unwrap();
-        let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
-        let run = RunFolder::new(lake, "out", "t", date);
-        let ctx = SessionContext::new();
-        let batch = items("Toy Story");
-        ctx.register_table(
-            "items",
-            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
-        )
-        .unwrap();
+        let run = memory_run();
+        let ctx = with_items(&run, "Toy Story");
         let sql = include_str!("../../../sql/item_text.sql");
         let err = encode_item_text(&job, &run, &ctx, ("item_text.sql", sql), &Vec::new())
             .await
@@ -623,20 +618,8 @@ mod tests {
     #[tokio::test]
     async fn a_text_sql_that_repeats_an_item_is_refused() {
         let job = Job::parse("[text]\nenabled = true\n", "t", None, &[]).unwrap();
-        let lake = crate::lake::Lake::open(&crate::config::LakeSpec {
-            url: format!("memory://text-{}", rand::random::<u32>()),
-            ..Default::default()
-        })
-        .unwrap();
-        let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
-        let run = RunFolder::new(lake, "out", "t", date);
-        let ctx = SessionContext::new();
-        let batch = items("Toy Story");
-        ctx.register_table(
-            "items",
-            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
-        )
-        .unwrap();
+        let run = memory_run();
+        let ctx = with_items(&run, "Toy Story");
         let twice =
             "SELECT item_id, title AS text FROM items UNION ALL SELECT item_id, 'x' FROM items";
         let err = encode_item_text(&job, &run, &ctx, ("twice.sql", twice), &Vec::new())
